@@ -122,6 +122,18 @@ def test_replication_role_cannot_read_items(cluster):
                                    f"rolsuper FROM pg_roles WHERE rolname = '{repl}'") == "f|f"
 
 
+def test_init_primary_script_is_idempotent(cluster):
+    """Re-running compose/postgres/init-primary.sh (as a container restart might) changes nothing."""
+    before = fetch(cluster, "primary", "SELECT count(*), max(id) FROM items")
+    cluster._run_init_script()
+    assert fetch(cluster, "primary", "SELECT count(*), max(id) FROM items") == before
+    assert cluster.psql("primary", "SELECT string_agg(slot_name, ',' ORDER BY slot_name) "
+                                   "FROM pg_replication_slots") == "replica1,replica2"
+    assert cluster.replication_state() == {"replica1": "streaming", "replica2": "streaming"}
+    with connect(cluster, "primary") as conn:  # passwords re-applied, still valid
+        assert conn.server_version >= 150000
+
+
 @pytest.mark.parametrize("node", ["primary", "replica2"])
 @pytest.mark.parametrize("user", ["app", "postgres"])
 def test_wrong_password_rejected(cluster, node, user):
