@@ -1,0 +1,84 @@
+"""Shared fixtures: a real primary and two streaming replicas, and pools of both modes.
+
+The cluster runs from the local PostgreSQL server binaries on free loopback ports, once per
+session; `db` makes sure every node runs and streams before and after each test, so a test may
+stop, kill or restart servers freely. Without the binaries the database tests skip, except under
+CI (CI=true or REQUIRE_DB=1), where a skip would hide a broken setup and fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+
+import pytest
+
+import pool
+from native.cluster import NODES, REPLICAS, Cluster, find_bindir
+
+# A password only this test session uses: tests assert it never leaks into messages or logs.
+APP_PASSWORD = f"pw-{secrets.token_hex(8)}"
+
+
+def require(reason: str) -> None:
+    """Skip for a missing prerequisite, or fail when the run must not skip (CI)."""
+    if os.environ.get("CI") == "true" or os.environ.get("REQUIRE_DB") == "1":
+        pytest.fail(f"required prerequisite missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    try:
+        find_bindir()
+    except Exception as exc:  # noqa: BLE001 - any reason means "no servers here"
+        require(f"PostgreSQL server binaries not found: {exc}")
+    base = tempfile.mkdtemp(prefix="pool-tests-", dir="/tmp")
+    os.chmod(base, 0o755)  # the server runs as the postgres OS user when we are root
+    c = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3),
+                env={"APP_PASSWORD": APP_PASSWORD}, durable=False)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def heal(c: Cluster) -> None:
+    for node in NODES:
+        if not c.is_running(node):
+            c.start_node(node)
+    c.wait_streaming(timeout=30)
+
+
+@pytest.fixture
+def db(cluster):
+    """The cluster with every node up and streaming, before and after the test."""
+    heal(cluster)
+    yield cluster
+    heal(cluster)
+
+
+@pytest.fixture(params=["threaded", "process"])
+def mode(request):
+    return request.param
+
+
+@pytest.fixture
+def make_pool(db, mode):
+    """Build pools over the test cluster (the `mode` fixture's mode unless given); closes them."""
+    made = []
+
+    def make(replicas=REPLICAS, primary="primary", **kwargs):
+        kwargs.setdefault("mode", mode)
+        kwargs.setdefault("timeout", 2.0)
+        p = pool.Pool(db.dsn(primary), replicas=[db.dsn(r) for r in replicas], **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()

@@ -1,0 +1,181 @@
+"""Transactions, the read/write split and balancing, against a real primary and two replicas.
+
+Every test runs in both modes (the `mode` fixture), over the same shared code paths.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+import pool
+from pgutil import admin_sql, count_items, node_of, terminate_app_sessions, unique_name
+
+pytestmark = pytest.mark.db
+
+INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+
+
+def test_leaving_the_block_commits(make_pool, db):
+    p = make_pool()
+    name = unique_name()
+    with p.connection() as conn:
+        conn.cursor().execute(INSERT, (name,))
+    assert count_items(db, "primary", name) == 1
+
+
+def test_an_exception_rolls_back_partial_work_and_propagates(make_pool, db):
+    p = make_pool()
+    name = unique_name()
+    with pytest.raises(RuntimeError, match="boom"):
+        with p.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(INSERT, (name,))
+            cur.execute(INSERT, (name,))
+            raise RuntimeError("boom")
+    assert count_items(db, "primary", name) == 0
+    # The connection went back clean and serves the next caller.
+    with p.connection() as conn:
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        conn.cursor().execute(INSERT, (name,))
+    assert count_items(db, "primary", name) == 1
+
+
+def test_a_swallowed_database_error_is_not_committed(make_pool, db):
+    """Catching an error inside the block leaves an aborted transaction: the pool says so."""
+    p = make_pool()
+    name = unique_name()
+    with pytest.raises(pool.PoolError, match="rolled back"):
+        with p.connection() as conn:
+            cur = conn.cursor()
+            cur.execute(INSERT, (name,))
+            try:
+                cur.execute("SELECT 1/0")
+            except psycopg2.errors.DivisionByZero:
+                pass
+    assert count_items(db, "primary", name) == 0
+    assert p.fetchone("SELECT 1") == (1,)
+
+
+def test_a_failed_commit_reaches_the_caller(make_pool, db):
+    p = make_pool()
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        with p.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SET CONSTRAINTS ALL DEFERRED")  # the check is immediate anyway
+            cur.execute("INSERT INTO items (name) VALUES ('')")
+    assert p.fetchone("SELECT 1") == (1,)
+
+
+def test_a_broken_connection_is_discarded_never_handed_out_again(make_pool, db):
+    p = make_pool(max_size=1)
+    with p.connection() as conn:
+        first = conn.get_backend_pid()
+    with pytest.raises(psycopg2.OperationalError):
+        with p.connection() as conn:
+            assert conn.get_backend_pid() == first
+            terminate_app_sessions(db, "primary")
+            conn.cursor().execute("SELECT 1")
+    assert p.stats()["endpoints"][0]["discards"] >= 1
+    with p.connection() as conn:  # a new session; the primary was not ejected for this
+        assert conn.get_backend_pid() != first
+        conn.cursor().execute("SELECT 1")
+    assert p.stats()["endpoints"][0]["state"] == "up"
+
+
+def test_connection_state_changed_in_the_block_is_restored(make_pool):
+    p = make_pool(max_size=1)
+    with p.connection() as conn:
+        conn.autocommit = True
+    with p.connection() as conn:
+        assert conn.autocommit is False
+
+
+def test_writes_go_to_the_primary_reads_to_replicas(make_pool, db):
+    p = make_pool()
+    assert p.fetchone("SELECT pg_is_in_recovery()") == (False,)
+    assert node_of(db, p.last_endpoint) == "primary"
+    seen = collections.Counter()
+    for _ in range(20):
+        assert p.fetchone("SELECT pg_is_in_recovery()", readonly=True) == (True,)
+        seen[node_of(db, p.last_endpoint)] += 1
+    assert seen == {"replica1": 10, "replica2": 10}  # round-robin: even
+
+
+@pytest.mark.parametrize("balance", ["random", "least_busy"])
+def test_other_balance_policies_use_every_replica(make_pool, db, balance):
+    p = make_pool(balance=balance)
+    seen = collections.Counter()
+    for _ in range(40):
+        with p.connection(readonly=True) as conn:
+            seen[node_of(db, p.last_endpoint)] += 1
+            conn.cursor().execute("SELECT 1")
+    assert set(seen) == {"replica1", "replica2"}
+
+
+def test_fetch_helpers_and_execute(make_pool, db):
+    p = make_pool()
+    name = unique_name()
+    (item_id,) = p.fetchone(INSERT, (name,))
+    assert p.execute("INSERT INTO items (name) VALUES (%s), (%s)", (name, name)) == 2
+    assert len(p.fetchall("SELECT id FROM items WHERE name = %s", (name,))) == 3
+    db.wait_replayed()
+    assert p.fetchone("SELECT name FROM items WHERE id = %s", (item_id,), readonly=True) == (name,)
+    assert p.fetchone("SELECT 1 WHERE false", readonly=True) is None
+
+
+def test_a_statement_error_is_raised_not_retried(make_pool):
+    p = make_pool()
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        p.fetchone("SELECT * FROM no_such_table", readonly=True)
+    assert p.fetchone("SELECT 1", readonly=True) == (1,)
+
+
+@pytest.mark.parametrize("replicas", [("replica1", "replica2"), ()], ids=["replica", "fallback"])
+def test_a_write_in_a_read_session_fails_the_same_way_everywhere(make_pool, db, replicas):
+    """Read sessions are read-only on a replica and on the primary (fallback) alike."""
+    p = make_pool(replicas=replicas)
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        with p.connection(readonly=True) as conn:
+            conn.cursor().execute(INSERT, (unique_name(),))
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        p.fetchone(INSERT, (unique_name(),), readonly=True)
+    # ...and the same connection writes normally when lent for a write.
+    assert p.fetchone(INSERT, (unique_name(),)) is not None
+
+
+def test_reads_fall_back_to_the_primary_when_no_replica_is_up(make_pool, db):
+    p = make_pool()
+    db.stop("replica1")
+    db.stop("replica2")
+    for _ in range(4):
+        assert p.fetchone("SELECT 1", readonly=True) == (1,)
+        assert node_of(db, p.last_endpoint) == "primary"
+    strict = make_pool(read_fallback=False)
+    with pytest.raises(pool.EndpointUnavailable, match="read_fallback is off"):
+        strict.fetchone("SELECT 1", readonly=True)
+
+
+def test_checkout_in_the_steady_state_costs_no_round_trip(make_pool, db):
+    """A connection used moments ago is lent without a query; one idle long gets a ping."""
+    p = make_pool(max_size=1, ping_after=0.5)
+    with p.connection() as conn:
+        backend = conn.get_backend_pid()
+
+    def last_activity():
+        return admin_sql(db, "primary", "SELECT state_change FROM pg_stat_activity WHERE pid = %s",
+                         (backend,))[0][0]
+
+    before = last_activity()
+    for _ in range(500):
+        with p.connection():
+            pass
+    assert last_activity() == before  # 500 checkouts, not one statement on the server
+    import time
+    time.sleep(0.7)
+    with p.connection() as conn:
+        assert conn.get_backend_pid() == backend
+    assert last_activity() > before  # idle past ping_after: pinged before being lent

@@ -1,0 +1,220 @@
+"""Unit tests for the pool's pure logic: configuration, backoff, state changes, balancing.
+
+No server needed: these run in milliseconds. Behaviour that depends on PostgreSQL is tested
+against real servers in test_pool_*.py.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+import pool
+from pool.balance import LeastBusy, RoundRobin, make_balancer, pick_random
+from pool.config import (Options, Redactor, endpoint_config, endpoint_configs,
+                         options_from_env)
+from pool.endpoint import (BACKOFF_CAP, BACKOFF_FIRST, BACKOFF_JITTER, DOWN, UP, Endpoint,
+                           backoff_delay)
+
+SECRET = "s3cr3t-Pa55"
+
+
+# -- backoff -----------------------------------------------------------------------------------
+
+def test_backoff_starts_small_doubles_and_is_capped():
+    mid = [backoff_delay(n, 0.5) for n in range(8)]  # rand 0.5 = no jitter
+    assert mid[0] == pytest.approx(BACKOFF_FIRST)
+    assert mid[1] == pytest.approx(2 * BACKOFF_FIRST)
+    assert mid[3] == pytest.approx(8 * BACKOFF_FIRST)
+    assert mid[-1] == pytest.approx(BACKOFF_CAP)
+    assert backoff_delay(10_000, 0.5) == pytest.approx(BACKOFF_CAP)  # no overflow, ever
+
+
+def test_backoff_jitter_bounds_keep_readmission_under_five_seconds():
+    lo, hi = backoff_delay(50, 0.0), backoff_delay(50, 0.999999)
+    assert lo == pytest.approx(BACKOFF_CAP * (1 - BACKOFF_JITTER))
+    assert hi == pytest.approx(BACKOFF_CAP * (1 + BACKOFF_JITTER), rel=1e-5)
+    # A recovered server waits at most one capped delay, plus a probe (< 1 s on a LAN).
+    assert hi + 1.0 < 5.0
+
+
+# -- endpoint state ----------------------------------------------------------------------------
+
+def _endpoint(role="replica", name="db2:5432"):
+    cfg = endpoint_config(("x", "host=h"), role, "test", Options())
+    return Endpoint(cfg.__class__(name, role, cfg.dsn, None), max_size=3)
+
+
+def test_mark_down_is_one_transition_that_invalidates_connections():
+    ep = _endpoint()
+    assert ep.state == UP and ep.generation == 0
+    assert ep.mark_down(100.0, "refused") is True
+    assert ep.state == DOWN and ep.generation == 1 and ep.ejections == 1
+    assert 100.0 < ep.retry_at <= 100.0 + BACKOFF_FIRST * (1 + BACKOFF_JITTER)
+    # A second failure while down is not a new outage: same generation, same count.
+    assert ep.mark_down(100.5, "refused again") is False
+    assert ep.generation == 1 and ep.ejections == 1 and ep.last_error == "refused again"
+
+
+def test_failed_probes_back_off_and_success_readmits():
+    ep = _endpoint()
+    ep.mark_down(0.0, "down")
+    delays = []
+    for i in range(8):
+        now = ep.retry_at
+        ep.probe_failed(now, f"still down {i}")
+        delays.append(ep.retry_at - now)
+    assert delays[0] < delays[3] and max(delays) <= BACKOFF_CAP * (1 + BACKOFF_JITTER)
+    ep.mark_up()
+    assert ep.state == UP and ep.failures == 0
+    assert ep.mark_down(50.0, "again") is True and ep.generation == 2
+
+
+def test_describe_and_stats_carry_state_and_last_error():
+    ep = _endpoint(role="primary", name="db1:5432")
+    ep.mark_down(10.0, "connect failed: refused")
+    text = ep.describe(11.0)
+    assert "primary db1:5432 down" in text and "refused" in text and "down_for=1.0s" in text
+    s = ep.stats(11.0)
+    assert s["state"] == "down" and s["role"] == "primary" and s["name"] == "db1:5432"
+    assert {"size", "idle", "in_use", "checkouts", "waits", "timeouts", "connect_errors",
+            "ejections"} <= set(s)
+
+
+# -- balancing ---------------------------------------------------------------------------------
+
+def _replicas(n):
+    return [_endpoint(name=f"r{i}:5432") for i in range(n)]
+
+
+def test_round_robin_spreads_evenly():
+    rr, eps = RoundRobin(), _replicas(3)
+    counts = collections.Counter(rr(eps) for _ in range(300))
+    assert counts == {0: 100, 1: 100, 2: 100}
+    assert rr(eps[:1]) == 0  # a shrinking candidate list never indexes out of range
+
+
+def test_random_covers_all_candidates():
+    eps = _replicas(2)
+    counts = collections.Counter(pick_random(eps) for _ in range(2000))
+    assert set(counts) == {0, 1} and min(counts.values()) > 800
+
+
+def test_least_busy_prefers_idle_replica_and_round_robins_ties():
+    eps = _replicas(3)
+    for ep, busy in zip(eps, (3, 1, 2)):
+        ep.size = busy  # in_use = size - idle - connecting
+    lb = LeastBusy()
+    assert {lb(eps) for _ in range(10)} == {1}
+    for ep in eps:
+        ep.size = 0
+    assert collections.Counter(lb(eps) for _ in range(30)) == {0: 10, 1: 10, 2: 10}
+
+
+def test_make_balancer_rejects_unknown():
+    with pytest.raises(ValueError):
+        make_balancer("fastest")
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_size=0), "max_size"),
+    (dict(max_size=True), "max_size"),
+    (dict(min_size=5, max_size=2), "min_size"),
+    (dict(mode="fibers"), "mode"),
+    (dict(timeout=0), "timeout"),
+    (dict(timeout=float("nan")), "timeout"),
+    (dict(connect_timeout=-1), "connect_timeout"),
+    (dict(check_after=-0.1), "check_after"),
+    (dict(balance="fastest"), "balance"),
+    (dict(read_fallback="yes"), "read_fallback"),
+    (dict(max_waiting=-1), "max_waiting"),
+    (dict(configure="not callable"), "configure"),
+])
+def test_bad_options_raise_value_error_naming_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pool.Pool(f"host=127.0.0.1 port=1 password={SECRET}", **kwargs)
+
+
+def test_mode_alias_non_threaded_means_process():
+    assert Options(mode="non-threaded").mode == "process"
+
+
+@pytest.mark.parametrize("dsn", [
+    f"host=db1 password {SECRET}",
+    f"nonsense {SECRET}",
+    f"postgresql://app:{SECRET}@db1:notaport/app",
+    f"host=db1,db2 password={SECRET}",
+    "",
+])
+def test_malformed_dsn_raises_value_error_without_the_password(dsn):
+    with pytest.raises(ValueError) as info:
+        pool.Pool(dsn)
+    assert SECRET not in str(info.value)
+    assert "primary" in str(info.value)
+    assert info.value.__cause__ is None  # libpq's own message (which may echo it) is dropped
+
+
+def test_bad_replica_is_named_in_the_error():
+    with pytest.raises(ValueError, match="replica #2"):
+        pool.Pool("host=db1", replicas=["host=db2", f"garbage {SECRET}"])
+    with pytest.raises(ValueError, match="list of DSNs"):
+        pool.Pool("host=db1", replicas="host=db2")
+
+
+def test_endpoint_config_adds_defaults_and_keeps_user_settings():
+    opts = Options(connect_timeout=0.5)
+    primary = endpoint_config(f"postgresql://app:{SECRET}@db1:5433/app", "primary", "p", opts)
+    assert primary.name == "db1:5433" and primary.password == SECRET
+    assert "target_session_attrs=read-write" in primary.dsn
+    assert "connect_timeout=2" in primary.dsn  # libpq's minimum, whole seconds
+    assert "keepalives=1" in primary.dsn
+    replica = endpoint_config("host=db2 connect_timeout=7 options='-c work_mem=8MB'", "replica", "r", opts)
+    assert replica.name == "db2:5432"
+    assert "connect_timeout=7" in replica.dsn
+    assert "-c work_mem=8MB -c default_transaction_read_only=on" in replica.dsn
+    assert "target_session_attrs" not in replica.dsn
+    named = endpoint_config(("analytics", "host=db3"), "replica", "r", opts)
+    assert named.name == "analytics"
+
+
+def test_endpoint_names_must_be_unique():
+    with pytest.raises(ValueError, match="unique"):
+        endpoint_configs("host=db1", ["host=db1"], Options())
+
+
+def test_redactor_removes_every_password():
+    redact = Redactor([SECRET, None, "pw2"])
+    assert redact(f"a {SECRET} b pw2 c") == "a *** b *** c"
+
+
+def test_from_env_reads_endpoints_and_typed_options():
+    env = {
+        "POOL_PRIMARY": "host=db1 dbname=app",
+        "POOL_REPLICAS": "host=db2 dbname=app, host=db3 dbname=app",
+        "POOL_MODE": "process", "POOL_MAX_SIZE": "4", "POOL_TIMEOUT": "1.5",
+        "POOL_READ_FALLBACK": "false", "POOL_BALANCE": "least_busy",
+    }
+    primary, replicas, kwargs = options_from_env(env)
+    assert primary == "host=db1 dbname=app"
+    assert replicas == ["host=db2 dbname=app", "host=db3 dbname=app"]
+    assert kwargs == dict(mode="process", max_size=4, timeout=1.5, read_fallback=False,
+                          balance="least_busy")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "POOL_PRIMARY"),
+    ({"POOL_PRIMARY": "host=db1", "POOL_MAX_SIZE": "many"}, "POOL_MAX_SIZE"),
+    ({"POOL_PRIMARY": "host=db1", "POOL_READ_FALLBACK": "maybe"}, "POOL_READ_FALLBACK"),
+])
+def test_from_env_errors_name_the_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        pool.Pool.from_env(env)
+
+
+def test_error_classes():
+    assert issubclass(pool.PoolTimeout, pool.PoolError)
+    assert issubclass(pool.EndpointUnavailable, pool.PoolError)
+    assert pool.EndpointUnavailable("x", "db1:5432").endpoint == "db1:5432"
