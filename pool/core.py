@@ -295,7 +295,7 @@ class Pool(Housekeeping):
 
     def _open(self, ep: Endpoint) -> PooledConnection | None:
         """Connect in a slot _take reserved. None if the endpoint failed (and was ejected)."""
-        self._wake_housekeeper()
+        self._start_housekeeping()  # connections now exist: they will need looking after
         try:
             raw = open_connection(ep, self.options.configure)
         except BaseException as exc:
@@ -579,6 +579,10 @@ class Pool(Housekeeping):
 
     def _serve_waiters(self) -> None:
         """Lock held. Hand freed connections or slots to waiters, oldest first."""
+        raise NotImplementedError
+
+    def _start_housekeeping(self) -> None:
+        """Make sure housekeeping will run (threaded mode: start the thread if need be)."""
         raise NotImplementedError
 
     def _wake_housekeeper(self) -> None:

@@ -36,7 +36,8 @@ class Housekeeping:
         """Run every job once; return the monotonic time at which to run again."""
         due = min(now + HOUSEKEEPING_INTERVAL, self._job_probe_down_endpoints(now))
         self._job_retire_idle(now)
-        self._job_fill_min_size()
+        if not self._job_fill_min_size():
+            due = now  # more to open: continue at the next checkout (process mode)
         return due
 
     def _job_probe_down_endpoints(self: "Pool", now: float) -> float:
@@ -84,13 +85,16 @@ class Housekeeping:
         for rec in doomed:
             self._close(rec)
 
-    def _job_fill_min_size(self: "Pool") -> None:
+    def _job_fill_min_size(self: "Pool") -> bool:
+        """Open at most _fill_batch connections; True when every endpoint that is up is full."""
         budget = self._fill_batch
         for ep in self._endpoints:
-            while budget > 0 and not self._closed:
+            while not self._closed:
                 with self._lock:
                     if ep.state is not UP or ep.size >= self.options.min_size:
                         break
+                    if budget == 0:
+                        return False
                     ep.size += 1
                     ep.connecting += 1
                 rec = self._open(ep)
@@ -99,3 +103,4 @@ class Housekeeping:
                 budget -= 1
                 if not self._put(rec):
                     self._discard(rec)
+        return True

@@ -67,6 +67,9 @@ class ProcessPool(Pool):
     def _serve_waiters(self) -> None:
         pass
 
+    def _start_housekeeping(self) -> None:
+        pass  # checkouts run it when due
+
     def _wake_housekeeper(self) -> None:
         self._due = 0.0  # run at the next checkout
 
@@ -157,17 +160,18 @@ class ThreadedPool(Pool):
             self._waiters.remove(waiter)
             waiter.ready.release()
 
-    def _wake_housekeeper(self) -> None:
+    def _start_housekeeping(self) -> None:
         thread = self._housekeeper
-        if thread is None or not thread.is_alive():
-            if self._closed:
-                return
+        if (thread is None or not thread.is_alive()) and not self._closed:
             # Started on first need, not in __init__: a pool made in a parent that then forks
             # (gunicorn --preload) should not leave a thread behind in the parent.
             thread = threading.Thread(target=_housekeeper_main, args=(weakref.ref(self),),
                                       name="pool-housekeeping", daemon=True)
             self._housekeeper = thread
             thread.start()
+
+    def _wake_housekeeper(self) -> None:
+        self._start_housekeeping()
         self._wakeup.set()
 
     def _reset_after_fork(self) -> None:

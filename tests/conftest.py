@@ -68,12 +68,11 @@ def mode(request):
 
 
 @pytest.fixture
-def make_pool(db, mode):
-    """Build pools over the test cluster (the `mode` fixture's mode unless given); closes them."""
+def pool_factory(db):
+    """Build pools over the test cluster; every pool made is closed after the test."""
     made = []
 
     def make(replicas=REPLICAS, primary="primary", **kwargs):
-        kwargs.setdefault("mode", mode)
         kwargs.setdefault("timeout", 2.0)
         p = pool.Pool(db.dsn(primary), replicas=[db.dsn(r) for r in replicas], **kwargs)
         made.append(p)
@@ -82,3 +81,9 @@ def make_pool(db, mode):
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture
+def make_pool(pool_factory, mode):
+    """pool_factory for the mode under test: tests using it run once per mode."""
+    return lambda **kwargs: pool_factory(mode=mode, **kwargs)

@@ -1,0 +1,199 @@
+"""Housekeeping, observability, password hygiene, copying pool/ alone, and pinned call counts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pool
+from conftest import APP_PASSWORD
+from pgutil import node_of, timed, unique_name, wait_until
+
+pytestmark = pytest.mark.db
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sizes(p):
+    return [e["size"] for e in p.stats()["endpoints"]]
+
+
+# -- housekeeping -------------------------------------------------------------------------------
+
+def test_min_size_connections_are_opened_and_kept(make_pool, mode):
+    p = make_pool(min_size=2, max_size=4)
+    if mode == "threaded":  # the housekeeping thread fills in the background
+        wait_until(lambda: sizes(p) == [2, 2, 2], timeout=5, what="min_size filled")
+    else:  # no thread: each checkout opens at most one more until the minimum is reached
+        for _ in range(8):
+            p.fetchone("SELECT 1")
+        assert sizes(p) == [2, 2, 2]
+
+
+def test_idle_connections_above_min_size_are_closed_after_max_idle(make_pool):
+    p = make_pool(min_size=1, max_size=3, max_idle=0.3, replicas=())
+    held = [p.connection() for _ in range(3)]
+    for h in held:
+        h.__enter__()
+    for h in held:
+        h.__exit__(None, None, None)
+    assert sizes(p) == [3]
+    # stats() runs due housekeeping in process mode; the thread does it in threaded mode.
+    wait_until(lambda: sizes(p) == [1], timeout=4, interval=0.1, what="shrink to min_size")
+
+
+def test_connections_are_replaced_after_max_lifetime(make_pool):
+    p = make_pool(max_lifetime=0.5, replicas=())
+    with p.connection() as conn:
+        first = conn.get_backend_pid()
+    with p.connection() as conn:
+        assert conn.get_backend_pid() == first
+    time.sleep(0.6)
+    with p.connection() as conn:
+        assert conn.get_backend_pid() != first
+
+
+def test_process_mode_never_starts_a_thread(db):
+    before = threading.active_count()
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode="process",
+                  min_size=1, max_idle=0.1, max_lifetime=0.2)
+    for _ in range(20):
+        p.fetchone("SELECT 1", readonly=True)
+        p.fetchone("SELECT 1")
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    p.close()
+
+
+def test_threaded_mode_starts_its_thread_only_when_needed(db):
+    p = pool.Pool(db.dsn("primary"), mode="threaded")
+    names = lambda: [t.name for t in threading.enumerate()]  # noqa: E731
+    assert p._housekeeper is None  # not at construction: a pre-fork parent stays thread-free
+    p.fetchone("SELECT 1")
+    assert "pool-housekeeping" in names()
+    p.close()
+    wait_until(lambda: not p._housekeeper.is_alive(), timeout=3, what="thread stopped")
+
+
+# -- observability ------------------------------------------------------------------------------
+
+def test_stats_report_pool_and_endpoints(make_pool, db, mode):
+    p = make_pool()
+    p.fetchone("SELECT 1")
+    p.fetchone("SELECT 1", readonly=True)
+    s = p.stats()
+    assert s["mode"] == mode and s["pid"] == os.getpid() and s["checkouts"] == 2
+    assert [(node_of(db, e["name"]), e["role"], e["state"]) for e in s["endpoints"]] == [
+        ("primary", "primary", "up"), ("replica1", "replica", "up"), ("replica2", "replica", "up")]
+    for e in s["endpoints"]:
+        for key in ("size", "idle", "in_use", "checkouts", "waits", "timeouts", "connect_errors",
+                    "ejections"):
+            assert isinstance(e[key], int), key
+    json.dumps(s)  # plain data, ready for an HTTP endpoint
+
+
+def test_state_changes_are_logged_under_the_pool_logger(make_pool, db, caplog):
+    caplog.set_level(logging.INFO, logger="pool")
+    p = make_pool()
+    p.fetchone("SELECT 1", readonly=True)
+    p.fetchone("SELECT 1", readonly=True)
+    db.kill("replica2")
+    for _ in range(4):
+        p.fetchone("SELECT 1", readonly=True)
+    db.start_node("replica2")
+    wait_until(lambda: p.stats()["endpoints"][2]["state"] == "up", timeout=5,
+               what="replica2 back")
+    name = f"127.0.0.1:{db.port('replica2')}"
+    down = [r for r in caplog.records if r.name == "pool" and "is down" in r.getMessage()]
+    back = [r for r in caplog.records if r.name == "pool" and "is back" in r.getMessage()]
+    assert len(down) == 1 and name in down[0].getMessage() and down[0].levelno == logging.WARNING
+    assert len(back) == 1 and name in back[0].getMessage()
+
+
+def test_no_password_in_errors_logs_stats_or_repr(db, mode, caplog):
+    caplog.set_level(logging.DEBUG, logger="pool")
+    wrong = "wr0ng-" + APP_PASSWORD[::-1]
+    bad_primary = db.dsn("primary").replace(APP_PASSWORD, wrong)
+    assert wrong in bad_primary
+    p = pool.Pool(bad_primary, replicas=[db.dsn("replica1"), db.dsn("replica2")], mode=mode,
+                  timeout=0.2)
+    texts = [repr(p), json.dumps(p.stats())]
+    assert "password authentication failed" in texts[1]  # the cause is there, not the secret
+    for attempt in (lambda: p.execute("SELECT 1"), lambda: p.fetchone("SELECT 1", readonly=True)):
+        _, _, error = timed(attempt)
+        texts.append(str(error))
+    db.stop("replica1")
+    db.stop("replica2")
+    _, _, error = timed(lambda: p.fetchone("SELECT 1", readonly=True))
+    assert isinstance(error, pool.EndpointUnavailable)
+    texts += [str(error), caplog.text, json.dumps(p.stats())]
+    p.close()
+    for text in texts:
+        assert APP_PASSWORD not in text and wrong not in text
+
+
+# -- the folder, copied ------------------------------------------------------------------------
+
+def test_a_copy_of_pool_imports_alone_from_another_directory(db, tmp_path):
+    shutil.copytree(ROOT / "pool", tmp_path / "pool")
+    script = (
+        "import sys, pool\n"
+        "assert pool.__file__.startswith(sys.argv[1]), pool.__file__\n"
+        "mods = [m for m in sys.modules if m.split('.')[0] in ('native', 'tests', 'app')]\n"
+        "assert not mods, mods\n"
+        "for mode in ('threaded', 'process'):\n"
+        "    with pool.Pool(sys.argv[2], replicas=[sys.argv[3]], mode=mode) as p:\n"
+        "        assert p.fetchone('SELECT 1', readonly=True) == (1,)\n"
+        "        assert p.execute('SELECT 1') == 1\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), db.dsn("primary"),
+                          db.dsn("replica1")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- overhead, pinned ----------------------------------------------------------------------------
+
+def python_calls(fn):
+    """How many Python-level function calls fn() makes (C calls not counted)."""
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name)
+                   if event == "call" else None)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return [c for c in calls if c != "<lambda>"]
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["write", "read"])
+def test_checkout_and_return_make_a_pinned_number_of_calls(make_pool, mode, readonly):
+    """Like SQLAlchemy's profiling tests: overhead cannot creep back unnoticed.
+
+    If this fails after a deliberate change, update the expected lists with the reason.
+    """
+    p = make_pool()
+
+    def once():
+        with p.connection(readonly=readonly):
+            pass
+
+    for _ in range(3):  # warm: the steady state, with a fresh idle connection everywhere
+        once()
+    calls = python_calls(once)[1:]  # [0] is once() itself
+    take, put = (["_take_locked"], ["_put_locked"]) if mode == "process" else (
+        ["_take", "_take_locked"], ["_put", "_put_locked"])  # threaded: lock wrapper + body
+    balance = ["__call__"] if readonly else []  # the round-robin balancer
+    assert calls == ["connection", "__init__", "__enter__", "_checkout", *take, *balance,
+                     "__exit__", "_checkin", *put]
