@@ -218,3 +218,9 @@ def test_error_classes():
     assert issubclass(pool.PoolTimeout, pool.PoolError)
     assert issubclass(pool.EndpointUnavailable, pool.PoolError)
     assert pool.EndpointUnavailable("x", "db1:5432").endpoint == "db1:5432"
+
+
+def test_locust_is_never_imported_into_pytest():
+    """`import locust` monkey-patches threads and sockets with gevent: it runs as a subprocess."""
+    import sys
+    assert "locust" not in sys.modules and "gevent" not in sys.modules
