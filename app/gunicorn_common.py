@@ -1,0 +1,106 @@
+"""gunicorn settings shared by gunicorn_threaded.py, gunicorn_process.py and gunicorn_nopool.py.
+
+Each of those configs star-imports ``__all__`` from here, then sets its worker model. gunicorn
+executes them in the master process: this module therefore imports only the standard library
+(never psycopg2 or the pool) and connects to nothing. Works with gunicorn 22 and later (Debian
+trixie ships 23; requirements-app.txt pins 27). Environment:
+
+    APP_BIND              listen address (default 0.0.0.0:8000; tests use 127.0.0.1:<port>)
+    APP_WORKERS           worker processes (default 2)
+    APP_THREADS           threads per gthread worker (default 8)
+    APP_TIMEOUT           seconds before a silent worker is killed (default 30)
+    APP_GRACEFUL_TIMEOUT  seconds a stopping worker may finish its requests (default 10; keep the
+                          container's stop grace period longer)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+__all__ = [
+    "wsgi_app", "bind", "preload_app", "accesslog", "errorlog", "access_log_format",
+    "worker_tmp_dir", "timeout", "graceful_timeout", "control_socket_disable",
+    "post_worker_init", "worker_exit",
+]
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise SystemExit(f"{name} must be at least 1, not {value}")
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+def require_single_threaded_for_process_mode(threads: int) -> None:
+    """APP_POOL_MODE=process under threads would share a lock-free pool: refuse to start."""
+    if os.environ.get("APP_POOL_MODE") == "process" and threads > 1:
+        raise SystemExit(f"APP_POOL_MODE=process needs threads=1, this config runs {threads}; "
+                         "unset APP_POOL_MODE so the config picks its own mode")
+
+
+wsgi_app = "app.wsgi:application"  # the default; the command line may name it too
+bind = [os.environ.get("APP_BIND", "0.0.0.0:8000")]
+
+# No preload: the app, and with it any pool, must come to life in the worker, after the fork.
+preload_app = False
+
+# Logs to the container's stdout/stderr. The access line names the server that answered.
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(M)sms served_by=%({x-served-by}o)s pid=%(p)s'
+
+# The workers' heartbeat file: on a disk-backed /tmp its fchmod can block (gunicorn FAQ).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+# A request may legitimately wait for the pool (POOL_TIMEOUT) and then for two connection
+# attempts (a read's retry on another server); only a worker stuck beyond that may be killed.
+_pool_wait = env_float("POOL_TIMEOUT", 5.0) + 2 * max(2, math.ceil(env_float("POOL_CONNECT_TIMEOUT", 2.0)))
+timeout = env_int("APP_TIMEOUT", 30)
+if timeout <= _pool_wait:
+    raise SystemExit(f"APP_TIMEOUT={timeout} must exceed the longest database wait ({_pool_wait:g}s: "
+                     "POOL_TIMEOUT + 2 x POOL_CONNECT_TIMEOUT)")
+graceful_timeout = env_int("APP_GRACEFUL_TIMEOUT", 10)
+
+# gunicorn >= 25.1 opens a control socket at a fixed default path ($XDG_RUNTIME_DIR or
+# ~/.gunicorn/gunicorn.ctl): several instances on one host would fight over it, and nothing here
+# uses it. Older versions ignore the unknown setting.
+control_socket_disable = True
+
+
+def post_worker_init(worker: Any) -> None:
+    """Send the app's and the pool's log records to gunicorn's error log, in its format.
+
+    Without this they would reach Python's last-resort handler (warnings only, no timestamp),
+    and the pool's INFO lines about failovers would be lost.
+    """
+    import logging
+
+    for name in ("app", "pool"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for handler in worker.log.error_log.handlers:
+            logger.addHandler(handler)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Close the worker's pool on the way out, so its sessions end cleanly, not by timeout."""
+    import sys
+
+    wsgi = sys.modules.get("app.wsgi")  # not imported: the app never loaded, nothing to close
+    if wsgi is not None:
+        wsgi.application.close()
