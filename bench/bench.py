@@ -1,0 +1,403 @@
+"""Side-by-side benchmark: this project's pool against its peers, in one process, one run.
+
+    python -m bench.bench [--seconds 2] [--rounds 3] [--threads 1,4,16,64] [--dsn DSN]
+
+Each contender does "one read query per checkout" in its own natural idiom, against the same
+local PostgreSQL (a throwaway server from the local binaries unless --dsn is given), with a pool
+of 8 connections, at 1, 4, 16 and 64 threads. Cells run interleaved and repeated (--rounds);
+the table reports the median round, so every ratio compares numbers measured minutes apart at
+most on the same machine. A second table times checkout + return without a query.
+
+Results go to bench/results/<timestamp>/ (bench.csv, bench.md, bench.png) and bench/results/latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg2
+import psycopg2.pool
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pool  # noqa: E402  (the project's pool, from this checkout)
+
+SIZE = 8
+SQL = "SELECT id, name FROM items WHERE id = %s"
+ROWS = 10_000
+
+
+class Contender:
+    """One pool in its natural idiom. `query` is one checkout with one read; `bare` is a
+    checkout and return with no query (None if the pool has no such idiom)."""
+
+    name = ""
+    single_threaded = False  # process mode: one pool per single-threaded worker
+    has_autocommit_variant = True  # can be configured to skip BEGIN/ROLLBACK round trips
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        self.dsn = dsn
+        self.autocommit = autocommit
+        if autocommit:
+            self.name += " +autocommit"
+
+    def query(self, item_id: int) -> Any:
+        raise NotImplementedError
+
+    def bare(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OurThreaded(Contender):
+    name = "pool (threaded)"
+    mode = "threaded"
+    has_autocommit_variant = False  # fetchone already runs one statement in autocommit
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        self.p = pool.Pool(dsn, mode=self.mode, max_size=SIZE, min_size=0, timeout=30)
+
+    def query(self, item_id: int) -> Any:
+        return self.p.fetchone(SQL, (item_id,))
+
+    def bare(self) -> None:
+        with self.p.connection():
+            pass
+
+    def close(self) -> None:
+        self.p.close()
+
+
+class OurProcess(OurThreaded):
+    name = "pool (process)"
+    mode = "process"
+    single_threaded = True
+
+
+class Pgdbpool(Contender):
+    """pgdbpool 1.0.2 as its README shows it: a global config, an autocommit group, Handler."""
+
+    name = "pgdbpool"
+    has_autocommit_variant = False  # its README's group is already autocommit
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        from pgdbpool import pool as pgdbpool  # the README's `import pgdbpool` finds no Connection
+        self.mod = pgdbpool
+        p = psycopg2.extensions.parse_dsn(dsn)
+        # pgdbpool has no port setting (libpq's PGPORT applies) and sets PGOPTIONS for the whole
+        # process; keep both from leaking into the other contenders.
+        saved = {k: os.environ.get(k) for k in ("PGPORT", "PGOPTIONS")}
+        os.environ["PGPORT"] = p.get("port", "5432")
+        try:
+            pgdbpool.Connection.init({
+                "type": "threaded",
+                "db": {"host": p["host"], "name": p["dbname"], "user": p["user"], "pass": p["password"]},
+                "groups": {"bench": {"connection_count": SIZE, "autocommit": True}},
+            })
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    def query(self, item_id: int) -> Any:
+        with self.mod.Handler("bench") as db:
+            for row in db.query(SQL, (item_id,)):
+                return row
+
+    def bare(self) -> None:
+        with self.mod.Handler("bench"):
+            pass
+
+
+class Psycopg2Threaded(Contender):
+    """psycopg2.pool.ThreadedConnectionPool raises PoolError when exhausted instead of waiting,
+    so callers guard it with a semaphore of the pool's size: the usual idiom."""
+
+    name = "psycopg2 ThreadedConnectionPool"
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        self.p = psycopg2.pool.ThreadedConnectionPool(SIZE, SIZE, dsn)
+        self.gate = threading.BoundedSemaphore(SIZE)
+        if autocommit:
+            conns = [self.p.getconn() for _ in range(SIZE)]
+            for conn in conns:
+                conn.autocommit = True
+                self.p.putconn(conn)
+
+    def query(self, item_id: int) -> Any:
+        with self.gate:
+            conn = self.p.getconn()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(SQL, (item_id,))
+                    return cur.fetchone()
+            finally:
+                self.p.putconn(conn)  # rolls back the implicit transaction
+
+    def bare(self) -> None:
+        with self.gate:
+            self.p.putconn(self.p.getconn())
+
+    def close(self) -> None:
+        self.p.closeall()
+
+
+class DBUtilsPooledDB(Contender):
+    name = "DBUtils PooledDB"
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        from dbutils.pooled_db import PooledDB
+
+        def connect() -> Any:
+            conn = psycopg2.connect(dsn)
+            conn.autocommit = autocommit
+            return conn
+
+        connect.threadsafety = psycopg2.threadsafety  # DBUtils asks its creator
+        self.p = PooledDB(connect, mincached=SIZE, maxcached=SIZE, maxconnections=SIZE,
+                          blocking=True)
+
+    def query(self, item_id: int) -> Any:
+        conn = self.p.connection()
+        try:
+            cur = conn.cursor()
+            cur.execute(SQL, (item_id,))
+            row = cur.fetchone()
+            cur.close()
+            return row
+        finally:
+            conn.close()  # back to the pool, rolled back
+
+    def bare(self) -> None:
+        self.p.connection().close()
+
+    def close(self) -> None:
+        self.p.close()
+
+
+class SQLAlchemyQueuePool(Contender):
+    name = "SQLAlchemy QueuePool"
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        import sqlalchemy
+        self.text = sqlalchemy.text(SQL.replace("%s", ":id"))
+        p = psycopg2.extensions.parse_dsn(dsn)
+        url = sqlalchemy.engine.URL.create(
+            "postgresql+psycopg2", username=p["user"], password=p["password"], host=p["host"],
+            port=int(p["port"]), database=p["dbname"])
+        self.engine = sqlalchemy.create_engine(
+            url, pool_size=SIZE, max_overflow=0, pool_timeout=30,
+            **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}))
+
+    def query(self, item_id: int) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(self.text, {"id": item_id}).fetchone()
+
+    def bare(self) -> None:
+        with self.engine.connect():
+            pass
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class PsycopgPool(Contender):
+    name = "psycopg_pool (psycopg 3)"
+
+    def __init__(self, dsn: str, autocommit: bool = False) -> None:
+        super().__init__(dsn, autocommit)
+        import psycopg_pool
+        self.p = psycopg_pool.ConnectionPool(dsn, min_size=SIZE, max_size=SIZE, timeout=30,
+                                             open=True, kwargs={"autocommit": autocommit})
+        self.p.wait()
+
+    def query(self, item_id: int) -> Any:
+        with self.p.connection() as conn:
+            return conn.execute(SQL, (item_id,)).fetchone()
+
+    def bare(self) -> None:
+        with self.p.connection():
+            pass
+
+    def close(self) -> None:
+        self.p.close()
+
+
+CONTENDERS: list[type[Contender]] = [OurThreaded, OurProcess, Pgdbpool, Psycopg2Threaded,
+                                     DBUtilsPooledDB, SQLAlchemyQueuePool, PsycopgPool]
+
+
+def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) -> dict:
+    """Hammer one contender from `threads` threads; count what finishes inside the window."""
+    stop = threading.Event()
+    window: list[float] = []
+    results: list[list[int]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        lat = results[i]
+        clock = time.perf_counter_ns
+        while not stop.is_set():
+            t0 = clock()
+            try:
+                c.query(rnd.randint(1, ROWS))
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors[i] += 1
+                continue
+            t1 = clock()
+            if window and t1 >= window[0]:
+                lat.append(t1 - t0)
+
+    pool_threads = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool_threads:
+        t.start()
+    time.sleep(warmup)
+    window.append(time.perf_counter_ns())
+    time.sleep(seconds)
+    stop.set()
+    end = time.perf_counter_ns()
+    for t in pool_threads:
+        t.join()
+    lat = sorted(x for part in results for x in part)
+    span = (end - window[0]) / 1e9
+    return {"ops": len(lat), "ops_per_s": len(lat) / span,
+            "p50_ms": lat[len(lat) // 2] / 1e6 if lat else float("nan"),
+            "p99_ms": lat[int(len(lat) * 0.99)] / 1e6 if lat else float("nan"),
+            "errors": sum(errors)}
+
+
+def time_bare(c: Contender, number: int = 20000, repeat: int = 7) -> float:
+    """Best-of-`repeat` microseconds for one checkout + return with no query (1 thread)."""
+    c.bare()
+    return min(timeit.repeat(c.bare, number=number, repeat=repeat)) / number * 1e6
+
+
+class _EmptyHandle:
+    """The floor under any `with pool.connection():` in CPython: a handle and a with-block."""
+
+    __slots__ = ("a", "b", "c")
+
+    def __init__(self, a: Any, b: Any, c: Any) -> None:
+        self.a, self.b, self.c = a, b, c
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def floor_rows(dsn: str) -> list[tuple[str, float]]:
+    """Reference rows for the checkout table: the interpreter's floor and the pool's own
+    bookkeeping without the handle (its private _checkout/_checkin pair)."""
+    rows = []
+    holder = object()
+
+    def empty() -> None:
+        with _EmptyHandle(holder, False, None):
+            pass
+
+    rows.append(("CPython floor: empty `with` + handle object",
+                 min(timeit.repeat(empty, number=50000, repeat=7)) / 50000 * 1e6))
+    for mode in ("threaded", "process"):
+        p = pool.Pool(dsn, mode=mode, max_size=SIZE)
+
+        def bookkeeping(p: pool.Pool = p) -> None:
+            p._checkin(p._checkout(False, None), None)
+
+        bookkeeping()
+        rows.append((f"pool ({mode}): checkout + return bookkeeping, no handle",
+                     min(timeit.repeat(bookkeeping, number=50000, repeat=7)) / 50000 * 1e6))
+        p.close()
+    return rows
+
+
+def start_server() -> tuple[Callable[[], None], str]:
+    """A throwaway primary (and its replicas, unused here) from the local binaries."""
+    from native.cluster import Cluster
+    base = tempfile.mkdtemp(prefix="pool-bench-", dir="/tmp")
+    os.chmod(base, 0o755)
+    cluster = Cluster(os.path.join(base, "c"), ports=Cluster.free_ports(3), durable=False)
+    print("starting a local PostgreSQL ...", flush=True)
+    cluster.start()
+
+    def stop() -> None:
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+    return stop, cluster.dsn("primary")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=2.0, help="measured seconds per cell")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--threads", default="1,4,16,64")
+    ap.add_argument("--dsn", help="use this server instead of starting one")
+    ap.add_argument("--no-autocommit-peers", dest="autocommit_peers", action="store_false",
+                    help="skip the peers configured for autocommit (one round trip, like ours)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+
+    stop = None
+    dsn = args.dsn
+    if not dsn:
+        stop, dsn = start_server()
+    try:
+        contenders = [cls(dsn) for cls in CONTENDERS]
+        if args.autocommit_peers:
+            contenders += [cls(dsn, autocommit=True) for cls in CONTENDERS
+                           if cls.has_autocommit_variant]
+        print(f"{len(contenders)} contenders, pool size {SIZE}, threads {thread_counts}, "
+              f"{args.rounds} rounds of {args.seconds:.1f}s cells", flush=True)
+        rows = []
+        cells = [(c, n) for n in thread_counts for c in contenders if n == 1 or not c.single_threaded]
+        for rnd in range(args.rounds):
+            order = cells[:]
+            random.Random(rnd).shuffle(order)  # no contender always runs first, or last
+            for k, (c, n) in enumerate(order):
+                r = run_cell(c, n, args.seconds)
+                rows.append({"round": rnd + 1, "contender": c.name, "threads": n, **r})
+                print(f"  round {rnd + 1}/{args.rounds} cell {k + 1}/{len(order)}: "
+                      f"{c.name:32s} {n:3d} threads {r['ops_per_s']:9.0f} ops/s "
+                      f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms"
+                      + (f" errors {r['errors']}" if r["errors"] else ""), flush=True)
+        print("timing checkout + return without a query ...", flush=True)
+        bare = [(c.name, time_bare(c)) for c in contenders if not c.autocommit] + floor_rows(dsn)
+        for c in contenders:
+            c.close()
+    finally:
+        if stop:
+            stop()
+
+    from bench.report import write_report
+    outdir = write_report(rows, bare, thread_counts, [c.name for c in contenders], Path(args.out))
+    print((outdir / "bench.md").read_text())
+    print(f"results in {outdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Turn benchmark rows into bench.csv (every round), bench.md (the median round) and bench.png."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+from pathlib import Path
+
+OURS = "pool (threaded)"
+
+
+def median_cells(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (contender, threads): the round with the median throughput, whole (p50/p99 too)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["contender"], r["threads"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["ops_per_s"])
+        out[key] = rs[(len(rs) - 1) // 2]
+    return out
+
+
+def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[int],
+                 names: list[str], base: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    outdir = base / stamp
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(outdir / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["round", "contender", "threads", "ops", "ops_per_s",
+                                          "p50_ms", "p99_ms", "errors"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(outdir / "checkout.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["what", "microseconds"])
+        w.writerows(bare)
+    cells = median_cells(rows)
+    (outdir / "bench.md").write_text(markdown(cells, names, bare, threads, rows))
+    plot(cells, names, threads, outdir / "bench.png")
+    latest = base / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    os.symlink(stamp, latest)
+    return outdir
+
+
+def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threads: list[int],
+             rows: list[dict]) -> str:
+    rounds = max(r["round"] for r in rows)
+    natural = [n for n in names if "+autocommit" not in n]
+    autocommit = [n for n in names if n.startswith("pool (")] + [n for n in names if "+autocommit" in n]
+    lines = [
+        f"Median of {rounds} interleaved rounds, pool size 8 "
+        f"({platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs). Cells: queries/s, then p50 / p99 latency in ms.", ""]
+    lines += table(cells, natural, threads, "Each pool in its natural idiom (the defaults: "
+                   "peers run BEGIN, the query and ROLLBACK or COMMIT; pgdbpool pings, then queries)")
+    if len(autocommit) > 2:
+        lines += table(cells, autocommit, threads, "Peers configured for autocommit: one round "
+                       "trip per query for everyone, so only the pools' own overhead differs")
+    lines += ["Checkout + return without a query, one thread, best of 7 (microseconds):", "",
+              "| what | µs |", "|---|---|"]
+    lines += [f"| {what} | {us:.2f} |" for what, us in bare]
+    return "\n".join(lines) + "\n"
+
+
+def table(cells: dict, names: list[str], threads: list[int], title: str) -> list[str]:
+    lines = [f"**{title}**", "",
+             "| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
+             "|---|" + "---|" * len(threads)]
+    for name in names:
+        cols = []
+        for n in threads:
+            c = cells.get((name, n))
+            cols.append("n/a (one thread per process)" if c is None else
+                        f"{c['ops_per_s']:,.0f} ({c['p50_ms']:.2f} / {c['p99_ms']:.2f})"
+                        + (f", {c['errors']} errors" if c["errors"] else ""))
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    ratio = []
+    for n in threads:
+        ours = cells[(OURS, n)]["ops_per_s"]
+        peers = [cells[(m, n)]["ops_per_s"] for m in names
+                 if not m.startswith("pool (") and (m, n) in cells]
+        ratio.append(f"{ours / max(peers):.2f}x")
+    lines.append(f"| **{OURS} / best peer** | " + " | ".join(ratio) + " |")
+    return lines + [""]
+
+
+def plot(cells: dict, names: list[str], threads: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {}
+    for name in names:
+        xs = [n for n in threads if (name, n) in cells]
+        base = name.replace(" +autocommit", "")
+        style = dict(marker="o")
+        if name.startswith("pool ("):
+            style.update(linewidth=2.8, color="black" if "threaded" in name else "gold", markeredgecolor="black")
+        if "+autocommit" in name:
+            style.update(linestyle="--", color=colors.get(base))
+        if len(xs) == 1:
+            style.update(linestyle="none", marker="*", markersize=14)
+        line, = ax1.plot(xs, [cells[(name, n)]["ops_per_s"] for n in xs], label=name, **style)
+        colors.setdefault(base, line.get_color())
+        ax2.plot(xs, [cells[(name, n)]["p99_ms"] for n in xs], label=name,
+                 **{**style, "color": line.get_color()})
+    for ax, title, unit in ((ax1, "throughput (higher is better)", "queries/s"),
+                            (ax2, "p99 latency (lower is better)", "ms, log scale")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(threads, [str(n) for n in threads])
+        ax.set_xlabel("threads (pool size 8)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=7, loc="best")
+    fig.suptitle("One read query per checkout (solid: natural idiom, dashed: peers in autocommit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,12 @@
+##@ Benchmarks
+
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-$(shell cat $(ROOT)/requirements-bench.txt | cksum | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(VENV_STAMP) $(ROOT)/requirements-bench.txt
+	@$(VPY) -m pip install --quiet --disable-pip-version-check -r $(ROOT)/requirements-bench.txt
+	@rm -f $(VENV)/.bench-* && touch $@
+
+.PHONY: bench
+bench: $(BENCH_STAMP) ## pool vs pgdbpool, psycopg2, DBUtils, SQLAlchemy, psycopg_pool (BENCH_ARGS="--seconds 2 --rounds 3")
+	cd $(ROOT) && $(VPY) -m bench.bench $(BENCH_ARGS)
