@@ -27,7 +27,9 @@
 #   primary only:         POSTGRES_PASSWORD, APP_DB, APP_USER, APP_PASSWORD (first start only),
 #                         REPL_SLOTS (default "replica1 replica2")
 #   replica only:         REPLICATION_SLOT (default NODE_NAME), UPSTREAM_HOST (default primary),
-#                         UPSTREAM_PORT (default 5432), UPSTREAM_WAIT_SECONDS (default 300)
+#                         UPSTREAM_PORT (default 5432), UPSTREAM_WAIT_SECONDS (default 300),
+#                         UPSTREAM_HOSTADDR (optional: the primary's IP; recorded as hostaddr= in
+#                         primary_conninfo so the walreceiver never waits on DNS for a dead primary)
 set -eu
 
 ROOT=/var/lib/postgresql
@@ -123,12 +125,13 @@ write_passfile() {
     mv "$PASSFILE.tmp" "$PASSFILE"
 }
 
+# Poll the primary ($target) with pg_isready until it accepts connections; progress every 5 s.
 wait_for_upstream() {
     limit=${UPSTREAM_WAIT_SECONDS:-300}
     start=$(date +%s)
     last=-100
     while :; do
-        if out=$(pg_isready -h "$UPSTREAM_HOST" -p "$UPSTREAM_PORT" -t 2 2>&1); then
+        if out=$(pg_isready -d "$target" -t 2 2>&1); then
             log "primary $UPSTREAM_HOST:$UPSTREAM_PORT accepts connections"
             return 0
         fi
@@ -147,6 +150,8 @@ wait_for_upstream() {
 clone_replica() {
     UPSTREAM_HOST=${UPSTREAM_HOST:-primary}
     UPSTREAM_PORT=${UPSTREAM_PORT:-5432}
+    case $UPSTREAM_HOST$UPSTREAM_PORT${UPSTREAM_HOSTADDR:-} in *[!A-Za-z0-9_.:-]*) die "bad UPSTREAM_HOST/PORT/HOSTADDR" ;; esac
+    target="host=$UPSTREAM_HOST${UPSTREAM_HOSTADDR:+ hostaddr=$UPSTREAM_HOSTADDR} port=$UPSTREAM_PORT"
     wait_for_upstream
     tmp=$ROOT/data.clone
     rm -rf "$tmp"
@@ -154,7 +159,7 @@ clone_replica() {
     log "pg_basebackup from $UPSTREAM_HOST:$UPSTREAM_PORT using slot $REPLICATION_SLOT"
     if ! pg_basebackup -D "$tmp" -w -R -X stream -S "$REPLICATION_SLOT" -c fast \
         --label="stack $NODE_NAME" \
-        -d "host=$UPSTREAM_HOST port=$UPSTREAM_PORT user=$REPL_USER passfile=$PASSFILE"; then
+        -d "$target user=$REPL_USER passfile=$PASSFILE"; then
         rm -rf "$tmp"
         die "pg_basebackup failed (see above); the data directory stays empty. Fix the cause" \
             "and start this container again. Not falling back to initdb."
