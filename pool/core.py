@@ -246,9 +246,9 @@ class Pool(Housekeeping):
                 rec = grant if self._is_usable(grant, now) else None
             if rec is not None:
                 return rec
-            now = monotonic()  # a connection was dropped or an endpoint ejected: route again
-            if now >= deadline:
-                raise self._timeout_error(readonly, deadline - now)
+            # A connection was dropped or an endpoint ejected: route again. This ends: each turn
+            # discards an idle connection or ejects an endpoint, and _wait keeps the deadline.
+            now = monotonic()
             grant = self._take(readonly)
 
     def _take_locked(self, readonly: bool) -> Any:
@@ -458,7 +458,7 @@ class Pool(Housekeeping):
             ep.mark_up()
             self._readable = tuple(r for r in self._replicas if r.state is UP)
             self._serve_waiters()
-        log.warning("%s %s is back after %.1fs down", ep.role, ep.name, now - ep.down_since)
+        log.info("%s %s is back after %.1fs down", ep.role, ep.name, now - ep.down_since)
 
     def _probe_all_at_start(self) -> None:
         """Probe every endpoint at once and wait (at most connect_timeout) for the answers, so a

@@ -38,8 +38,11 @@ class Probe:
     def step(self, now: float) -> str:
         """Advance the handshake as far as it goes without waiting; return the status."""
         while self.status == PENDING:
+            conn = self._conn  # close() may cancel the probe from another thread meanwhile
+            if conn is None:
+                break
             try:
-                state = self._conn.poll()
+                state = conn.poll()
             except psycopg2.Error as exc:
                 self._finish(FAILED, describe_error(exc))
                 break
@@ -53,7 +56,10 @@ class Probe:
         return self.status
 
     def _ready(self, state: int) -> bool:
-        fd = self._conn.fileno()
+        conn = self._conn
+        if conn is None:
+            return False
+        fd = conn.fileno()
         r, w, _ = select.select([fd] if state == ext.POLL_READ else [],
                                 [fd] if state == ext.POLL_WRITE else [], [], 0)
         return bool(r or w)

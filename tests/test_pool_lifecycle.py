@@ -116,7 +116,7 @@ def test_state_changes_are_logged_under_the_pool_logger(make_pool, db, caplog):
     down = [r for r in caplog.records if r.name == "pool" and "is down" in r.getMessage()]
     back = [r for r in caplog.records if r.name == "pool" and "is back" in r.getMessage()]
     assert len(down) == 1 and name in down[0].getMessage() and down[0].levelno == logging.WARNING
-    assert len(back) == 1 and name in back[0].getMessage()
+    assert len(back) == 1 and name in back[0].getMessage() and back[0].levelno == logging.INFO
 
 
 def test_no_password_in_errors_logs_stats_or_repr(db, mode, caplog):
