@@ -163,9 +163,6 @@ class Pool(Housekeeping):
         with self._lock:
             eps = [ep.stats(now) for ep in self._endpoints]
             waiting = len(self._waiters)
-        for e in eps:
-            if e["last_error"]:
-                e["last_error"] = self._redact(e["last_error"])
         total = lambda key: sum(e[key] for e in eps)  # noqa: E731
         return {
             "mode": self.options.mode, "pid": os.getpid(), "closed": self._closed,
@@ -183,10 +180,9 @@ class Pool(Housekeeping):
             if self._closed:
                 return
             self._closed = True
-            doomed = [rec for ep in self._endpoints for rec in ep.idle]
+            doomed = []
             for ep in self._endpoints:
-                ep.size -= len(ep.idle)
-                ep.idle = []
+                doomed += self._drop_idle_locked(ep)
                 if ep.probe is not None:
                     ep.probe.cancel()
                     ep.probe = None
@@ -430,10 +426,8 @@ class Pool(Housekeeping):
         with self._lock:
             if not ep.mark_down(now, error):
                 return
-            doomed, ep.idle = ep.idle, []
-            ep.size -= len(doomed)
-            self._readable = tuple(r for r in self._replicas if r.state is UP)
-            self._serve_waiters()
+            doomed = self._drop_idle_locked(ep)
+            self._state_changed_locked()
         log.warning("%s %s is down, skipping it until a probe succeeds: %s", ep.role, ep.name, error)
         self._wake_housekeeper()
         for rec in doomed:
@@ -445,8 +439,7 @@ class Pool(Housekeeping):
         with self._lock:
             ep.generation += 1
             ep.last_error = error
-            doomed, ep.idle = ep.idle, []
-            ep.size -= len(doomed)
+            doomed = self._drop_idle_locked(ep)
             self._serve_waiters()
         log.warning("%s %s lost a connection, replacing its %d idle connection(s): %s",
                     ep.role, ep.name, len(doomed), error)
@@ -456,9 +449,19 @@ class Pool(Housekeeping):
     def _readmit(self, ep: Endpoint, now: float) -> None:
         with self._lock:
             ep.mark_up()
-            self._readable = tuple(r for r in self._replicas if r.state is UP)
-            self._serve_waiters()
+            self._state_changed_locked()
         log.info("%s %s is back after %.1fs down", ep.role, ep.name, now - ep.down_since)
+
+    def _drop_idle_locked(self, ep: Endpoint) -> list[PooledConnection]:
+        """Lock held. Take every idle connection of ep out of the pool, for closing outside."""
+        doomed, ep.idle = ep.idle, []
+        ep.size -= len(doomed)
+        return doomed
+
+    def _state_changed_locked(self) -> None:
+        """Lock held. An endpoint went up or down: re-route reads, re-serve the waiters."""
+        self._readable = tuple(r for r in self._replicas if r.state is UP)
+        self._serve_waiters()
 
     def _probe_all_at_start(self) -> None:
         """Probe every endpoint at once and wait (at most connect_timeout) for the answers, so a
@@ -481,10 +484,12 @@ class Pool(Housekeeping):
             return EndpointUnavailable(self._redact(
                 f"primary {ep.name} is down (for {now - ep.down_since:.1f}s; next probe in "
                 f"{max(0.0, ep.retry_at - now):.1f}s); last error: {ep.last_error}"), ep.name)
-        why = ("no replica is up and read_fallback is off" if ep.state is UP
-               else "no replica is up and the primary is down")
         if not self._replicas:
             why = "the primary is down and there are no replicas"
+        elif ep.state is UP:
+            why = "no replica is up and read_fallback is off"
+        else:
+            why = "no replica is up and the primary is down"
         states = "; ".join(e.describe(now) for e in self._endpoints)
         return EndpointUnavailable(self._redact(f"cannot serve reads: {why} [{states}]"))
 
