@@ -2,9 +2,9 @@
 
 Both implementations run one statement per call, reads (``readonly=True``) on a replica and
 writes on the primary, and return the value together with the endpoint that served it, which
-becomes the ``X-Served-By`` header. (Taking it from the call's own result, rather than reading
-``pool.last_endpoint`` afterwards, also means a failed call can never leave a previous request's
-endpoint in the header.)
+becomes the ``X-Served-By`` header. (The pooled one reads ``pool.last_endpoint`` right after a
+successful call, when it names this call's server; after a failed call it may still name an
+earlier request's, which is why a failure never yields an endpoint.)
 
 ``PooledDatabase`` builds its ``pool.Pool`` lazily, on the first request in the worker process:
 never at import and never in gunicorn's master, whose connections and threads forked children

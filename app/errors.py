@@ -7,9 +7,9 @@ Error mapping (``application.py`` applies it; every error body is ``{"error": "<
     =====================================================  ======  ==========================
     no route for the path                                  404
     route exists, method not served                        405     Allow
-    invalid id / limit / JSON body / name                  400
+    invalid id / limit / JSON body / name; short body      400
     POST without Content-Length (e.g. chunked)             411
-    POST body over APP_MAX_BODY (4096 bytes)                413
+    POST body over APP_MAX_BODY (4096 bytes)               413
     POST whose Content-Type is not application/json        415
     item not found                                         404     X-Served-By
     database outage (see DATABASE_OUTAGE)                  503     Retry-After: 1
