@@ -100,6 +100,7 @@ class Pool(Housekeeping):
         self._endpoints = [Endpoint(c, opts.max_size) for c in configs]
         self._primary = self._endpoints[0]
         self._replicas = tuple(self._endpoints[1:])
+        self._writable = (self._primary,)
         self._readable = self._replicas  # the replicas that are up, rebuilt on every state change
         self._balance = make_balancer(opts.balance)
         self._closed = False
@@ -254,34 +255,28 @@ class Pool(Housekeeping):
         """
         if self._closed:
             raise PoolError("the pool is closed")
-        if not readonly:
-            ep = self._primary
-            if ep.state is not UP:
-                raise self._unavailable(readonly)
-        else:
+        first = 0
+        if readonly and self._readable:
             candidates = self._readable
-            n = len(candidates)
-            if n:
-                first = self._balance(candidates)
-                for k in range(n):
-                    ep = candidates[(first + k) % n]
-                    if ep.idle:
-                        return ep.idle.pop()
-                    if ep.size < ep.max_size:
-                        ep.size += 1
-                        ep.connecting += 1
-                        return ep
-                return None  # busy replicas make reads wait; they don't spill onto the primary
-            ep = self._primary
-            if ep.state is not UP or not self.options.read_fallback:
-                raise self._unavailable(readonly)
-        if ep.idle:
-            return ep.idle.pop()
-        if ep.size < ep.max_size:
-            ep.size += 1
-            ep.connecting += 1
-            return ep
-        return None
+            first = self._balance(candidates)
+        elif self._primary.state is UP and (not readonly or self.options.read_fallback):
+            candidates = self._writable
+        else:
+            raise self._unavailable(readonly)
+        # The preferred endpoint first, then the others in turn. Busy replicas make a read wait;
+        # it does not spill onto the primary.
+        i = first
+        while True:
+            ep = candidates[i]
+            if ep.idle:
+                return ep.idle.pop()
+            if ep.size < ep.max_size:
+                ep.size += 1
+                ep.connecting += 1
+                return ep
+            i = i + 1 if i + 1 < len(candidates) else 0
+            if i == first:
+                return None
 
     def _wait_target(self, readonly: bool) -> Endpoint:
         """The endpoint a waiter is counted against in stats (waits, timeouts)."""
