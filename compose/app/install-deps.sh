@@ -29,4 +29,6 @@ wheelhouse)
     ;;
 esac
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*
-python3 -c 'import psycopg2, gunicorn; print("python deps:", psycopg2.__version__, "gunicorn", gunicorn.__version__)'
+py=python3
+if [ -x /opt/venv/bin/python3 ]; then py=/opt/venv/bin/python3; fi
+"$py" -c 'import psycopg2, gunicorn; print("python deps:", psycopg2.__version__, "gunicorn", gunicorn.__version__)'
