@@ -1,0 +1,207 @@
+"""The reference deployment end to end: the real docker-compose.yml, built and started once for
+this module with testcontainers' DockerCompose (images built locally FROM debian:trixie-slim).
+
+The stack gets its own project name, free host ports and its own /24, so it never collides with
+a running `make up`. Scenarios (tests/stackutil.py, shared with test_stack_native.py): both
+replicas stream; a write through each app is readable on the replicas; every endpoint of both
+pool apps, bad input included; SIGKILL a replica under a stream of reads (no failed read, back
+within 10 s, no re-clone); SIGKILL the primary (reads continue, writes 503 fast, then recover).
+
+Skips with the reason when there is no Docker engine, no Compose v2, no local base image or no
+testcontainers; with REQUIRE_DOCKER=1 (CI) that is a failure instead.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from native.cluster import Cluster, load_env
+import stackutil
+from stackutil import MODES, NODES, POOL_MODES
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = "docker-compose.yml"
+BASE_IMAGE = "debian:trixie-slim"
+APP_SERVICES = {"threaded": "app-threaded", "process": "app-process", "nopool": "app-nopool"}
+PORT_VARS = {"primary": "PRIMARY_PORT", "replica1": "REPLICA1_PORT", "replica2": "REPLICA2_PORT",
+             "threaded": "APP_THREADED_PORT", "process": "APP_PROCESS_PORT",
+             "nopool": "APP_NOPOOL_PORT"}
+
+
+def _run(cmd, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def docker_problem() -> str | None:
+    """Why the Docker tests cannot run here, or None."""
+    if shutil.which("docker") is None:
+        return "no `docker` CLI on PATH"
+    try:
+        info = _run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30s"
+    if info.returncode != 0 or not info.stdout.strip():
+        return f"no Docker engine answers (`docker info`: {(info.stderr or info.stdout).strip()[:200]})"
+    compose = _run(["docker", "compose", "version", "--short"])
+    if compose.returncode != 0:
+        return "Docker Compose v2 (`docker compose`) is not installed"
+    if not compose.stdout.strip().lstrip("v").split(".")[0].isdigit() or \
+            int(compose.stdout.strip().lstrip("v").split(".")[0]) < 2:
+        return f"Docker Compose {compose.stdout.strip()} is too old: v2 is required"
+    if _run(["docker", "image", "inspect", BASE_IMAGE]).returncode != 0:
+        return (f"base image {BASE_IMAGE} is not available locally (nothing is pulled; "
+                ".ci/install-docker.sh builds it with debootstrap)")
+    try:
+        import testcontainers.compose  # noqa: F401
+    except ImportError as exc:
+        return f"testcontainers is not installed ({exc}); run `make venv`"
+    return None
+
+
+def free_prefix() -> str:
+    """First three octets of a /24 in 172.30.0.0/16 that no Docker network overlaps."""
+    ids = _run(["docker", "network", "ls", "-q"]).stdout.split()
+    used = []
+    if ids:
+        out = _run(["docker", "network", "inspect", *ids]).stdout
+        for net in json.loads(out or "[]"):
+            for cfg in (net.get("IPAM") or {}).get("Config") or []:
+                if cfg.get("Subnet"):
+                    try:
+                        used.append(ipaddress.ip_network(cfg["Subnet"], strict=False))
+                    except ValueError:
+                        pass
+    for third in [*range(200, 240), *range(100, 200)]:
+        net = ipaddress.ip_network(f"172.30.{third}.0/24")
+        if not any(net.overlaps(u) for u in used if u.version == 4):
+            return f"172.30.{third}"
+    raise RuntimeError("no free /24 in 172.30.0.0/16 for the test stack's network")
+
+
+class DockerStack(stackutil.Stack):
+    kind = "docker"
+
+    def __init__(self, project: str, ports: dict[str, int], env: dict):
+        self.project, self.ports, self.env = project, ports, env
+        self.compose_cmd = ["docker", "compose", "-p", project, "-f", str(ROOT / COMPOSE_FILE)]
+
+    def url(self, mode, path=""):
+        return f"http://127.0.0.1:{self.ports[mode]}{path}"
+
+    def db_port(self, node):
+        return self.ports[node]
+
+    def node_of(self, served_by):
+        host = (served_by or "").rsplit(":", 1)[0]
+        return host if host in NODES else None
+
+    def compose(self, *args, timeout=120) -> subprocess.CompletedProcess:
+        proc = _run([*self.compose_cmd, *args], timeout=timeout)
+        assert proc.returncode == 0, f"docker compose {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def kill(self, node):
+        self.compose("kill", "-s", "SIGKILL", node)
+
+    def start(self, node):
+        self.compose("start", node)
+
+    def logs(self, service: str, tail: str = "all") -> str:
+        return _run([*self.compose_cmd, "logs", "--no-color", "--tail", tail, service]).stdout
+
+    def clone_count(self, node):
+        return self.logs(node).count("cloned from the primary")
+
+    def describe(self):
+        ps = _run([*self.compose_cmd, "ps", "--all"]).stdout
+        tails = "\n".join(f"--- {svc} ---\n{self.logs(svc, '15')}" for svc in NODES)
+        return f"{ps}\n{tails}"
+
+
+@pytest.fixture(scope="module")
+def stack(request):
+    problem = docker_problem()
+    if problem:
+        if os.environ.get("REQUIRE_DOCKER") == "1":
+            pytest.fail(f"REQUIRE_DOCKER=1 but the Docker tests cannot run: {problem}")
+        pytest.skip(problem)
+    from testcontainers.compose import DockerCompose
+
+    project = f"pgpool-test-{uuid.uuid4().hex[:8]}"
+    ports = dict(zip(PORT_VARS, Cluster.free_ports(len(PORT_VARS))))
+    overrides = {PORT_VARS[k]: str(p) for k, p in ports.items()}
+    overrides.update(COMPOSE_PROJECT_NAME=project, STACK_NET_PREFIX=free_prefix(),
+                     TESTCONTAINERS_RYUK_DISABLED="true")
+    report = request.config.pluginmanager.get_plugin("terminalreporter")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in overrides.items():
+            mp.setenv(key, value)
+        env = load_env(os.environ)
+        compose = DockerCompose(context=str(ROOT), compose_file_name=COMPOSE_FILE, build=True,
+                                wait=True)
+        docker_stack = DockerStack(project, ports, env)
+        t0 = time.monotonic()
+        try:
+            try:
+                compose.start()  # docker compose up --build --wait
+            except subprocess.CalledProcessError as exc:
+                pytest.fail(f"`docker compose up --build --wait` failed: "
+                            f"{exc.stderr.decode(errors='replace')[-3000:]}\n{docker_stack.describe()}")
+            up = time.monotonic() - t0
+            streaming = docker_stack.wait_streaming(timeout=60)
+            docker_stack.wait_apps_healthy()
+            if report:
+                report.write_line(f"\n[docker stack {project}] build + up --wait {up:.1f}s, "
+                                  f"streaming after +{streaming:.1f}s, net {overrides['STACK_NET_PREFIX']}.0/24")
+            docker_stack.report = report
+            yield docker_stack
+        finally:
+            t1 = time.monotonic()
+            compose.stop()  # down --volumes
+            if report:
+                report.write_line(f"[docker stack {project}] down -v {time.monotonic() - t1:.1f}s")
+
+
+def note(stack, text: str) -> None:
+    if getattr(stack, "report", None):
+        stack.report.write_line(f"\n[docker] {text}")
+
+
+def test_replicas_stream_from_primary(stack):
+    stackutil.check_replication(stack)
+
+
+def test_apps_use_fixed_addresses_not_dns(stack):
+    """The apps reach the nodes by hostaddr=, so a dead node never costs a DNS lookup."""
+    env = stack.compose("exec", "-T", "app-threaded", "python3", "-c",
+                        "import os; print(os.environ['POOL_PRIMARY']); print(os.environ['POOL_REPLICAS'])").stdout
+    for node in NODES:
+        assert f"host={node} hostaddr=" in env, env
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_through_app_is_readable_on_replicas(stack, mode):
+    stackutil.check_write_then_read(stack, mode)
+
+
+@pytest.mark.parametrize("mode", POOL_MODES)
+def test_endpoints_and_bad_input(stack, mode):
+    stackutil.check_endpoints(stack, mode)
+
+
+def test_sigkill_replica_under_reads(stack):
+    note(stack, stackutil.check_replica_kill(stack, "replica1"))
+
+
+def test_sigkill_primary(stack):
+    note(stack, stackutil.check_primary_kill(stack))
