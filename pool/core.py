@@ -153,7 +153,8 @@ class Pool(Housekeeping):
 
     @property
     def last_endpoint(self) -> str | None:
-        """Name of the endpoint that served this thread's latest checkout (for logs, headers)."""
+        """Name of the endpoint that served this thread's latest checkout (for logs, headers);
+        None after a fetchone/fetchall/execute that failed."""
         return getattr(self._local, "endpoint", None)
 
     def stats(self) -> dict[str, Any]:
@@ -213,7 +214,12 @@ class Pool(Housekeeping):
         now = monotonic()
         if now >= self._due:  # process mode: housekeeping rides on checkouts
             self._housekeep_now(now)
-        rec = self._take(readonly)
+        try:
+            rec = self._take(readonly)
+        except EndpointUnavailable:
+            if not self._probe_on_demand(now):
+                raise
+            rec = self._take(readonly)  # a probe just re-admitted an endpoint
         if not (rec.__class__ is PooledConnection and rec.generation == rec.endpoint.generation
                 and now - rec.last_used <= self._check_after and now < rec.expires
                 and not rec.raw.closed):
@@ -512,6 +518,7 @@ class Pool(Housekeeping):
         default; a read that falls back to the primary keeps psycopg2's BEGIN READ ONLY instead.
         """
         attempts = 2 if readonly else 1
+        self._local.endpoint = None  # if this fails, last_endpoint must not name an older call's
         for attempt in range(attempts):
             rec = self._checkout(readonly, None)
             raw = rec.raw
@@ -591,6 +598,10 @@ class Pool(Housekeeping):
 
     def _reset_after_fork(self) -> None:
         raise NotImplementedError
+
+    def _probe_on_demand(self, now: float) -> bool:
+        """A request found no endpoint up. True if a probe re-admitted one just now."""
+        return False  # threaded mode: the housekeeping thread probes on time by itself
 
     def _housekeep_now(self, now: float) -> None:
         self._due = self._housekeep(now)

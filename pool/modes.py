@@ -23,10 +23,14 @@ from typing import Any
 from .config import MODES
 from .connection import PooledConnection
 from .core import Pool
+from .endpoint import UP
 from .errors import PoolTimeout
+from .probe import wait_for
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
+
+PROBE_GRACE = 0.05  # seconds a process-mode request gives a due probe (a LAN login takes ~5 ms)
 
 
 def mode_class(mode: Any) -> type[Pool] | None:
@@ -69,6 +73,21 @@ class ProcessPool(Pool):
 
     def _start_housekeeping(self) -> None:
         pass  # checkouts run it when due
+
+    def _probe_on_demand(self, now: float) -> bool:
+        """With no thread, a worker that sat idle while a server was down only probes when a
+        request comes. So the request that finds the probe due starts it and gives it a short
+        grace to finish: if the server is back, that request succeeds instead of failing fast.
+        One request per backoff period waits, at most PROBE_GRACE; the others fail at once."""
+        due = [ep for ep in self._endpoints
+               if ep.state is not UP and ep.probe is None and now >= ep.retry_at]
+        if not due:
+            return False
+        self._housekeep_now(now)  # starts the due probes
+        wait_for([ep.probe for ep in due if ep.probe is not None], monotonic,
+                 until=now + PROBE_GRACE)
+        self._housekeep_now(monotonic())  # re-admits those that answered
+        return any(ep.state is UP for ep in due)
 
     def _wake_housekeeper(self) -> None:
         self._due = 0.0  # run at the next checkout

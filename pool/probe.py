@@ -89,16 +89,16 @@ class Probe:
             self._conn = None
 
 
-def wait_for(probes: Sequence[Probe], clock: Any) -> None:
-    """Block until every probe has finished or passed its deadline (used once, at start-up)."""
+def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -> None:
+    """Block until every probe has finished or passed its deadline, or until `until`."""
     while True:
         now = clock()
         pending = [p for p in probes if p.step(now) == PENDING]
-        if not pending:
+        if not pending or now >= until:
             return
         reads, writes = [], []
         for p in pending:
             fd, wants_read = p.fileno_and_events()
             (reads if wants_read else writes).append(fd)
-        timeout = max(0.0, min(p.deadline for p in pending) - now)
+        timeout = max(0.0, min(min(p.deadline for p in pending), until) - now)
         select.select(reads, writes, [], min(timeout, 0.05))

@@ -197,3 +197,29 @@ def test_a_black_holed_endpoint_at_start_costs_at_most_connect_timeout(db, mode)
         p.close()
     finally:
         proxy.close()
+
+
+def test_the_first_write_after_a_quiet_recovery_succeeds(make_pool, db):
+    """The primary comes back while nobody uses the pool. In process mode nothing runs between
+    requests, so the request that finds the probe due must give it a moment to succeed."""
+    p = make_pool()
+    p.fetchone("SELECT 1")
+    db.kill("primary")
+    _, _, error = timed(lambda: p.execute(INSERT, (unique_name(),)))
+    assert isinstance(error, pool.EndpointUnavailable)
+    db.start_node("primary")
+    time.sleep(4.0)  # idle, longer than the capped backoff
+    seconds, row, error = timed(lambda: p.fetchone(INSERT, (unique_name(),)))
+    assert error is None and row is not None
+    assert seconds < 0.5
+    assert p.last_endpoint is not None
+
+
+def test_last_endpoint_is_cleared_by_a_failed_call(make_pool, db):
+    p = make_pool(replicas=())
+    p.fetchone("SELECT 1", readonly=True)
+    assert node_of(db, p.last_endpoint) == "primary"
+    db.stop("primary", mode="immediate")
+    _, _, error = timed(lambda: p.fetchone("SELECT 1", readonly=True))
+    assert isinstance(error, pool.EndpointUnavailable)
+    assert p.last_endpoint is None
