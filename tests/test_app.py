@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -39,60 +38,20 @@ from wsgiref.validate import validator
 import pytest
 
 from app.application import create_app
-from native.cluster import NODES, REPLICAS, Cluster, find_bindir
+from conftest import APP_PASSWORD, heal, require
+from native.cluster import NODES, REPLICAS, Cluster
 
 pytestmark = pytest.mark.db  # nearly every test needs the cluster; the rest take milliseconds
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("threaded", "process", "nopool")
-# A password only this module's cluster uses, so a leak into any body cannot go unnoticed.
-PASSWORD = f"pw-{secrets.token_hex(8)}"
+# The session cluster's app password: a leak into any body cannot go unnoticed.
+PASSWORD = APP_PASSWORD
 LEAK_MARKERS = ("Traceback", 'File "', "psycopg2", "SELECT", "INSERT", "password", PASSWORD)
 
 
-def require(reason: str) -> None:
-    """Skip for a missing prerequisite; fail instead where a skip would hide a broken setup."""
-    if os.environ.get("CI") == "true" or os.environ.get("REQUIRE_DB") == "1":
-        pytest.fail(f"required prerequisite missing: {reason}")
-    pytest.skip(reason)
-
-
-# --- the database --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Cluster]:
-    try:
-        find_bindir()
-    except Exception as exc:  # noqa: BLE001 - any reason means "no servers here"
-        require(f"PostgreSQL server binaries not found: {exc}")
-    base = tempfile.mkdtemp(prefix="app-tests-", dir="/tmp")
-    os.chmod(base, 0o755)  # as root the servers run as the postgres OS user, who must get in
-    cluster = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3),
-                      env={"APP_PASSWORD": PASSWORD}, durable=False)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def db(pg: Cluster) -> Cluster:
-    """The cluster with every node running (cheap to check; the tests that stop or kill a node
-    heal the cluster themselves, so a failure there cannot break the tests after it)."""
-    if not all(pg.is_running(node) for node in NODES):
-        heal(pg)
-    return pg
-
-
-def heal(cluster: Cluster) -> None:
-    """Start whatever is down and wait until both replicas stream again."""
-    for node in NODES:
-        if not cluster.is_running(node):
-            cluster.start_node(node)
-    cluster.wait_streaming(timeout=30)
+# --- the database: the session's cluster from conftest.py (`cluster`, and `db`, which heals
+# it before and after each test) -------------------------------------------------------------
 
 
 def endpoint_names(cluster: Cluster) -> dict[str, str]:
@@ -186,9 +145,9 @@ def post_json(app: Any, data: Any, **kw: Any) -> Reply:
 
 
 @pytest.fixture(scope="module")
-def apps(pg: Cluster) -> Iterator[dict[str, Any]]:
+def apps(cluster: Cluster) -> Iterator[dict[str, Any]]:
     """One app per mode for the whole module, like one gunicorn worker each."""
-    made = {mode: create_app(app_environ(pg, mode)) for mode in MODES}
+    made = {mode: create_app(app_environ(cluster, mode)) for mode in MODES}
     yield made
     for app in made.values():
         app.close()
@@ -560,14 +519,14 @@ def require_gunicorn() -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(pg: Cluster) -> Iterator[dict[str, Server]]:
+def servers(cluster: Cluster) -> Iterator[dict[str, Server]]:
     """The three gunicorn configs running side by side against the cluster."""
     require_gunicorn()
     logdir = Path(tempfile.mkdtemp(prefix="app-gunicorn-"))
     running: dict[str, Server] = {}
     try:
         for mode, port in zip(MODES, Cluster.free_ports(len(MODES))):  # distinct ports
-            env = dict(os.environ, **app_environ(pg, mode), APP_BIND=f"127.0.0.1:{port}",
+            env = dict(os.environ, **app_environ(cluster, mode), APP_BIND=f"127.0.0.1:{port}",
                        APP_WORKERS="2", APP_THREADS="4", PYTHONPATH=str(ROOT))
             del env["APP_POOL_MODE"]  # each config picks its own
             log = logdir / f"{mode}.log"
