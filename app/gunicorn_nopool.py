@@ -10,11 +10,4 @@ import sys
 os.environ.setdefault("APP_POOL_MODE", "nopool")
 # gunicorn runs this file in the master; make the repository root importable for app.*.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from app.gunicorn_common import *  # noqa: E402,F401,F403  (bind, logs, timeouts, hooks)
-from app.gunicorn_common import env_int, require_single_threaded_for_process_mode  # noqa: E402
-
-worker_class = "gthread"
-workers = env_int("APP_WORKERS", 2)
-threads = env_int("APP_THREADS", 8)
-require_single_threaded_for_process_mode(threads)
-proc_name = "app-" + os.environ["APP_POOL_MODE"]
+from app.gunicorn_threaded import *  # noqa: E402,F401,F403  (the same workers and threads)
