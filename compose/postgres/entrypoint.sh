@@ -169,9 +169,10 @@ clone_replica() {
         rm -rf "$tmp"
         die "pg_basebackup -R wrote a password into postgresql.auto.conf; refusing to keep it"
     fi
-    grep -q 'passfile=' "$auto" && grep -q "primary_slot_name = '$REPLICATION_SLOT'" "$auto" &&
-        [ -f "$tmp/standby.signal" ] ||
+    if ! grep -q 'passfile=' "$auto" || ! grep -q "primary_slot_name = '$REPLICATION_SLOT'" "$auto" ||
+        [ ! -f "$tmp/standby.signal" ]; then
         die "unexpected result of pg_basebackup -R (no passfile/slot/standby.signal): $(cat "$auto")"
+    fi
     mv "$tmp" "$PGDATA"
     log "cloned from the primary"
 }
