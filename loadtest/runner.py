@@ -1,0 +1,178 @@
+"""Run Locust headless as a subprocess, show progress, and hand back the run's directory.
+
+Never ``import locust`` here: it monkey-patches the importing process with gevent, which would
+also patch psycopg2's sockets and the threads the failover schedule runs in. Locust runs as
+``<this python> -m locust -f loadtest/locustfile.py[,loadtest/shape.py] --headless ...`` and talks
+to us through files only: the per-request logs, ``steps.jsonl``, its CSV/HTML reports and its
+own log (``locust.log``; its stdout/stderr go to ``locust.out``).
+
+While it runs, ``LogTail`` reads the new rows of the per-request logs every second; the progress
+line (phase, elapsed time, requests/s and failures/s over the last second) is rewritten in place
+on a terminal and printed every 10 s otherwise (make, CI logs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from .settings import REPO_ROOT
+
+LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
+SHAPEFILE = REPO_ROOT / "loadtest" / "shape.py"
+# Locust's exit codes: 0 = ok, 1 = some request failed (or, with LOADTEST_ALLOW_FAILURES, an
+# exception in a task); anything else = it could not run (bad options, crashed).
+LOCUST_FAILED_REQUESTS = 1
+
+
+@dataclasses.dataclass
+class LocustRun:
+    """One headless Locust process against one target."""
+
+    label: str  # "scaling threaded": shown in the progress line
+    run_dir: Path  # receives every file of this run
+    host: str  # http://127.0.0.1:8001
+    users: int = 8  # constant load (ignored with shape=True)
+    duration_s: float = 60
+    shape: bool = False  # use shape.py (its settings come from env)
+    tags: tuple[str, ...] = ()
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    allow_failures: bool = False  # the run expects failed requests: exit 0 anyway
+
+    def command(self) -> list[str]:
+        files = [str(LOCUSTFILE)] + ([str(SHAPEFILE)] if self.shape else [])
+        cmd = [sys.executable, "-m", "locust", "-f", ",".join(files), "--headless",
+               "--host", self.host, "--csv", str(self.run_dir / "locust"), "--csv-full-history",
+               "--html", str(self.run_dir / "locust.html"), "--only-summary",
+               "--logfile", str(self.run_dir / "locust.log"), "--stop-timeout", "5"]
+        if not self.shape:
+            cmd += ["-u", str(self.users), "-r", str(self.users), "-t", f"{self.duration_s:g}s"]
+        if self.tags:
+            cmd += ["-T", *self.tags]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, **self.env, "LOADTEST_LOG_DIR": str(self.run_dir), "PYTHONUNBUFFERED": "1"}
+        if self.allow_failures:
+            env["LOADTEST_ALLOW_FAILURES"] = "1"
+        return env
+
+    def cleanup(self) -> None:
+        """Called after the run, whatever happened (a local Locust leaves nothing behind)."""
+
+
+class LogTail:
+    """Follows the per-request logs of a running Locust: rows since the last poll, and the
+    moment the first request was seen (when "load is on")."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._offsets: dict[Path, int] = {}
+        self.first_request_at: float | None = None  # epoch seconds
+
+    def poll(self) -> tuple[int, int]:
+        """(requests, failed requests) logged since the previous call."""
+        total = failed = 0
+        for path in sorted(self.run_dir.glob("requests-*.csv")):
+            offset = self._offsets.get(path, 0)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            end = chunk.rfind(b"\n") + 1  # complete lines only; the rest comes next time
+            self._offsets[path] = offset + end
+            for line in chunk[:end].splitlines():
+                if line.startswith(b"start,"):
+                    continue
+                total += 1
+                # the last column is the error text: empty for a success
+                if not line.endswith(b","):
+                    failed += 1
+        if total and self.first_request_at is None:
+            self.first_request_at = time.time()
+        return total, failed
+
+
+class Progress:
+    """One status line: ``[label] phase  mm:ss  N req/s  M failed/s``."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last_print = 0.0
+
+    def update(self, label: str, phase: str, elapsed: float, rps: float, fps: float) -> None:
+        text = (f"[{label}] {phase:<28} {int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}  "
+                f"{rps:7.0f} req/s  {fps:5.0f} failed/s")
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+        elif time.monotonic() - self._last_print >= 10:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_print = time.monotonic()
+
+    def done(self, label: str, message: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(f"[{label}] {message}\n")
+        self.stream.flush()
+
+
+def run_locust(run: LocustRun, phase: Callable[[LogTail], str] | None = None,
+               progress: Progress | None = None, timeout_s: float | None = None,
+               tail: LogTail | None = None) -> int:
+    """Run Locust to completion; returns its exit code. ``phase(tail)`` names what is going on
+    for the progress line (the failover schedule updates it). Locust is stopped (SIGINT, then
+    SIGKILL) if this is interrupted or runs past ``timeout_s``. Pass ``tail`` to watch the
+    run from another thread (the failover schedule waits for ``tail.first_request_at``)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
+    tail = tail or LogTail(run.run_dir)
+    started = time.monotonic()
+    (run.run_dir / "command.txt").write_text(" ".join(run.command()) + "\n")
+    with open(run.run_dir / "locust.out", "wb") as out:
+        proc = subprocess.Popen(run.command(), cwd=REPO_ROOT, env=run.environment(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        last = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(1.0)
+            now = time.monotonic()
+            count, failed = tail.poll()
+            span = max(now - last, 1e-3)
+            last = now
+            progress.update(run.label, phase(tail) if phase else "running", now - started,
+                            count / span, failed / span)
+            if timeout_s is not None and now - started > timeout_s:
+                raise TimeoutError(f"locust ran longer than {timeout_s:.0f}s")
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+        run.cleanup()
+    progress.done(run.label, f"locust exited {proc.returncode} after {time.monotonic() - started:.0f}s")
+    return proc.returncode
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT lets Locust write its reports; SIGKILL if it does not stop."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def locust_error(run: LocustRun, code: int) -> str | None:
+    """A message if Locust could not run at all (not merely saw failed requests)."""
+    if code in (0, LOCUST_FAILED_REQUESTS):
+        return None
+    out = (run.run_dir / "locust.out")
+    tail = out.read_text(errors="replace")[-3000:] if out.exists() else ""
+    return f"locust exited {code} for {run.label}; last output:\n{tail}"
