@@ -24,7 +24,7 @@ from . import analysis, durability, plots
 from .distributed import ComposeRun, compose_host
 from .runner import LocustRun, LogTail, Progress, locust_error, run_locust
 from .settings import NODES, Settings
-from .stack import Stack, StackError
+from .stack import Stack
 
 # failover scenario -> (node to kill, its role)
 FAILOVER_NODES = {"replica": "replica1", "primary": "primary"}
