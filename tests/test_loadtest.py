@@ -167,8 +167,9 @@ def test_scaling_smoke(native_stack, db, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("node", ["replica", "primary"])
 def test_failover_smoke(native_stack, db, tmp_path, node):
+    # 7 s after the restart leave room for the pool's re-admission probe (backoff capped at 3 s).
     summary = run_harness(native_stack, tmp_path, "failover", "--target", node, "--modes", "threaded",
-                          "--users", "4", "--duration", "10", "--kill-at", "2.5", "--restart-at", "5")
+                          "--users", "4", "--duration", "12", "--kill-at", "2.5", "--restart-at", "5")
     out = tmp_path / "latest"
     figures = summary["scenarios"][f"failover-{node}"]["targets"]["threaded"]
     assert FAILOVER_KEYS <= figures.keys()
