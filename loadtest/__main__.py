@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             for kind in args.target:
                 done[f"failover-{kind}"] = scenarios.failover(
                     harness, kind, args.modes, args.users, args.user_rps, duration, kill_at, restart_at)
-    except (HarnessError, StackError) as exc:
+    except (HarnessError, StackError, TimeoutError) as exc:
         error = str(exc)
     summary = report.build_summary(done, stack.name)
     if error:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return run(args)
-    except (HarnessError, StackError) as exc:
+    except (HarnessError, StackError, TimeoutError) as exc:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

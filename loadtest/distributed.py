@@ -45,8 +45,20 @@ class ComposeRun(LocustRun):
     results_root: Path = REPO_ROOT / "results"  # mounted at /results in the containers
 
     def command(self) -> list[str]:
+        # Attached, without --abort-on-container-exit: that would stop the master as soon as the
+        # first worker obeys its quit message, possibly before the master has written its
+        # reports. `up` returns once every container has exited; exit_code() asks for the master's.
         return [*COMPOSE, "up", "--no-deps", "--no-build", "--scale", f"locust-worker={self.workers}",
-                "--abort-on-container-exit", "--exit-code-from", "locust-master", *SERVICES]
+                *SERVICES]
+
+    def exit_code(self, returncode: int) -> int:
+        ids = subprocess.run([*COMPOSE, "ps", "--all", "--quiet", "locust-master"], capture_output=True,
+                             text=True, timeout=60, env=self.environment()).stdout.split()
+        if returncode != 0 or not ids:
+            return returncode or 2
+        inspect = subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}", ids[0]],
+                                 capture_output=True, text=True, timeout=60)
+        return int(inspect.stdout.strip() or 2)
 
     def environment(self) -> dict[str, str]:
         inside = Path("/results") / self.run_dir.resolve().relative_to(self.results_root.resolve())

@@ -63,6 +63,10 @@ class LocustRun:
             env["LOADTEST_ALLOW_FAILURES"] = "1"
         return env
 
+    def exit_code(self, returncode: int) -> int:
+        """Locust's exit code, given the command's (here they are the same)."""
+        return returncode
+
     def cleanup(self) -> None:
         """Called after the run, whatever happened (a local Locust leaves nothing behind)."""
 
@@ -154,9 +158,10 @@ def run_locust(run: LocustRun, phase: Callable[[LogTail], str] | None = None,
     finally:
         if proc.poll() is None:
             _stop(proc)
+        code = run.exit_code(proc.returncode)
         run.cleanup()
-    progress.done(run.label, f"locust exited {proc.returncode} after {time.monotonic() - started:.0f}s")
-    return proc.returncode
+    progress.done(run.label, f"locust exited {code} after {time.monotonic() - started:.0f}s")
+    return code
 
 
 def _stop(proc: subprocess.Popen) -> None:
