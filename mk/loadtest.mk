@@ -39,6 +39,9 @@ $(LOADTEST_WHEELS)/.done: | venv
 	@touch $@
 
 loadtest-image: $(LOADTEST_WHEELS)/.done ## build the Locust image (locust-master/-worker) from the wheelhouse
+	@cd $(ROOT) && docker compose --profile loadtest config --services 2>/dev/null | grep -qx locust-master || \
+		{ echo "error: docker-compose.yml does not include compose/loadtest.compose.yml" \
+		       "(add: include: [compose/loadtest.compose.yml])" >&2; exit 1; }
 	cd $(ROOT) && docker compose --profile loadtest build locust-master
 
 loadtest-distributed: venv loadtest-image ## scaling against APP=threaded|process|nopool with Locust as master + WORKERS workers in compose
