@@ -20,7 +20,7 @@ LOADTEST_LOCUST := locust==2.47.0
 
 .PHONY: loadtest loadtest-scaling loadtest-failover loadtest-image loadtest-distributed
 
-loadtest: venv ## scaling (3 targets, STEPS users, STEP s each) + replica failover (USERS, DURATION s); ~5 min
+loadtest: venv ## scaling (3 targets, STEPS users, STEP s each) + replica failover (USERS, DURATION s); ~4.5 min
 	$(LOADTEST) scaling failover --target replica --steps $(STEPS) --step-seconds $(STEP) \
 		--users $(USERS) --duration $(DURATION) $(LOADTEST_ARGS)
 
