@@ -14,12 +14,9 @@ Results go to bench/results/<timestamp>/ (bench.csv, bench.md, bench.png) and be
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading

@@ -6,7 +6,6 @@ import csv
 import datetime
 import os
 import platform
-import statistics
 from pathlib import Path
 
 OURS = "pool (threaded)"

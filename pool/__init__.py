@@ -13,7 +13,6 @@ See README.md for the design, every option, and how failures are handled.
 
 from .core import Checkout, Pool
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
-from . import modes as _modes  # noqa: F401  (registers the two mode classes)
 
 __all__ = ["Pool", "Checkout", "PoolError", "PoolTimeout", "EndpointUnavailable"]
 __version__ = "0.1.0"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import weakref
 from typing import Any, Callable, Sequence
@@ -31,10 +30,9 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .balance import make_balancer
-from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs,
-                     options_from_env)
+from .config import EndpointSpec, Options, Redactor, endpoint_configs, options_from_env
 from .connection import PooledConnection, describe_error, is_disconnect, open_connection
-from .endpoint import DOWN, UP, Endpoint
+from .endpoint import UP, Endpoint
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .housekeeping import Housekeeping
 from .probe import OK, Probe, wait_for
@@ -217,9 +215,7 @@ class Pool(Housekeeping):
         try:
             rec = self._take(readonly)
         except EndpointUnavailable:
-            if not self._probe_on_demand(now):
-                raise
-            rec = self._take(readonly)  # a probe just re-admitted an endpoint
+            rec = self._take_after_probe(readonly)
         if not (rec.__class__ is PooledConnection and rec.generation == rec.endpoint.generation
                 and now - rec.last_used <= self._check_after and now < rec.expires
                 and not rec.raw.closed):
@@ -252,7 +248,17 @@ class Pool(Housekeeping):
             # A connection was dropped or an endpoint ejected: route again. This ends: each turn
             # discards an idle connection or ejects an endpoint, and _wait keeps the deadline.
             now = monotonic()
-            grant = self._take(readonly)
+            try:
+                grant = self._take(readonly)
+            except EndpointUnavailable:
+                grant = self._take_after_probe(readonly)
+
+    def _take_after_probe(self, readonly: bool) -> Any:
+        """No endpoint is up for this request. If one is being probed right now (say, after a
+        lost session), give the probe a moment (PROBE_GRACE), then route once more: raises
+        EndpointUnavailable, with the state as it is then, if nothing came back."""
+        self._probe_on_demand(monotonic())
+        return self._take(readonly)
 
     def _take_locked(self, readonly: bool) -> Any:
         """Lock held. An idle connection, an endpoint with a slot reserved, or None if all full.
@@ -321,8 +327,10 @@ class Pool(Housekeeping):
         idle_for = now - rec.last_used
         if idle_for > self.options.check_after and (
                 rec.closed_by_server() or idle_for > self.options.ping_after and not rec.ping()):
-            log.info("%s %s: dropped a connection the server had closed", ep.role, ep.name)
+            # The server ended an idle session: it may be shutting down or gone. Probe it before
+            # anyone waits on a connect to it (a dead host can take connect_timeout to refuse).
             self._discard(rec)
+            self._eject(ep, "the server closed an idle session", probe_now=True)
             return False
         return True
 
@@ -403,14 +411,7 @@ class Pool(Housekeeping):
             self._serve_waiters()
         self._close(rec)
         if cause is not None and is_disconnect(cause, rec.raw):
-            error = f"connection lost: {describe_error(cause)}"
-            if ep.role == PRIMARY:
-                # Writes have nowhere else to go, so one lost session (a terminated backend, a
-                # restart) must not fail them all: the siblings are replaced, and only a failed
-                # connect proves the primary down.
-                self._invalidate(ep, error)
-            else:
-                self._eject(ep, error)
+            self._eject(ep, f"connection lost: {describe_error(cause)}", probe_now=True)
 
     def _close(self, rec: PooledConnection) -> None:
         if rec.pid != self._pid:
@@ -420,30 +421,17 @@ class Pool(Housekeeping):
 
     # -- endpoint state -----------------------------------------------------------------------
 
-    def _eject(self, ep: Endpoint, error: str) -> None:
-        """Mark an endpoint down: everyone skips it until a probe succeeds."""
+    def _eject(self, ep: Endpoint, error: str, probe_now: bool = False) -> None:
+        """Mark an endpoint down: everyone skips it until a probe succeeds (see Endpoint)."""
         now = monotonic()
         error = self._redact(error)
         with self._lock:
-            if not ep.mark_down(now, error):
+            if not ep.mark_down(now, error, probe_now):
                 return
             doomed = self._drop_idle_locked(ep)
             self._state_changed_locked()
         log.warning("%s %s is down, skipping it until a probe succeeds: %s", ep.role, ep.name, error)
         self._wake_housekeeper()
-        for rec in doomed:
-            self._close(rec)
-
-    def _invalidate(self, ep: Endpoint, error: str) -> None:
-        """A session of this endpoint died: every connection made before now is suspect."""
-        error = self._redact(error)
-        with self._lock:
-            ep.generation += 1
-            ep.last_error = error
-            doomed = self._drop_idle_locked(ep)
-            self._serve_waiters()
-        log.warning("%s %s lost a connection, replacing its %d idle connection(s): %s",
-                    ep.role, ep.name, len(doomed), error)
         for rec in doomed:
             self._close(rec)
 
@@ -599,9 +587,10 @@ class Pool(Housekeeping):
     def _reset_after_fork(self) -> None:
         raise NotImplementedError
 
-    def _probe_on_demand(self, now: float) -> bool:
-        """A request found no endpoint up. True if a probe re-admitted one just now."""
-        return False  # threaded mode: the housekeeping thread probes on time by itself
+    def _probe_on_demand(self, now: float) -> None:
+        """A request found no endpoint up: if a probe is due or just started, give it up to
+        PROBE_GRACE to re-admit its endpoint (process mode runs it; threaded mode waits)."""
+        raise NotImplementedError
 
     def _housekeep_now(self, now: float) -> None:
         self._due = self._housekeep(now)

@@ -2,16 +2,18 @@
 
 State machine (changed only by the pool, under its lock in threaded mode)::
 
-        connect fails, or a replica        probe due (retry_at)
-        loses a session
+        connect fails (probe after 0.1 s),  probe due (retry_at)
+        or a session is lost (probe now)
     UP ─────────────────────────► DOWN ──────────────────────────► probing
      ▲   generation += 1,          ▲  backoff: 0.1 s doubling,         │
      │   idle connections closed   │  capped at 3 s, ±20% jitter       │
      │                             └────────── probe fails ◄───────────┤
      └──────────────────────────── probe succeeds ◄────────────────────┘
 
-A primary that loses a session is not ejected (writes have nowhere else to go): its generation
-is bumped instead, so every older connection is replaced, and only a failed connect marks it down.
+A lost session is only indirect evidence (one backend may have been terminated), so it ejects
+with the probe due at once, and a request that needs the endpoint meanwhile waits a moment for
+that probe (PROBE_GRACE in modes.py): a false alarm costs milliseconds, a dead server no connect
+timeout at all.
 
 Invariants:
 - ``size`` counts every connection of this endpoint: idle, in use and being opened. It never
@@ -76,8 +78,12 @@ class Endpoint:
     def in_use(self) -> int:
         return self.size - len(self.idle) - self.connecting
 
-    def mark_down(self, now: float, error: str) -> bool:
-        """Eject the endpoint after a failure. Returns True if it was up (a new outage)."""
+    def mark_down(self, now: float, error: str, probe_now: bool = False) -> bool:
+        """Eject the endpoint after a failure. Returns True if it was up (a new outage).
+
+        ``probe_now``: the evidence is indirect (a session was lost or closed by the server, so
+        the server may well be fine): probe at once instead of after the first backoff.
+        """
         self.last_error = error
         if self.state == DOWN:
             return False
@@ -86,7 +92,7 @@ class Endpoint:
         self.down_since = now
         self.failures = 0
         self.ejections += 1
-        self.retry_at = now + backoff_delay(0, random.random())
+        self.retry_at = now if probe_now else now + backoff_delay(0, random.random())
         return True
 
     def probe_failed(self, now: float, error: str) -> None:
@@ -98,6 +104,14 @@ class Endpoint:
         self.state = UP
         self.failures = 0
         self.retry_at = 0.0
+
+    def awaiting_probe(self, now: float, grace: float) -> bool:
+        """Down, with a probe due or started less than `grace` ago: worth a short wait."""
+        if self.state == UP:
+            return False
+        if self.probe is None:
+            return self.retry_at <= now
+        return self.probe.started + grace > now
 
     def describe(self, now: float) -> str:
         """One line for error messages: the state a reader needs to act on."""

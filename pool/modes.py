@@ -23,14 +23,16 @@ from typing import Any
 from .config import MODES
 from .connection import PooledConnection
 from .core import Pool
-from .endpoint import UP
 from .errors import PoolTimeout
-from .probe import wait_for
+from .probe import wait_any, wait_for
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
 
-PROBE_GRACE = 0.05  # seconds a process-mode request gives a due probe (a LAN login takes ~5 ms)
+# How long a request that needs a down endpoint waits for a probe that is due or has just
+# started: a login on a LAN takes about 5 ms, so a server that is fine (a lost session was a false
+# alarm) or back answers within it; one that does not is treated as down and requests fail fast.
+PROBE_GRACE = 0.05
 
 
 def mode_class(mode: Any) -> type[Pool] | None:
@@ -74,20 +76,17 @@ class ProcessPool(Pool):
     def _start_housekeeping(self) -> None:
         pass  # checkouts run it when due
 
-    def _probe_on_demand(self, now: float) -> bool:
-        """With no thread, a worker that sat idle while a server was down only probes when a
-        request comes. So the request that finds the probe due starts it and gives it a short
-        grace to finish: if the server is back, that request succeeds instead of failing fast.
-        One request per backoff period waits, at most PROBE_GRACE; the others fail at once."""
-        due = [ep for ep in self._endpoints
-               if ep.state is not UP and ep.probe is None and now >= ep.retry_at]
-        if not due:
-            return False
-        self._housekeep_now(now)  # starts the due probes
-        wait_for([ep.probe for ep in due if ep.probe is not None], monotonic,
-                 until=now + PROBE_GRACE)
-        self._housekeep_now(monotonic())  # re-admits those that answered
-        return any(ep.state is UP for ep in due)
+    def _probe_on_demand(self, now: float) -> None:
+        """With no thread, nothing probes between requests. So a request that needs a down
+        endpoint starts its due probe and gives it PROBE_GRACE: if the server is fine (a lost
+        session was a false alarm) or back (the worker sat idle through the outage), that
+        request succeeds instead of failing fast. Once a probe is older than PROBE_GRACE (a
+        black hole), requests fail at once and later checkouts keep stepping it."""
+        self._housekeep_now(now)  # starts due probes, steps running ones
+        young = [ep.probe for ep in self._endpoints if ep.awaiting_probe(now, PROBE_GRACE)]
+        if young:
+            wait_for(young, monotonic, until=max(p.started for p in young) + PROBE_GRACE)
+            self._housekeep_now(monotonic())  # re-admits those that answered
 
     def _wake_housekeeper(self) -> None:
         self._due = 0.0  # run at the next checkout
@@ -193,6 +192,19 @@ class ThreadedPool(Pool):
         self._start_housekeeping()
         self._wakeup.set()
 
+    def _probe_on_demand(self, now: float) -> None:
+        """The housekeeping thread runs the probes; a request that needs a down endpoint waits
+        while a probe is due or younger than PROBE_GRACE, at most PROBE_GRACE in all. Later
+        requests fail at once while a slow probe (a black hole) goes on in the background."""
+        self._wake_housekeeper()
+        while True:
+            t = monotonic()
+            with self._lock:
+                young = any(ep.awaiting_probe(t, PROBE_GRACE) for ep in self._endpoints)
+            if not young or t >= now + PROBE_GRACE:
+                return
+            time.sleep(0.001)  # the outcome is one housekeeping step away
+
     def _reset_after_fork(self) -> None:
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -214,5 +226,9 @@ def _housekeeper_main(ref: "weakref.ref[ThreadedPool]") -> None:
         except Exception:  # never let housekeeping die: probes must go on
             log.exception("pool housekeeping failed; retrying in a second")
             due = monotonic() + 1.0
+        probes = [ep.probe for ep in pool._endpoints if ep.probe is not None]
         del pool
-        wakeup.wait(timeout=max(0.0, due - monotonic()))
+        if probes:  # wake when a probe's socket is ready, not after a fixed sleep
+            wait_any(probes, due - monotonic())
+        else:
+            wakeup.wait(timeout=max(0.0, due - monotonic()))

@@ -21,9 +21,10 @@ PENDING, OK, FAILED = "pending", "ok", "failed"
 
 
 class Probe:
-    __slots__ = ("deadline", "status", "error", "_conn", "_wants")
+    __slots__ = ("started", "deadline", "status", "error", "_conn", "_wants")
 
     def __init__(self, dsn: str, now: float, timeout: float) -> None:
+        self.started = now
         self.deadline = now + timeout
         self.status = PENDING
         self.error: str | None = None
@@ -89,6 +90,17 @@ class Probe:
             self._conn = None
 
 
+def wait_any(probes: Sequence[Probe], timeout: float) -> None:
+    """Sleep until one of the pending probes' sockets is ready, or for at most `timeout`."""
+    reads, writes = [], []
+    for p in probes:
+        if p.status == PENDING and p._conn is not None:
+            fd, wants_read = p.fileno_and_events()
+            (reads if wants_read else writes).append(fd)
+    if reads or writes:
+        select.select(reads, writes, [], max(0.0, timeout))
+
+
 def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -> None:
     """Block until every probe has finished or passed its deadline, or until `until`."""
     while True:
@@ -96,9 +108,4 @@ def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -
         pending = [p for p in probes if p.step(now) == PENDING]
         if not pending or now >= until:
             return
-        reads, writes = [], []
-        for p in pending:
-            fd, wants_read = p.fileno_and_events()
-            (reads if wants_read else writes).append(fd)
-        timeout = max(0.0, min(min(p.deadline for p in pending), until) - now)
-        select.select(reads, writes, [], min(timeout, 0.05))
+        wait_any(pending, min(min(p.deadline for p in pending), until, now + 0.05) - now)

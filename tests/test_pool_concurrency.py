@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 import pool
-from pgutil import app_sessions, node_of, unique_name
+from pgutil import app_sessions, unique_name
 
 pytestmark = pytest.mark.db
 

@@ -98,18 +98,29 @@ def test_primary_down_reads_go_on_writes_fail_fast_then_recover(make_pool, db):
     assert took < 5.0
 
 
-def test_a_black_holed_primary_costs_one_connect_timeout_then_fails_fast(db, mode):
+@pytest.mark.parametrize("pooled", [True, False], ids=["sessions-lost", "no-evidence"])
+def test_a_black_holed_primary_is_found_out_once_then_fails_fast(db, mode, pooled):
+    """A server that accepts TCP and never answers (a killed container's address, a partition).
+
+    With pooled sessions, their loss is the evidence: a probe runs at once and the request waits
+    only PROBE_GRACE for it. With nothing pooled, the first connect pays libpq's connect_timeout.
+    Either way it happens once; then writes fail in milliseconds, and recover when it returns.
+    """
     proxy = Proxy(db.port("primary"))
     dsn = db.dsn("primary").replace(f"port={db.port('primary')}", f"port={proxy.port}")
     p = pool.Pool(dsn, replicas=[db.dsn("replica1")], mode=mode, connect_timeout=2)
     try:
-        p.fetchone("SELECT 1")
+        if pooled:
+            p.fetchone("SELECT 1")
         proxy.blackhole()
         proxy.cut()
-        time.sleep(0.2)  # the pool sees the cut session locally and must connect anew
+        time.sleep(0.2)  # the pool sees the cut session locally when it next looks
         seconds, _, error = timed(lambda: p.execute(INSERT, (unique_name(),)))
-        assert isinstance(error, pool.EndpointUnavailable)
-        assert 1.5 < seconds < 3.5  # libpq's connect_timeout, once
+        assert isinstance(error, pool.EndpointUnavailable), error
+        if pooled:
+            assert 0.03 < seconds < 0.5  # PROBE_GRACE, not a connect timeout
+        else:
+            assert 1.5 < seconds < 3.5  # libpq's connect_timeout, once
         for _ in range(5):
             seconds, _, error = timed(lambda: p.execute(INSERT, (unique_name(),)))
             assert isinstance(error, pool.EndpointUnavailable) and seconds < 0.05
@@ -120,6 +131,20 @@ def test_a_black_holed_primary_costs_one_connect_timeout_then_fails_fast(db, mod
     finally:
         p.close()
         proxy.close()
+
+
+def test_a_terminated_primary_session_costs_no_failed_write(make_pool, db):
+    """One lost session is only evidence: the probe that follows at once finds the primary fine,
+    and the writes that arrive meanwhile wait for it instead of failing."""
+    p = make_pool(max_size=2)
+    p.fetchone("SELECT 1")
+    with pytest.raises(Exception):
+        with p.connection() as conn:
+            terminate_app_sessions(db, "primary")
+            conn.cursor().execute("SELECT 1")
+    for _ in range(20):
+        assert p.fetchone(INSERT, (unique_name(),)) is not None
+    assert p.stats()["endpoints"][0]["state"] == "up"
 
 
 @pytest.mark.parametrize("node", ["primary", "replica1"])
