@@ -278,9 +278,15 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
         t.join()
     lat = sorted(x for part in results for x in part)
     span = (end - window[0]) / 1e9
+    per_thread = [len(part) for part in results]
+    nan = float("nan")
     return {"ops": len(lat), "ops_per_s": len(lat) / span,
-            "p50_ms": lat[len(lat) // 2] / 1e6 if lat else float("nan"),
-            "p99_ms": lat[int(len(lat) * 0.99)] / 1e6 if lat else float("nan"),
+            "p50_ms": lat[len(lat) // 2] / 1e6 if lat else nan,
+            "p99_ms": lat[int(len(lat) * 0.99)] / 1e6 if lat else nan,
+            "max_ms": lat[-1] / 1e6 if lat else nan,
+            # Request percentiles hide starvation (a starved thread contributes few requests):
+            # the least-served thread's share of the most-served one's shows it. 1.0 = fair.
+            "fairness": min(per_thread) / max(per_thread) if max(per_thread) else nan,
             "errors": sum(errors)}
 
 

@@ -30,7 +30,7 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "contender", "threads", "ops", "ops_per_s",
-                                          "p50_ms", "p99_ms", "errors"])
+                                          "p50_ms", "p99_ms", "max_ms", "fairness", "errors"])
         w.writeheader()
         w.writerows(rows)
     with open(outdir / "checkout.csv", "w", newline="") as f:
@@ -61,7 +61,13 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
     if len(autocommit) > 2:
         lines += table(cells, autocommit, threads, "Peers configured for autocommit: one round "
                        "trip per query for everyone, so only the pools' own overhead differs")
-    lines += ["Checkout + return without a query, one thread, best of 7 (microseconds):", "",
+    most = max(threads)
+    lines += [f"Fairness at {most} threads: the least-served thread's requests as a share of the "
+              "most-served one's (1.00: every thread got its turn), and the slowest request.", "",
+              "| contender | fairness | max latency ms |", "|---|---|---|"]
+    lines += [f"| {n} | {cells[(n, most)]['fairness']:.2f} | {cells[(n, most)]['max_ms']:.1f} |"
+              for n in names if (n, most) in cells]
+    lines += ["", "Checkout + return without a query, one thread, best of 7 (microseconds):", "",
               "| what | µs |", "|---|---|"]
     lines += [f"| {what} | {us:.2f} |" for what, us in bare]
     return "\n".join(lines) + "\n"
