@@ -189,7 +189,7 @@ class Pool(Housekeeping):
             self._serve_waiters()
         self._wake_housekeeper()
         for rec in doomed:
-            self._close(rec)
+            rec.close()
 
     def __enter__(self) -> "Pool":
         return self
@@ -337,20 +337,20 @@ class Pool(Housekeeping):
     # -- return -------------------------------------------------------------------------------
 
     def _checkin(self, rec: PooledConnection, exc: BaseException | None) -> None:
-        # A connection made before its endpoint's last failure (generation) may come back here;
-        # the next checkout or housekeeping drops it, which keeps this check off the hot path.
+        # The generation check sends to the slow path both a connection made before its
+        # endpoint's last failure and one lent before a fork() (the child bumps generations).
         raw = rec.raw
-        if not (exc is None and not raw.closed and raw.status == _STATUS_READY
-                and not raw.autocommit and raw.readonly is rec.readonly and self._reset is None
-                and self._put(rec)):
+        if not (exc is None and rec.generation == rec.endpoint.generation and not raw.closed
+                and raw.status == _STATUS_READY and not raw.autocommit
+                and raw.readonly is rec.readonly and self._reset is None and self._put(rec)):
             self._checkin_slow(rec, exc)
 
     def _checkin_slow(self, rec: PooledConnection, exc: BaseException | None) -> None:
         """End the transaction (commit on success, rollback on error) and give the connection
         back, or discard it if it is broken or in a state we cannot vouch for."""
         raw = rec.raw
-        if rec.pid != self._pid:  # checked out before a fork(); it belongs to the parent
-            self._discard(rec)  # abandons it: see _close
+        if rec.pid != self._pid:  # lent before a fork(): the parent's, and not counted here
+            rec.abandon()
             return
         if raw.closed:
             self._discard(rec, cause=exc if raw.closed == 2 else None)
@@ -409,15 +409,9 @@ class Pool(Housekeeping):
             ep.size -= 1
             ep.discards += 1
             self._serve_waiters()
-        self._close(rec)
+        rec.close()
         if cause is not None and is_disconnect(cause, rec.raw):
             self._eject(ep, f"connection lost: {describe_error(cause)}", probe_now=True)
-
-    def _close(self, rec: PooledConnection) -> None:
-        if rec.pid != self._pid:
-            rec.abandon()  # inherited through fork(): never speak on the parent's socket
-        else:
-            rec.close()
 
     # -- endpoint state -----------------------------------------------------------------------
 
@@ -433,7 +427,7 @@ class Pool(Housekeeping):
         log.warning("%s %s is down, skipping it until a probe succeeds: %s", ep.role, ep.name, error)
         self._wake_housekeeper()
         for rec in doomed:
-            self._close(rec)
+            rec.close()
 
     def _readmit(self, ep: Endpoint, now: float) -> None:
         with self._lock:
@@ -543,9 +537,10 @@ class Pool(Housekeeping):
         for ep in self._endpoints:
             for rec in ep.idle:
                 rec.abandon()
-            # Connections in use at the fork stay counted until they come back and are
-            # abandoned; the new generation keeps them from ever being handed out here.
-            ep.size = ep.in_use
+            # Connections lent at the fork are not counted: those of other threads never come
+            # back here (the threads do not exist in the child), and the forking thread's are
+            # abandoned if they do (the new generation sends them to _checkin_slow).
+            ep.size = 0
             ep.idle = []
             ep.connecting = 0
             ep.generation += 1

@@ -83,7 +83,7 @@ class Housekeeping:
             if doomed:
                 self._serve_waiters()
         for rec in doomed:
-            self._close(rec)
+            rec.close()
 
     def _job_fill_min_size(self: "Pool") -> bool:
         """Open at most _fill_batch connections; True when every endpoint that is up is full."""

@@ -291,3 +291,25 @@ def test_the_broken_alternative_is_real(db):
     _in_child(child)
     with pytest.raises(psycopg2.OperationalError):
         conn.cursor().execute("SELECT 1")
+
+
+def test_connections_other_threads_hold_at_fork_do_not_shrink_the_childs_pool(pool_factory, db):
+    """A thread busy with a connection when another thread forks does not exist in the child:
+    its loan never comes back there, so it must not count against the child's max_size."""
+    p = pool_factory(mode="threaded", max_size=1, replicas=(), timeout=2)
+    held, release = threading.Event(), threading.Event()
+
+    def busy():
+        with p.connection():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    held.wait(5)
+    try:
+        assert _in_child(lambda: p.fetchone("SELECT 1")[0]) == "1"
+    finally:
+        release.set()
+        t.join(5)
+    assert p.fetchone("SELECT 1") == (1,)
