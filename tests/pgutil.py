@@ -18,9 +18,9 @@ def node_of(db: Cluster, endpoint_name: str | None) -> str:
     return {p: n for n, p in db.ports.items()}[port]
 
 
-def admin_sql(db: Cluster, node: str, sql: str, params: Any = None) -> list[tuple]:
-    """Run SQL as the superuser on one node, in autocommit; return the rows (if any)."""
-    conn = psycopg2.connect(db.dsn(node, user="postgres"))
+def run_sql(dsn: str, sql: str, params: Any = None) -> list[tuple]:
+    """Run one statement on a fresh connection, in autocommit; return the rows (if any)."""
+    conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -28,6 +28,11 @@ def admin_sql(db: Cluster, node: str, sql: str, params: Any = None) -> list[tupl
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def admin_sql(db: Cluster, node: str, sql: str, params: Any = None) -> list[tuple]:
+    """Run SQL as the superuser on one node."""
+    return run_sql(db.dsn(node, user="postgres"), sql, params)
 
 
 def terminate_app_sessions(db: Cluster, node: str) -> int:

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import psycopg2
+import pytest
 import requests
+
+from pgutil import run_sql
 
 NODES = ("primary", "replica1", "replica2")
 REPLICAS = NODES[1:]
@@ -56,6 +59,12 @@ class Stack:
         """How many base backups a replica has taken so far (None: not observable)."""
         return None
 
+    def note(self, text: str) -> None:
+        """A line in pytest's terminal report (timings worth seeing in a CI log)."""
+        report = getattr(self, "report", None)
+        if report:
+            report.write_line(f"\n[{self.kind}] {text}")
+
     def describe(self) -> str:
         """Diagnostics for assertion messages (logs, states)."""
         return ""
@@ -69,14 +78,7 @@ class Stack:
 
     def sql(self, node: str, query: str, params=None, user: str = "postgres",
             dbname: str | None = None) -> list[tuple]:
-        conn = psycopg2.connect(self.dsn(node, user, dbname))
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(query, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        return run_sql(self.dsn(node, user, dbname), query, params)
 
     def replication(self) -> dict[str, tuple[str, str]]:
         """slot -> (walsender state or 'inactive', application_name) on the primary."""
@@ -407,3 +409,26 @@ def assert_json_error_5xx(resp: requests.Response, status: int) -> None:
     assert resp.status_code == status, where
     assert resp.headers.get("Content-Type", "").startswith("application/json"), where
     assert json.loads(resp.text).get("error"), where
+
+
+class StackScenarios:
+    """The end-to-end scenarios every stack must pass. A test module subclasses this (as
+    Test<Kind>Stack) and provides a module-scoped `stack` fixture: one set of scenarios, run
+    against the Docker stack and the native one alike."""
+
+    def test_replicas_stream_from_primary(self, stack: Stack) -> None:
+        check_replication(stack)
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_write_through_app_is_readable_on_replicas(self, stack: Stack, mode: str) -> None:
+        check_write_then_read(stack, mode)
+
+    @pytest.mark.parametrize("mode", POOL_MODES)
+    def test_endpoints_and_bad_input(self, stack: Stack, mode: str) -> None:
+        check_endpoints(stack, mode)
+
+    def test_sigkill_replica_under_reads(self, stack: Stack) -> None:
+        stack.note(check_replica_kill(stack, "replica1"))
+
+    def test_sigkill_primary(self, stack: Stack) -> None:
+        stack.note(check_primary_kill(stack))

@@ -25,7 +25,7 @@ import pytest
 
 from native.cluster import Cluster, load_env
 import stackutil
-from stackutil import MODES, NODES, POOL_MODES
+from stackutil import NODES
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -172,15 +172,6 @@ def stack(request):
                 report.write_line(f"[docker stack {project}] down -v {time.monotonic() - t1:.1f}s")
 
 
-def note(stack, text: str) -> None:
-    if getattr(stack, "report", None):
-        stack.report.write_line(f"\n[docker] {text}")
-
-
-def test_replicas_stream_from_primary(stack):
-    stackutil.check_replication(stack)
-
-
 def test_apps_use_fixed_addresses_not_dns(stack):
     """The apps reach the nodes by hostaddr=, so a dead node never costs a DNS lookup."""
     env = stack.compose("exec", "-T", "app-threaded", "python3", "-c",
@@ -189,19 +180,5 @@ def test_apps_use_fixed_addresses_not_dns(stack):
         assert f"host={node} hostaddr=" in env, env
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_write_through_app_is_readable_on_replicas(stack, mode):
-    stackutil.check_write_then_read(stack, mode)
-
-
-@pytest.mark.parametrize("mode", POOL_MODES)
-def test_endpoints_and_bad_input(stack, mode):
-    stackutil.check_endpoints(stack, mode)
-
-
-def test_sigkill_replica_under_reads(stack):
-    note(stack, stackutil.check_replica_kill(stack, "replica1"))
-
-
-def test_sigkill_primary(stack):
-    note(stack, stackutil.check_primary_kill(stack))
+class TestDockerStack(stackutil.StackScenarios):
+    """The shared scenarios (tests/stackutil.py) against the docker stack."""

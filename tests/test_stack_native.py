@@ -18,7 +18,7 @@ import pytest
 
 import stackutil
 from native.cluster import Cluster, find_bindir
-from stackutil import MODES, NODES, POOL_MODES
+from stackutil import NODES
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
@@ -92,28 +92,5 @@ def stack(request):
             shutil.rmtree(base, ignore_errors=True)
 
 
-def note(stack, text: str) -> None:
-    if getattr(stack, "report", None):
-        stack.report.write_line(f"\n[native] {text}")
-
-
-def test_replicas_stream_from_primary(stack):
-    stackutil.check_replication(stack)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_write_through_app_is_readable_on_replicas(stack, mode):
-    stackutil.check_write_then_read(stack, mode)
-
-
-@pytest.mark.parametrize("mode", POOL_MODES)
-def test_endpoints_and_bad_input(stack, mode):
-    stackutil.check_endpoints(stack, mode)
-
-
-def test_sigkill_replica_under_reads(stack):
-    note(stack, stackutil.check_replica_kill(stack, "replica1"))
-
-
-def test_sigkill_primary(stack):
-    note(stack, stackutil.check_primary_kill(stack))
+class TestNativeStack(stackutil.StackScenarios):
+    """The shared scenarios (tests/stackutil.py) against the native stack."""
