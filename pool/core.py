@@ -180,14 +180,16 @@ class Pool(Housekeeping):
             if self._closed:
                 return
             self._closed = True
-            doomed = []
+            doomed, probes = [], []
             for ep in self._endpoints:
                 doomed += self._drop_idle_locked(ep)
                 if ep.probe is not None:
-                    ep.probe.cancel()
+                    probes.append(ep.probe)
                     ep.probe = None
             self._serve_waiters()
         self._wake_housekeeper()
+        for probe in probes:
+            probe.cancel()
         for rec in doomed:
             rec.close()
 
