@@ -63,13 +63,13 @@ def test_many_threads_never_exceed_max_size_per_endpoint(pool_factory, db):
                 with p.connection(readonly=True) as conn:
                     conn.cursor().execute("SELECT pg_sleep(0.001)")
 
-    errors = run_threads(48, work)
+    errors = run_threads(64, work)
     stop.set()
     sampler.join()
     assert errors == []
     assert all(1 <= n <= 3 for n in peak.values()), peak
     s = p.stats()
-    assert s["checkouts"] == 48 * 20 and s["waits"] > 0 and s["timeouts"] == 0
+    assert s["checkouts"] == 64 * 20 and s["waits"] > 0 and s["timeouts"] == 0
 
 
 def test_waiters_are_served_in_fifo_order(pool_factory):

@@ -62,6 +62,20 @@ def test_connections_are_replaced_after_max_lifetime(make_pool):
         assert conn.get_backend_pid() != first
 
 
+def test_lifetimes_are_jittered_so_connections_do_not_expire_together(make_pool):
+    p = make_pool(max_lifetime=100, max_size=6, replicas=())
+    held = [p.connection() for _ in range(6)]
+    for h in held:
+        h.__enter__()
+    now = time.monotonic()
+    expires = [h._rec.expires for h in held]  # the loans' records: opened within milliseconds
+    for h in held:
+        h.__exit__(None, None, None)
+    assert len(set(expires)) == 6  # all different...
+    assert all(now + 89 < e <= now + 100 for e in expires)  # ...and shortened by at most 10%
+    assert max(expires) - min(expires) > 0.1  # spread over the window, not a clock tick
+
+
 def test_process_mode_never_starts_a_thread(db):
     before = threading.active_count()
     p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode="process",
