@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -187,7 +186,3 @@ def options_from_env(environ: Mapping[str, str]) -> tuple[str, list[str], dict[s
         except (ValueError, KeyError):
             raise ValueError(f"{var}={raw!r} is not a valid {kind}") from None
     return primary, replicas, kwargs
-
-
-def environ_default() -> Mapping[str, str]:
-    return os.environ
