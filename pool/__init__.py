@@ -8,11 +8,13 @@ Copy this folder into your project and ``import pool``::
     with p.connection() as conn: ...        # the primary; commit on success, rollback on error
     row = p.fetchone("SELECT ...", (1,), readonly=True)   # a replica, balanced, retried once
 
-See README.md for the design, every option, and how failures are handled.
+pool/README.md (it travels with this folder) is the reference: the design, every option, the
+two modes, how failures are handled and the invariants the tests hold the code to.
 """
 
 from .core import Checkout, Pool
-from .errors import EndpointUnavailable, PoolError, PoolTimeout
+from .errors import EndpointRefused, EndpointUnavailable, PoolError, PoolTimeout, QueryTimeout
 
-__all__ = ["Pool", "Checkout", "PoolError", "PoolTimeout", "EndpointUnavailable"]
-__version__ = "0.1.0"
+__all__ = ["Pool", "Checkout", "PoolError", "PoolTimeout", "EndpointUnavailable",
+           "EndpointRefused", "QueryTimeout"]
+__version__ = "0.2.0"

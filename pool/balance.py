@@ -17,14 +17,14 @@ Balancer = Callable[[Sequence[Endpoint]], int]
 class RoundRobin:
     """Each read goes to the next replica in turn: even load, no state to inspect."""
 
-    __slots__ = ("_next",)
+    __slots__ = ("next",)
 
     def __init__(self) -> None:
-        self._next = 0
+        self.next = 0  # process mode's fast path reads and advances it inline (modes.py)
 
     def __call__(self, candidates: Sequence[Endpoint]) -> int:
-        i = self._next
-        self._next = i + 1
+        i = self.next
+        self.next = i + 1
         return i % len(candidates)
 
 

@@ -1,7 +1,15 @@
-"""One server connection's lifecycle: open, check, classify failures, close or abandon.
+"""One server connection's lifecycle: open, lend, check, classify failures, close or abandon.
 
-A ``PooledConnection`` wraps the psycopg2 connection with what the pool needs to know about it;
-the caller only ever sees the psycopg2 connection itself.
+Two classes, kept apart as SQLAlchemy keeps its connection record and its checkout handle:
+
+- ``PoolConnection`` is the psycopg2 connection the borrower gets: psycopg2's own class with
+  two additions, both invisible to well-behaved code. It notes when a loan makes a cursor or
+  changes a setting (``dirty``: only then does the loan need a reset), and it times every
+  statement it sends (``execute``, ``executemany``, ``callproc``, ``copy_*``, ``commit``,
+  ``rollback``) so the watchdog (watchdog.py) can end one that waits on the server longer than
+  ``query_timeout``. A statement ended that way raises ``pool.QueryTimeout``.
+- ``PooledConnection`` is the pool's record of it: endpoint, slot, generation, owner pid, expiry,
+  last use, and a registered ``poll()`` for a local liveness check. The borrower never sees it.
 """
 
 from __future__ import annotations
@@ -9,12 +17,16 @@ from __future__ import annotations
 import os
 import random
 import select
+import time
 from typing import Any, Callable
 
 import psycopg2
 import psycopg2.extensions as ext
 
-from .endpoint import Endpoint
+from .errors import PoolError, QueryTimeout
+from .session import Baseline, base_cursor, set_autocommit
+
+monotonic = time.monotonic
 
 LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
 
@@ -22,42 +34,197 @@ LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don
 # 57P01-57P03 (admin shutdown, crash shutdown, cannot connect now).
 _DISCONNECT_CODES = ("57P01", "57P02", "57P03")
 
+# What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
+# can the server-side session have changed); the pool made a read-only fallback session read-only.
+SETTING, RAN, READ_ONLY_SET = 1, 2, 4
+
+# libpq reports a login failure as text only (psycopg2 gives connection errors no SQLSTATE), so
+# refusals are told from outages by libpq's and the server's English messages. A server with
+# translated messages (lc_messages) is then reported as "down", the safe side.
+_REFUSALS = ("password authentication failed", "no pg_hba.conf entry", "pg_hba.conf rejects",
+             "does not exist", "is not permitted to log in", "permission denied for database",
+             "no password supplied", "authentication failed", "SCRAM", "certificate")
+_STANDBY = ("session is read-only", "server is in hot standby mode")
+
+
+def _armed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a method that waits for the server so the watchdog can bound the wait."""
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = self if isinstance(self, PoolConnection) else self.connection
+        if conn.query_timeout is None:
+            return method(self, *args, **kwargs)
+        conn.busy_since = monotonic()
+        try:
+            return method(self, *args, **kwargs)
+        except psycopg2.Error as exc:
+            if conn.timed_out:
+                raise conn.timeout_error() from exc
+            raise
+        finally:
+            conn.busy_since = 0.0
+
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
+_ARMED_CURSOR_METHODS = ("execute", "executemany", "callproc", "copy_expert", "copy_from", "copy_to")
+_armed_cursor_classes: dict[type, type] = {}
+
+
+def armed_cursor_class(cls: Any) -> Any:
+    """``cls`` (a psycopg2 cursor class, RealDictCursor, ...) with its statements timed."""
+    armed = _armed_cursor_classes.get(cls)
+    if armed is None:
+        if not (isinstance(cls, type) and issubclass(cls, ext.cursor)):
+            return cls  # a factory function: used as given, its statements untimed
+        body = {name: _armed(getattr(cls, name)) for name in _ARMED_CURSOR_METHODS}
+        armed = _armed_cursor_classes[cls] = type(cls.__name__, (cls,), body)
+        armed.__module__, armed.__qualname__ = cls.__module__, cls.__qualname__
+    return armed
+
+
+def _marking(name: str) -> property:
+    """A psycopg2 setting as a property that notes, when set, that the loan changed it."""
+    base = getattr(ext.connection, name)
+
+    def fset(self: "PoolConnection", value: Any) -> None:
+        if name == "readonly" and self.read_only_loan and value is not True:
+            raise self.read_only_error()
+        self.dirty |= SETTING
+        base.__set__(self, value)
+
+    return property(base.__get__, fset, doc=base.__doc__)
+
+
+class PoolConnection(ext.connection):
+    """A psycopg2 connection that knows when a loan changed it and how long it has waited.
+
+    ``label`` names its endpoint in messages. The watchdog reads ``busy_since`` and
+    ``query_timeout`` and sets ``timed_out`` before it shuts the socket.
+    """
+
+    __slots__ = ("dirty", "busy_since", "query_timeout", "timed_out", "label", "read_only_loan")
+
+    autocommit = _marking("autocommit")
+    readonly = _marking("readonly")
+    isolation_level = _marking("isolation_level")
+    deferrable = _marking("deferrable")
+    cursor_factory = _marking("cursor_factory")
+
+    commit = _armed(ext.connection.commit)
+    rollback = _armed(ext.connection.rollback)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        self.dirty |= RAN
+        if len(args) >= 2:
+            args = (args[0], armed_cursor_class(args[1])) + args[2:]
+        else:
+            kwargs["cursor_factory"] = armed_cursor_class(
+                kwargs.get("cursor_factory") or ext.connection.cursor_factory.__get__(self) or ext.cursor)
+        return super().cursor(*args, **kwargs)
+
+    def set_session(self, *args: Any, **kwargs: Any) -> None:
+        readonly = args[1] if len(args) > 1 else kwargs.get("readonly", True)
+        if self.read_only_loan and readonly not in (True, None) and not (
+                len(args) < 2 and "readonly" not in kwargs):
+            raise self.read_only_error()
+        self.dirty |= SETTING
+        super().set_session(*args, **kwargs)
+
+    def read_only_error(self) -> PoolError:
+        return PoolError(f"{self.label}: this connection was lent with readonly=True; it cannot "
+                         f"be made writable (borrow one with readonly=False to write)")
+
+    def close(self) -> None:
+        self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
+        super().close()
+
+    def lobject(self, *args: Any, **kwargs: Any) -> Any:
+        self.dirty |= RAN
+        return super().lobject(*args, **kwargs)
+
+    def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.dirty |= RAN
+        super().tpc_begin(*args, **kwargs)
+
+    def timeout_error(self) -> QueryTimeout:
+        return QueryTimeout(
+            f"{self.label}: no answer from the server within query_timeout={self.query_timeout:g}s; "
+            f"the pool closed the connection (the server may be stalled or gone) and ejected the "
+            f"endpoint; a write may or may not have been applied", self.label)
+
 
 class PooledConnection:
     """A server connection plus the facts the pool checks on every checkout, all O(1)."""
 
-    __slots__ = ("raw", "endpoint", "generation", "pid", "expires", "last_used", "readonly", "_poller")
+    __slots__ = ("raw", "endpoint", "key", "generation", "pid", "expires", "last_used",
+                 "readonly", "baseline", "cursor", "_poller", "__weakref__")
 
-    def __init__(self, raw: Any, endpoint: Endpoint, now: float, max_lifetime: float) -> None:
+    def __init__(self, raw: PoolConnection, endpoint: Any, baseline: Baseline, now: float,
+                 max_lifetime: float) -> None:
         self.raw = raw
         self.endpoint = endpoint
+        self.key = 0  # the endpoint's slot, set by Endpoint.adopt
         self.generation = endpoint.generation
         self.pid = os.getpid()  # the process that opened it; only that one may use or close it
         self.expires = now + max_lifetime * (1 - LIFETIME_JITTER * random.random())
         self.last_used = now
         self.readonly: bool | None = None  # psycopg2's per-transaction flag, as last set by us
+        self.baseline = baseline
+        self.cursor: Any = None  # the pool's own cursor for fetchone/fetchall/execute, reused
         # Registered once: checking for a server-side close is then a single poll() syscall.
         self._poller = select.poll()
         self._poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
 
+    def new_cursor(self) -> Any:
+        self.cursor = base_cursor(self.raw)
+        return self.cursor
+
+    def drop_cursor(self) -> None:
+        cur, self.cursor = self.cursor, None
+        if cur is not None:
+            cur.close()
+
     def closed_by_server(self) -> bool:
-        """True if the server closed or wrote to this idle connection. No round trip.
+        """True if the server closed this idle connection. No round trip.
 
         An idle session receives nothing unless the server is ending it (shutdown, restart,
-        ``pg_terminate_backend``: a FATAL message, then EOF). Anything readable means the
-        connection must not be handed out.
+        ``pg_terminate_backend``: a FATAL message, then EOF), or a ``NOTIFY`` arrives for a
+        channel it listens to. So readable input is consumed (psycopg2 files notifications
+        away), and only EOF, an error or an unexplained leftover counts as a close.
         """
-        return bool(self._poller.poll(0))
+        if not self._poller.poll(0):
+            return False
+        raw = self.raw
+        for _ in range(3):
+            try:
+                raw.poll()
+            except psycopg2.Error:
+                return True
+            if raw.closed or not self._poller.poll(0):
+                return bool(raw.closed)
+        return True
 
-    def ping(self) -> bool:
-        """A real round trip, for connections idle long enough that silence proves little."""
+    def ping(self, timeout: float) -> bool:
+        """One round trip (``SELECT 1`` in autocommit), bounded by ``timeout`` via the watchdog,
+        for connections idle long enough that silence proves little."""
+        raw = self.raw
+        saved, raw.query_timeout = raw.query_timeout, timeout
+        raw.busy_since = monotonic()
         try:
-            with self.raw.cursor() as cur:
-                cur.execute("SELECT 1")
-            self.raw.rollback()
+            set_autocommit(raw, True)
+            cur = base_cursor(raw)
+            cur.execute("SELECT 1")
+            cur.close()
+            set_autocommit(raw, False)
             return True
         except psycopg2.Error:
             return False
+        finally:
+            raw.busy_since = 0.0
+            raw.query_timeout = saved
 
     def close(self) -> None:
         try:
@@ -70,12 +237,20 @@ class PooledConnection:
         abandon(self.raw)
 
 
+# Connections inherited through fork() and abandoned: kept, never closed nor freed (below).
+_ABANDONED: list[Any] = []
+
+
 def abandon(raw: Any) -> None:
-    """Close a psycopg2 connection inherited through fork() without disturbing the parent.
+    """Forget a psycopg2 connection inherited through fork() without disturbing the parent.
 
     Closing it, even implicitly when the object is freed, would send the server a Terminate
-    message over the socket the parent shares, ending the parent's session. So the child first
-    points its copy of the descriptor at /dev/null: libpq's goodbye goes nowhere.
+    message over the socket the parent shares, ending the parent's session. So the child points
+    its copy of the descriptor at /dev/null (libpq's goodbye would go nowhere), and then does not
+    close it at all: another thread of the parent (housekeeping stepping a probe or a monitor)
+    may have held the connection's internal lock at the fork, and in the child that thread does
+    not exist to release it, so closing (or freeing) would wait forever. The object is kept for
+    the child's life instead: a few per fork.
     """
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -85,38 +260,43 @@ def abandon(raw: Any) -> None:
             os.close(devnull)
     except (OSError, psycopg2.Error):
         pass
-    try:
-        raw.close()
-    except Exception:
-        pass
+    _ABANDONED.append(raw)
 
 
-def open_connection(endpoint: Endpoint, configure: Callable[[Any], None] | None) -> Any:
-    """Connect to ``endpoint`` (blocking, bounded by libpq's connect_timeout)."""
-    raw = psycopg2.connect(endpoint.dsn)
-    try:
-        if configure is not None:
-            configure(raw)
-            if raw.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-                raw.commit()  # what configure did is part of the session from now on
-    except BaseException:
-        raw.close()
-        raise
+def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection:
+    """A new session (blocking; libpq's connect_timeout bounds it). Raises OperationalError."""
+    raw = psycopg2.connect(dsn, connection_factory=PoolConnection)
+    raw.label = label
+    raw.query_timeout = query_timeout
+    raw.busy_since = 0.0
+    raw.timed_out = False
+    raw.read_only_loan = False
+    raw.dirty = 0
     return raw
 
 
 def is_disconnect(exc: BaseException | None, raw: Any) -> bool:
     """Did this error (or the connection's state) show the session is lost?
 
-    Decided by psycopg2's ``closed`` flag and SQLSTATEs, not by matching message text.
-    ``closed == 2`` is psycopg2's "connection broken"; 1 means the caller closed it.
+    Decided by psycopg2's ``closed`` flag, SQLSTATEs and the watchdog's mark, not by matching
+    message text. ``closed == 2`` is psycopg2's "connection broken"; 1 means the caller closed it.
     """
-    if raw.closed == 2:
+    if raw.closed == 2 or getattr(raw, "timed_out", False) or isinstance(exc, QueryTimeout):
         return True
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         code = exc.pgcode
         return code is None or code.startswith("08") or code in _DISCONNECT_CODES
     return False
+
+
+def connect_failure(text: str) -> str:
+    """What a failed login says about the server: "refused" (it answered and said no: password,
+    database, role, pg_hba), "standby" (it is read-only where a primary was wanted) or "down"."""
+    if any(marker in text for marker in _STANDBY):
+        return "standby"
+    if any(marker in text for marker in _REFUSALS):
+        return "refused"
+    return "down"
 
 
 def describe_error(exc: BaseException) -> str:

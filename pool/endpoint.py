@@ -1,93 +1,222 @@
-"""One server's state: up or down, its connections, its counters, and when to probe it again.
+"""One server's state: up, down or refused, its connection slots, its counters, and its probes.
 
 State machine (changed only by the pool, under its lock in threaded mode)::
 
-        connect fails (probe after 0.1 s),  probe due (retry_at)
-        or a session is lost (probe now)
+        connect fails, a probe fails,        probe due (retry_at)
+        a session is lost (probe now)
     UP ─────────────────────────► DOWN ──────────────────────────► probing
      ▲   generation += 1,          ▲  backoff: 0.1 s doubling,         │
-     │   idle connections closed   │  capped at 3 s, ±20% jitter       │
+     │   idle connections closed   │  capped at 0.5 s, ±20% jitter      │
      │                             └────────── probe fails ◄───────────┤
+     │   the server refuses us (password, database, pg_hba):           │
+     │   REFUSED, probed every 5 s at most, logged once ◄──────────────┤
      └──────────────────────────── probe succeeds ◄────────────────────┘
 
-A lost session is only indirect evidence (one backend may have been terminated), so it ejects
-with the probe due at once, and a request that needs the endpoint meanwhile waits a moment for
-that probe (PROBE_GRACE in modes.py): a false alarm costs milliseconds, a dead server no connect
-timeout at all.
+A lost session or a statement past ``query_timeout`` is only indirect evidence (one backend may
+have been terminated, one query may be slow), so it ejects with the probe due at once, and the
+endpoint is ``suspect``: a request of this process that needs it meanwhile waits a moment for
+that probe (``PROBE_GRACE``, below), so a false alarm costs milliseconds, a dead server no
+connect timeout (a stalled one: that moment, once). On the shared board it is suspect too, so
+another process's request gives its own probe that moment as well; the first probe that lets it
+pass unanswered makes the endpoint plainly down everywhere. A request also waits for a probe after a
+quiet spell (nobody saw the endpoint down for ``QUIET`` seconds: it may be back). An outage
+someone confirmed just now by a slow failure (a connect or probe that spent its deadline, or
+another process's such evidence on the board) is not worth a wait, since its next probe will
+most likely fail too, and as slowly: requests fail fast while it runs (``worth_waiting``). A
+failure that came at once (refused: the host is up, the server not yet) is not such news: the
+next probe costs a waiting request milliseconds, and after a restart it finds the server back.
+
+Slots. Every connection an endpoint has, or is opening, holds one slot: an entry in ``slots``
+(open connections) or ``pending`` (connections being opened), keyed by a number and holding a weak
+reference to its holder. A slot is freed exactly once: by its owner (``release``), or, if an
+asynchronous exception (a signal handler's timeout, ^C) drops the holder on the floor between two
+bytecodes, by the weak reference's callback when the holder is collected. Counting that way
+cannot drift, however a loan ends.
 
 Invariants:
-- ``size`` counts every connection of this endpoint: idle, in use and being opened. It never
-  exceeds ``max_size``.
+- ``size`` (slots + pending) counts every connection of this endpoint: idle, in use and being
+  opened. It never exceeds ``max_size``.
 - A connection whose ``generation`` differs from its endpoint's was made before the last failure
-  and is never handed out again; bumping the generation invalidates them all in O(1).
-- While DOWN nobody connects to the endpoint except the probe, so no caller waits on a connect
-  timeout for a server already known to be unreachable.
+  (or role change) and is never handed out again; bumping the generation invalidates them all in
+  O(1).
+- While DOWN or REFUSED nobody connects to the endpoint except the probe, so no caller waits on a
+  connect timeout for a server already known to be unreachable.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+import time
+import weakref
 from typing import Any
 
-from .config import EndpointConfig
+from .config import PRIMARY, EndpointConfig
 
-UP, DOWN = "up", "down"
+UP, DOWN, REFUSED, CONFLICT = "up", "down", "refused", "conflict"
 
 BACKOFF_FIRST = 0.1  # seconds before the first probe of a freshly ejected endpoint
-BACKOFF_CAP = 3.0  # so a recovered server is re-admitted within 3.6 s plus one probe
+BACKOFF_CAP = 0.5  # so a recovered server is re-admitted within about 0.6 s plus one probe
 BACKOFF_JITTER = 0.2  # ±20%, so workers that lost a server together don't probe in step
+REFUSED_BACKOFF_CAP = 5.0  # a refusal needs a person to fix it: don't fill the server's log
+
+# How long a request that needs a down endpoint waits for a probe that is due or has just
+# started: a login on a LAN takes about 5 ms, so a server that is fine (a lost session was a false
+# alarm) or back answers within it; one that does not is treated as down and requests fail fast.
+# It grows with the logins this endpoint was seen to take (a loaded machine, a far server), up to
+# PROBE_GRACE_MAX, so a false alarm stays one even when logins are slow.
+PROBE_GRACE = 0.05
+PROBE_GRACE_MAX = 0.5
+QUIET = 1.0  # nobody saw the endpoint down for this long: a probe may well find it back
+
+_keys = itertools.count(1)
 
 
-def backoff_delay(failures: int, rand: float) -> float:
+def backoff_delay(failures: int, rand: float, cap: float = BACKOFF_CAP) -> float:
     """Seconds until the next probe after ``failures`` failed attempts; ``rand`` is in [0, 1)."""
-    base = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(failures, 32))
+    base = min(cap, BACKOFF_FIRST * 2 ** min(failures, 32))
     return base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * rand)
+
+
+class _SlotRef(weakref.ref):
+    """A slot's entry: a weak reference to its holder that frees the slot if the holder dies."""
+
+    __slots__ = ("key", "table")
+
+
+def _free_slot(ref: _SlotRef) -> None:
+    # A weakref callback: runs wherever the last reference went, perhaps under the pool lock, so
+    # it touches nothing but its own entry (one dict operation each, atomic under the GIL).
+    table = ref.table
+    if table.get(ref.key) is ref:
+        table.pop(ref.key, None)
+
+
+class Reservation:
+    """A slot reserved for a connection being opened; given to ``Endpoint.adopt`` on success."""
+
+    __slots__ = ("endpoint", "key", "__weakref__")
+
+    def __init__(self, endpoint: "Endpoint", key: int) -> None:
+        self.endpoint = endpoint
+        self.key = key
 
 
 class Endpoint:
     """The pool-side state of one server. Plain data: the pool drives the transitions."""
 
     __slots__ = (
-        "name", "role", "dsn", "max_size", "state", "generation", "idle", "size", "connecting",
-        "down_since", "retry_at", "failures", "last_error", "probe",
+        "name", "role", "config", "max_size", "state", "generation", "idle", "slots", "pending",
+        "down_since", "retry_at", "failures", "last_error", "last_error_at", "probe",
         "checkouts", "waits", "timeouts", "connects", "connect_errors", "ejections", "discards",
+        "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "monitor",
+        "monitor_at", "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
+        "failed_fast",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
         self.name = config.name
         self.role = config.role
-        self.dsn = config.dsn
+        self.config = config
         self.max_size = max_size
         self.state = UP  # optimistic until the start-up probe or a first connection says otherwise
         self.generation = 0
         self.idle: list[Any] = []  # a stack: the most recently returned connection goes out first
-        self.size = 0
-        self.connecting = 0
+        self.slots: dict[int, _SlotRef] = {}  # open connections, idle or lent
+        self.pending: dict[int, _SlotRef] = {}  # connections being opened
         self.down_since = 0.0
         self.retry_at = 0.0
         self.failures = 0
         self.last_error: str | None = None
-        self.probe: Any = None  # the Probe in flight while DOWN, if any
+        self.last_error_at: float | None = None  # wall-clock time of last_error (time.time())
+        self.probe: Any = None  # the Probe in flight while not UP, if any
+        self.monitor: Any = None  # the Monitor asking it where it stands while up (monitor.py)
+        self.monitor_at = 0.0
+        self.timeline: int | None = None  # a primary's timeline, from the monitor
+        self.replay_lsn: int | None = None  # a replica's replay position, from the monitor
+        self.lag_s: float | None = None
+        self.lag_bytes: int | None = None
+        self.lagging = False  # behind by more than max_lag: out of read rotation (lag.py)
+        self.board_slot: Any = None  # its board.Slot on the shared health board (board.py)
+        self.board_seq = 0  # the slot's sequence number this process last applied
+        self.board_epoch = 0  # the slot's outage counter this process last saw
+        self.login_s = 0.0  # how long logins take here (a moving average), for the probe grace
+        self.suspect = False  # down on indirect evidence only (a lost session): maybe a false alarm
+        self.seen_down_at = 0.0  # the last news of a slow failure there: here, or on the board
+        self.failed_fast = False  # its last failure came at once (refused, reset): cheap to retry
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        self.checkouts = self.waits = self.timeouts = 0
+        self.checkouts = self.waits = self.timeouts = self.query_timeouts = 0
         self.connects = self.connect_errors = self.ejections = self.discards = 0
 
     @property
-    def in_use(self) -> int:
-        return self.size - len(self.idle) - self.connecting
+    def dsn(self) -> str:
+        """The DSN for this endpoint's current role: read-write for the primary, else read-only."""
+        return self.config.write_dsn if self.role == PRIMARY else self.config.read_dsn
 
-    def mark_down(self, now: float, error: str, probe_now: bool = False) -> bool:
+    # -- slots (lock held in threaded mode) ----------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.slots) + len(self.pending)
+
+    @property
+    def connecting(self) -> int:
+        return len(self.pending)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.slots) - len(self.idle)
+
+    def reserve(self) -> Reservation:
+        res = Reservation(self, next(_keys))
+        self.pending[res.key] = self._ref(res, self.pending)
+        return res
+
+    def adopt(self, res: Reservation, rec: Any) -> None:
+        """The reserved connection is open: its slot now belongs to ``rec``."""
+        rec.key = res.key
+        self.slots[res.key] = self._ref(rec, self.slots)
+        self.pending.pop(res.key, None)
+
+    def release(self, key: int) -> None:
+        """Free a slot (idempotent: a slot freed twice is freed once)."""
+        self.slots.pop(key, None)
+        self.pending.pop(key, None)
+
+    def connections(self) -> list[Any]:
+        """Every open connection of this endpoint, idle or lent (for the watchdog and stats)."""
+        return [r for r in map(_SlotRef.__call__, list(self.slots.values())) if r is not None]
+
+    @staticmethod
+    def _ref(holder: Any, table: dict) -> _SlotRef:
+        ref = _SlotRef(holder, _free_slot)
+        ref.key, ref.table = holder.key, table
+        return ref
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _record(self, error: str) -> None:
+        self.last_error = error
+        self.last_error_at = time.time()
+
+    def mark_down(self, now: float, error: str, probe_now: bool = False, fast: bool = False) -> bool:
         """Eject the endpoint after a failure. Returns True if it was up (a new outage).
 
-        ``probe_now``: the evidence is indirect (a session was lost or closed by the server, so
-        the server may well be fine): probe at once instead of after the first backoff.
+        ``probe_now``: the evidence is indirect (a session was lost or closed by the server, a
+        statement timed out: the server may well be fine): probe at once instead of after the
+        first backoff, and let requests wait a moment for that probe (``suspect``).
+        ``fast``: the failure came within the probe grace (``saw_failure``). Indirect evidence is
+        no news of that kind either way: the probe it calls for gives the verdict.
         """
-        self.last_error = error
-        if self.state == DOWN:
+        self._record(error)
+        self.saw_failure(now, fast or probe_now)
+        if self.state in (DOWN, REFUSED):
+            self.suspect = self.suspect and probe_now
             return False
         self.state = DOWN
+        self.suspect = probe_now
         self.generation += 1
         self.down_since = now
         self.failures = 0
@@ -95,43 +224,105 @@ class Endpoint:
         self.retry_at = now if probe_now else now + backoff_delay(0, random.random())
         return True
 
-    def probe_failed(self, now: float, error: str) -> None:
-        self.last_error = error
+    def mark_refused(self, now: float, error: str) -> bool:
+        """The server refused us (credentials, database, pg_hba). True if this is news."""
+        self._record(error)
+        was = self.state
+        if was not in (DOWN, REFUSED):
+            self.generation += 1
+            self.down_since = now
+            self.ejections += 1
+        self.state = REFUSED
+        self.suspect = False
+        self.saw_failure(now, False)
+        self.failures += 1
+        self.retry_at = now + backoff_delay(self.failures, random.random(), REFUSED_BACKOFF_CAP)
+        return was != REFUSED
+
+    def probe_failed(self, now: float, error: str, fast: bool = False) -> None:
+        """A probe got no answer, or a connection error: still down, try again later."""
+        self._record(error)
+        if self.state == REFUSED:  # the server no longer answers at all: an outage now
+            self.state = DOWN
+        self.suspect = False
+        self.saw_failure(now, fast)
         self.failures += 1
         self.retry_at = now + backoff_delay(self.failures, random.random())
 
+    def next_probe_after(self, now: float) -> float:
+        """When the next probe is due if the one starting now never answers (a stalled server,
+        an unattended process-mode probe): the backoff that a failure would give."""
+        cap = REFUSED_BACKOFF_CAP if self.state == REFUSED else BACKOFF_CAP
+        return now + backoff_delay(self.failures + 1, random.random(), cap)
+
+    def at_once(self, seconds: float) -> bool:
+        """Did a failure after ``seconds`` come at once: within the probe grace?"""
+        return seconds < self.grace
+
+    def saw_failure(self, now: float, fast: bool) -> None:
+        """A failure that came at once (connection refused, a reset: the host is there, the
+        server not yet) costs a request waiting on the next probe milliseconds, so it does not
+        make that probe unworthy of a wait: under load the first request after a restart then
+        finds the server back. A slow one (a deadline spent: a black hole, a stall) does."""
+        self.failed_fast = fast
+        if not fast:
+            self.seen_down_at = now
+
     def mark_up(self) -> None:
         self.state = UP
+        self.suspect = False
+        self.failed_fast = False
         self.failures = 0
         self.retry_at = 0.0
 
-    def awaiting_probe(self, now: float, grace: float) -> bool:
-        """Down, with a probe due or started less than `grace` ago: worth a short wait."""
-        if self.state == UP:
+    @property
+    def grace(self) -> float:
+        return min(PROBE_GRACE_MAX, max(PROBE_GRACE, 4 * self.login_s))
+
+    def logged_in(self, seconds: float) -> None:
+        """A login (connect or probe) took ``seconds``: remember it, smoothed."""
+        self.login_s = seconds if not self.login_s else 0.8 * self.login_s + 0.2 * seconds
+
+    def worth_waiting(self, now: float) -> bool:
+        """Is a probe starting now likely to bring good news? Yes if the endpoint is only
+        suspect (a false alarm is likely), or if nobody saw it down for QUIET seconds."""
+        return self.suspect or now - self.seen_down_at >= QUIET
+
+    def awaiting_probe(self, now: float) -> bool:
+        """Down, with a probe worth waiting for due or started less than its grace ago."""
+        if self.state not in (DOWN, REFUSED):
             return False
-        if self.probe is None:
-            return self.retry_at <= now
-        return self.probe.started + grace > now
+        probe = self.probe
+        if probe is None:
+            return self.retry_at <= now and self.worth_waiting(now)
+        return probe.awaited and probe.started + self.grace > now
 
     def describe(self, now: float) -> str:
         """One line for error messages: the state a reader needs to act on."""
         text = (f"{self.role} {self.name} {self.state} size={self.size}/{self.max_size} "
                 f"idle={len(self.idle)} in_use={self.in_use}")
-        if self.state == DOWN:
+        if self.state in (DOWN, REFUSED):
             text += f" down_for={now - self.down_since:.1f}s next_probe_in={max(0.0, self.retry_at - now):.1f}s"
         if self.last_error:
             text += f" last_error={self.last_error!r}"
         return text
 
     def stats(self, now: float) -> dict[str, Any]:
+        down = self.state not in (UP, CONFLICT)
         return {
-            "name": self.name, "role": self.role, "state": self.state,
+            "name": self.name, "role": self.role,
+            "state": "lagging" if self.state is UP and self.lagging else self.state,
             "size": self.size, "idle": len(self.idle), "in_use": self.in_use,
             "connecting": self.connecting, "max_size": self.max_size,
             "checkouts": self.checkouts, "waits": self.waits, "timeouts": self.timeouts,
             "connects": self.connects, "connect_errors": self.connect_errors,
             "ejections": self.ejections, "discards": self.discards,
-            "down_for": round(now - self.down_since, 3) if self.state == DOWN else None,
-            "next_probe_in": round(max(0.0, self.retry_at - now), 3) if self.state == DOWN else None,
+            "query_timeouts": self.query_timeouts,
+            "down_for": round(now - self.down_since, 3) if down else None,
+            "next_probe_in": round(max(0.0, self.retry_at - now), 3) if down else None,
             "last_error": self.last_error,
+            "last_error_at": round(self.last_error_at, 3) if self.last_error_at else None,
+            "lag_s": None if self.lag_s is None else round(self.lag_s, 3),
+            "lag_bytes": self.lag_bytes,
+            "timeline": self.timeline,
         }

@@ -1,70 +1,134 @@
 """Housekeeping: the jobs that keep the pool healthy between checkouts.
 
-Three named jobs, run in order by ``_housekeep(now)``, which returns when it wants to run next:
+Two named jobs never block, and run in order by ``_housekeep(now)``, which returns when it wants
+to run next:
 
 - ``probe_down_endpoints``: step the non-blocking probe of each endpoint that is down and due;
   re-admit it when the probe connects, back off when it fails. Never gives up.
 - ``retire_idle``: close idle connections past their (jittered) lifetime, made before their
   endpoint's last failure, or idle longer than ``max_idle`` while above ``min_size``.
-- ``fill_min_size``: open connections until each endpoint that is up has ``min_size``.
 
-In threaded mode a background thread runs them; in process mode checkout and return run them
-when due, so a single-threaded worker needs no thread. Connect and close happen outside the
-pool lock; the probe never blocks (see ``probe.py``).
+The third, ``fill_min_size``, opens connections, which blocks (a connect, the user's
+``configure()``), so it never runs where probes do: threaded mode gives it a thread of its own,
+started when there is something to fill; process mode runs it on a checkout, one connection at a
+time, after the probes. Whatever a job raises is logged and backed off, never raised into a
+caller: a replica's ``configure()`` error must not fail a write to a healthy primary.
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
 from typing import TYPE_CHECKING
 
-from .endpoint import UP
-from .probe import OK, PENDING, Probe
+from .connection import describe_error
+from .endpoint import DOWN, QUIET, REFUSED, UP
+from .monitor import job_monitor
+from .probe import PENDING
 
 if TYPE_CHECKING:
     from .core import Pool
 
+log = logging.getLogger("pool")
+
+def log_failure(what: str) -> None:
+    """Log the exception being handled, with its traceback as text. Not exc_info: a handler that
+    keeps records (pytest's caplog, an in-memory buffer) would keep the traceback's frames alive,
+    and with them every connection their locals name, which could then never free its slot."""
+    log.error("%s\n%s", what, traceback.format_exc().rstrip())
+
+
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between runs when nothing is pending
 PROBE_STEP_INTERVAL = 0.01  # while a probe is in flight, step it this often
+FILL_BACKOFF = (1.0, 30.0)  # after a failed fill: first delay, cap (doubling)
 
 
 class Housekeeping:
     """Mixed into Pool: the jobs read and change the pool's state through its lock."""
 
-    _fill_batch: int  # connections fill_min_size may open per run (process mode: 1)
+    _fill_batch: int = 1  # connections fill_min_size opens per run (threaded: all it needs)
+    _probes_in_background = True  # a thread steps probes between requests (not process mode)
+    _fill_retry_at: float = 0.0
+    _fill_failures: int = 0
 
     def _housekeep(self: "Pool", now: float) -> float:
-        """Run every job once; return the monotonic time at which to run again."""
-        due = min(now + HOUSEKEEPING_INTERVAL, self._job_probe_down_endpoints(now))
-        self._job_retire_idle(now)
-        if not self._job_fill_min_size():
-            due = now  # more to open: continue at the next checkout (process mode)
+        """Run the non-blocking jobs once; return the monotonic time at which to run again."""
+        due = now + HOUSEKEEPING_INTERVAL
+        jobs = [self._job_probe_down_endpoints, self._job_retire_idle]
+        if self._monitoring:
+            jobs.append(self._job_monitor)
+        if self._board is not None:
+            jobs.append(self._job_publish)
+        for job in jobs:
+            try:
+                due = min(due, job(now))
+            except Exception:  # a job's failure is the job's: log it, go on, try again later
+                log_failure(f"pool housekeeping ({job.__name__}) failed; retrying in a second")
+        if self._waiting_count():  # slots freed by collected connections; waiters past their grace
+            with self._lock:
+                self._serve_waiters()
+        if self._fill_needed():
+            self._wake_filler()
         return due
 
     def _job_probe_down_endpoints(self: "Pool", now: float) -> float:
         due = float("inf")
+        if self._board_seq[0] != self._board_seen:  # another process may have news
+            self._sync_board()
         for ep in self._endpoints:
-            if ep.state is UP or self._closed:
+            if ep.state not in (DOWN, REFUSED) or self._closed:
                 continue
             probe = ep.probe
-            if probe is None:
-                if now < ep.retry_at:
-                    due = min(due, ep.retry_at)
+            if probe is None and now < ep.retry_at:
+                due = min(due, ep.retry_at)
+                continue
+            if probe is None and not self._probes_in_background and not ep.worth_waiting(now):
+                # No thread here steps a probe nobody waits for: it would advance one step per
+                # request and rarely finish. Fail fast until waiting on one is worth it.
+                due = min(due, max(ep.retry_at, ep.seen_down_at + QUIET))
+                continue
+            if probe is None or probe.leased:  # one taken over from an absent holder has none
+                leased = self._may_probe(ep)
+                if not leased and probe is not None:  # another process took the lease meanwhile
+                    probe.cancel()
+                    ep.probe = None
+                    due = min(due, now + PROBE_STEP_INTERVAL * 10)
                     continue
-                probe = ep.probe = Probe(ep.dsn, now, self.options.connect_timeout)
+                if not leased and not (ep.suspect or self._probe_abandoned(ep, now)):
+                    # Without the lease a probe starts only for a suspect endpoint (a request here
+                    # waits for its own probe: a false alarm must cost it milliseconds), or when
+                    # the holder stopped attending its own.
+                    due = min(due, now + PROBE_STEP_INTERVAL * 10)
+                    continue
+            if probe is None:
+                probe = self._start_probe(ep, now)
+                probe.leased = leased
             status = probe.step(now)
             if status == PENDING:
+                if ep.suspect and now >= probe.started + ep.grace:
+                    self._probe_unanswered(ep, now)
                 due = min(due, now + PROBE_STEP_INTERVAL)
                 continue
             ep.probe = None
-            if status == OK:
-                self._readmit(ep, now)
-            else:
-                with self._lock:
-                    ep.probe_failed(now, self._redact(probe.error or "probe failed"))
-                due = min(due, ep.retry_at)
+            self._end_probe(ep)
+            self._probe_finished(ep, probe, now)
+            due = min(due, ep.retry_at if ep.state in (DOWN, REFUSED) else due)
         return due
 
-    def _job_retire_idle(self: "Pool", now: float) -> None:
+    def _job_publish(self: "Pool", now: float) -> float:
+        """publish: this pool's summary on the board, about once a second (board.py)."""
+        if now >= self._publish_at:
+            self._publish_at = now + HOUSEKEEPING_INTERVAL
+            self._publish()
+        return self._publish_at
+
+    _publish_at = 0.0
+
+    def _job_monitor(self: "Pool", now: float) -> float:
+        """monitor_endpoints: ask each endpoint that is up where it stands (monitor.py)."""
+        return job_monitor(self, now)
+
+    def _job_retire_idle(self: "Pool", now: float) -> float:
         opts = self.options
         doomed = []
         with self._lock:
@@ -76,7 +140,7 @@ class Housekeeping:
                     surplus = now - rec.last_used > opts.max_idle and ep.size > opts.min_size
                     if stale or surplus:
                         doomed.append(rec)
-                        ep.size -= 1
+                        ep.release(rec.key)
                     else:
                         keep.append(rec)
                 ep.idle = keep
@@ -84,9 +148,22 @@ class Housekeeping:
                 self._serve_waiters()
         for rec in doomed:
             rec.close()
+        if doomed and self.options.min_size:
+            self._wake_filler()
+        return float("inf")
 
-    def _job_fill_min_size(self: "Pool") -> bool:
-        """Open at most _fill_batch connections; True when every endpoint that is up is full."""
+    def _fill_needed(self: "Pool") -> bool:
+        return bool(self.options.min_size) and not self._closed and any(
+            ep.state is UP and ep.size < self.options.min_size for ep in self._endpoints)
+
+    def _job_fill_min_size(self: "Pool", now: float) -> bool:
+        """Open at most _fill_batch connections; True when every endpoint that is up is full.
+
+        A connect that fails ejects its endpoint (evidence) and filling skips it; any other
+        error (the user's configure(), say) is logged, and filling waits, doubling the delay.
+        """
+        if now < self._fill_retry_at:
+            return False
         budget = self._fill_batch
         for ep in self._endpoints:
             while not self._closed:
@@ -95,11 +172,20 @@ class Housekeeping:
                         break
                     if budget == 0:
                         return False
-                    ep.size += 1
-                    ep.connecting += 1
-                rec = self._open(ep)
+                    res = ep.reserve()
+                try:
+                    rec = self._open(res)
+                except Exception as exc:
+                    first, cap = FILL_BACKOFF
+                    delay = min(cap, first * 2 ** self._fill_failures)
+                    self._fill_failures += 1
+                    self._fill_retry_at = now + delay
+                    log.error("opening a min_size connection to %s %s failed (%s); retrying in "
+                              "%.0fs", ep.role, ep.name, self._redact(describe_error(exc)), delay)
+                    return False
                 if rec is None:
                     break
+                self._fill_failures = 0
                 budget -= 1
                 if not self._put(rec):
                     self._discard(rec)

@@ -1,10 +1,17 @@
-"""A non-blocking connection attempt that tells whether a down endpoint is back.
+"""A non-blocking connection attempt (and, optionally, one query) that says whether a server is
+back, and what it is.
 
 Probes use libpq's asynchronous connect (``psycopg2.connect(async_=True)``) and are advanced with
 ``step()``, which never blocks. That lets one mechanism serve both modes: the threaded pool's
-housekeeping thread steps probes, and a process-mode pool steps them on checkout and return, so a
-request never waits on a dead server's connect timeout. The probe uses the endpoint's own DSN, so
-for the primary libpq also checks that the server accepts writes.
+housekeeping thread steps probes, and a process-mode pool steps them on checkout, so a request
+never waits on a dead server's connect timeout. The probe uses the endpoint's own DSN, so for
+the primary libpq also checks that the server accepts writes.
+
+A probe fails only on evidence: the server refused or reset the attempt, or the probe's deadline
+passed *while someone was waiting on it*. Time counts towards the deadline only between steps
+that are close together (``ATTENDED``): a process-mode worker that steps its probe at one request
+and next at another ten seconds later has not waited ten seconds for the server, and must not
+declare a healthy server dead for it.
 """
 
 from __future__ import annotations
@@ -15,29 +22,39 @@ from typing import Any, Sequence
 import psycopg2
 import psycopg2.extensions as ext
 
-from .connection import abandon, describe_error
+from .connection import abandon, connect_failure, describe_error
 
-PENDING, OK, FAILED = "pending", "ok", "failed"
+PENDING, OK, FAILED, REFUSED, STANDBY = "pending", "ok", "failed", "refused", "standby"
+ATTENDED = 0.1  # steps further apart than this count as this much waiting, no more
 
 
 class Probe:
-    __slots__ = ("started", "deadline", "status", "error", "_conn", "_wants")
+    __slots__ = ("started", "timeout", "waited", "stepped", "status", "error", "rows", "awaited",
+                 "leased", "_conn", "_wants", "_query", "_cur")
 
-    def __init__(self, dsn: str, now: float, timeout: float) -> None:
-        self.started = now
-        self.deadline = now + timeout
+    def __init__(self, dsn: str, now: float, timeout: float, query: str | None = None) -> None:
+        self.started = self.stepped = now
+        self.timeout = timeout
+        self.waited = 0.0
         self.status = PENDING
         self.error: str | None = None
+        self.rows: list[tuple] | None = None
+        self.awaited = True  # may a request wait for its verdict? (Endpoint.worth_waiting)
+        self.leased = True  # started under the board's probe lease (or with no board at all)
         self._conn: Any = None
+        self._cur: Any = None
+        self._query = query
         self._wants = ext.POLL_WRITE
         try:
             # libpq resolves the host name here, synchronously; the rest is non-blocking.
             self._conn = psycopg2.connect(dsn, async_=True)
         except psycopg2.Error as exc:
-            self._finish(FAILED, describe_error(exc))
+            self._fail(exc)
 
     def step(self, now: float) -> str:
-        """Advance the handshake as far as it goes without waiting; return the status."""
+        """Advance the handshake (and the query) as far as it goes without waiting."""
+        self.waited += min(max(0.0, now - self.stepped), ATTENDED)
+        self.stepped = now
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
             if conn is None:
@@ -45,16 +62,35 @@ class Probe:
             try:
                 state = conn.poll()
             except psycopg2.Error as exc:
-                self._finish(FAILED, describe_error(exc))
+                self._fail(exc)
                 break
             if state == ext.POLL_OK:
-                self._finish(OK, None)
-            elif now >= self.deadline:
-                self._finish(FAILED, "no answer within the connect timeout")
+                try:
+                    if not self._next_phase(conn):
+                        break
+                except psycopg2.Error as exc:
+                    self._fail(exc)
+                    break
+            elif self.waited >= self.timeout:
+                self._finish(FAILED, f"no answer within {self.timeout:g}s")
             elif not self._ready(state):
                 self._wants = state
                 break
         return self.status
+
+    def _next_phase(self, conn: Any) -> bool:
+        """Connected, or the query answered: send the query, or finish. True to keep polling."""
+        if self._query is None:
+            self._finish(OK, None)
+            return False
+        if self._cur is None:
+            cur = conn.cursor()
+            cur.execute(self._query)
+            self._cur = cur  # only once sent: a step cut short before sends it again
+            return True
+        self.rows = self._cur.fetchall()
+        self._finish(OK, None)
+        return False
 
     def _ready(self, state: int) -> bool:
         conn = self._conn
@@ -69,6 +105,10 @@ class Probe:
         """The socket and whether the probe waits to read (True) or to write (False)."""
         return self._conn.fileno(), self._wants == ext.POLL_READ
 
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.timeout - self.waited)
+
     def abandon(self) -> None:
         """After fork(): drop the parent's half-open probe without writing to its socket."""
         if self._conn is not None:
@@ -80,6 +120,11 @@ class Probe:
         if self.status == PENDING:
             self._finish(FAILED, "cancelled")
 
+    def _fail(self, exc: BaseException) -> None:
+        text = describe_error(exc)
+        kind = connect_failure(text)
+        self._finish(REFUSED if kind == "refused" else STANDBY if kind == "standby" else FAILED, text)
+
     def _finish(self, status: str, error: str | None) -> None:
         self.status, self.error = status, error
         if self._conn is not None:
@@ -88,6 +133,32 @@ class Probe:
             except psycopg2.Error:
                 pass
             self._conn = None
+            self._cur = None
+
+
+class Monitor(Probe):
+    """A probe that keeps its connection once it answered, to ask the same query again later
+    (about once a second: see monitor.py). ``ask()`` is False when the connection is gone and a
+    new Monitor is needed."""
+
+    __slots__ = ()
+
+    def ask(self, now: float) -> bool:
+        if self._conn is None or self.status == PENDING:
+            return False
+        self.status, self.error, self.rows, self._cur = PENDING, None, None, None
+        self.started = self.stepped = now
+        self.waited = 0.0
+        return True
+
+    def close(self) -> None:
+        Probe._finish(self, FAILED, "closed")
+
+    def _finish(self, status: str, error: str | None) -> None:
+        if status == OK:  # keep the connection for the next question
+            self.status, self.error, self._cur = OK, None, None
+        else:
+            Probe._finish(self, status, error)
 
 
 def wait_any(probes: Sequence[Probe], timeout: float) -> None:
@@ -98,7 +169,7 @@ def wait_any(probes: Sequence[Probe], timeout: float) -> None:
             fd, wants_read = p.fileno_and_events()
             (reads if wants_read else writes).append(fd)
     if reads or writes:
-        select.select(reads, writes, [], max(0.0, timeout))
+        select.select(reads, writes, [], max(0.0, min(timeout, ATTENDED)))
 
 
 def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -> None:
@@ -108,4 +179,4 @@ def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -
         pending = [p for p in probes if p.step(now) == PENDING]
         if not pending or now >= until:
             return
-        wait_any(pending, min(min(p.deadline for p in pending), until, now + 0.05) - now)
+        wait_any(pending, min(min(p.remaining for p in pending), until - now, 0.05))

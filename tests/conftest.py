@@ -16,10 +16,19 @@ import tempfile
 import pytest
 
 import pool
-from native.cluster import NODES, REPLICAS, Cluster, find_bindir
+from native.cluster import REPLICAS, Cluster, find_bindir
 
 # A password only this test session uses: tests assert it never leaks into messages or logs.
 APP_PASSWORD = f"pw-{secrets.token_hex(8)}"
+
+# Shared health boards (pool/board.py) of this session only, in a directory removed at the end:
+# never the machine's /dev/shm, where a running stack's pools keep theirs.
+BOARD_DIR = tempfile.mkdtemp(prefix="pool-boards-")
+os.environ["POOL_BOARD_DIR"] = BOARD_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(BOARD_DIR, ignore_errors=True)
 
 
 def require(reason: str) -> None:
@@ -48,9 +57,9 @@ def cluster():
 
 
 def heal(c: Cluster) -> None:
-    for node in NODES:
-        if not c.is_running(node):
-            c.start_node(node)
+    """Every node running and streaming, in the initial topology (a test may have promoted a
+    replica: restore_initial switches back, rejoining fenced nodes through pg_rewind)."""
+    c.restore_initial()
     c.wait_streaming(timeout=30)
 
 
@@ -67,13 +76,28 @@ def mode(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def own_default_board(monkeypatch):
+    """Each test is a host of its own: the default board (process mode's) starts empty, as it
+    does on a machine that just booted, rather than holding what an earlier test's servers did."""
+    monkeypatch.setenv("POOL_BOARD_DIR", tempfile.mkdtemp(dir=BOARD_DIR))
+
+
 @pytest.fixture
-def pool_factory(db):
+def board_path(tmp_path):
+    """A shared health board of the test's own (process mode shares one by default), so no
+    test sees what an earlier one put on the default board."""
+    return str(tmp_path / "board")
+
+
+@pytest.fixture
+def pool_factory(db, board_path):
     """Build pools over the test cluster; every pool made is closed after the test."""
     made = []
 
     def make(replicas=REPLICAS, primary="primary", **kwargs):
         kwargs.setdefault("timeout", 2.0)
+        kwargs.setdefault("shared_state", board_path)
         p = pool.Pool(db.dsn(primary), replicas=[db.dsn(r) for r in replicas], **kwargs)
         made.append(p)
         return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any, Callable
@@ -43,8 +44,10 @@ def terminate_app_sessions(db: Cluster, node: str) -> int:
 
 
 def app_sessions(db: Cluster, node: str) -> int:
+    """The app role's pooled sessions on a node (not the pool's one monitor per endpoint)."""
     rows = admin_sql(db, node, "SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
-                               "AND backend_type = 'client backend'", (db.env["APP_USER"],))
+                               "AND backend_type = 'client backend' "
+                               "AND application_name <> 'pool-monitor'", (db.env["APP_USER"],))
     return rows[0][0]
 
 
@@ -76,3 +79,20 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any, BaseException | None]:
         return time.monotonic() - start, result, None
     except Exception as exc:  # noqa: BLE001 - the caller inspects it
         return time.monotonic() - start, None, exc
+
+
+@contextlib.contextmanager
+def stalled(db: Cluster, node: str):
+    """Every process of a node stopped (SIGSTOP), as a server stuck on a dead disk or a frozen
+    VM: its kernel still accepts and acknowledges, so only a client-side deadline notices."""
+    victims = db.stall(node)
+    try:
+        yield victims
+    finally:
+        db.resume(node)
+
+
+def proxied(db: Cluster, node: str, proxy: Any, **kwargs: str) -> str:
+    """The node's DSN through a test proxy (tests/proxy.py), with extra libpq settings."""
+    dsn = db.dsn(node).replace(f"port={db.port(node)}", f"port={proxy.port}")
+    return " ".join([dsn, *(f"{k}={v}" for k, v in kwargs.items())])

@@ -4,6 +4,8 @@
     proxy.blackhole()                   # new connections are accepted and never answered
     proxy.refuse()                      # new connections are refused (nothing listens)
     proxy.cut()                         # live connections are dropped (the client sees EOF)
+    proxy.freeze()                      # a host that vanished: a black hole for new connections,
+                                        # and live ones stay open but carry nothing any more
     proxy.forward()                     # back to normal
     proxy.close()
 
@@ -27,6 +29,7 @@ class Proxy:
         self._listener = self._listen(0)
         self.port = self._listener.getsockname()[1]
         self._closed = False
+        self.accepted = 0  # connections accepted so far, whatever the mode (probes included)
         self._thread = threading.Thread(target=self._accept_loop, daemon=True, name="test-proxy")
         self._thread.start()
 
@@ -41,6 +44,12 @@ class Proxy:
     def blackhole(self) -> None:
         with self._lock:
             self.mode = "blackhole"
+            if self._listener is None:
+                self._listener = self._listen(self.port)
+
+    def freeze(self) -> None:
+        with self._lock:
+            self.mode = "frozen"
             if self._listener is None:
                 self._listener = self._listen(self.port)
 
@@ -98,7 +107,8 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:  # the listener was closed under us by refuse()
                 continue
-            if self.mode == "blackhole":
+            self.accepted += 1
+            if self.mode in ("blackhole", "frozen"):
                 with self._lock:
                     self._pairs.append((client, None))
                 continue
@@ -116,6 +126,9 @@ class Proxy:
         try:
             while True:
                 ready, _, _ = select.select(socks, [], [], 0.5)
+                if self.mode == "frozen":  # the peer vanished: read nothing, answer nothing
+                    ready = []
+                    threading.Event().wait(0.01)
                 for s in ready:
                     data = s.recv(65536)
                     if not data:

@@ -10,6 +10,8 @@ import collections
 
 import pytest
 
+import socket
+
 import pool
 from pool.balance import LeastBusy, RoundRobin, make_balancer, pick_random
 from pool.config import (Options, Redactor, endpoint_config, endpoint_configs,
@@ -20,13 +22,23 @@ from pool.endpoint import (BACKOFF_CAP, BACKOFF_FIRST, BACKOFF_JITTER, DOWN, UP,
 SECRET = "s3cr3t-Pa55"
 
 
+@pytest.fixture
+def db_free_port():
+    """A loopback port nothing listens on: connections are refused at once."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 # -- backoff -----------------------------------------------------------------------------------
 
 def test_backoff_starts_small_doubles_and_is_capped():
     mid = [backoff_delay(n, 0.5) for n in range(8)]  # rand 0.5 = no jitter
     assert mid[0] == pytest.approx(BACKOFF_FIRST)
     assert mid[1] == pytest.approx(2 * BACKOFF_FIRST)
-    assert mid[3] == pytest.approx(8 * BACKOFF_FIRST)
+    assert mid[2] == pytest.approx(4 * BACKOFF_FIRST)
     assert mid[-1] == pytest.approx(BACKOFF_CAP)
     assert backoff_delay(10_000, 0.5) == pytest.approx(BACKOFF_CAP)  # no overflow, ever
 
@@ -42,8 +54,8 @@ def test_backoff_jitter_bounds_keep_readmission_under_five_seconds():
 # -- endpoint state ----------------------------------------------------------------------------
 
 def _endpoint(role="replica", name="db2:5432"):
-    cfg = endpoint_config(("x", "host=h"), role, "test", Options())
-    return Endpoint(cfg.__class__(name, role, cfg.dsn, None), max_size=3)
+    cfg = endpoint_config((name, "host=h"), role, "test", Options())
+    return Endpoint(cfg, max_size=3)
 
 
 def test_mark_down_is_one_transition_that_invalidates_connections():
@@ -103,13 +115,43 @@ def test_random_covers_all_candidates():
 
 def test_least_busy_prefers_idle_replica_and_round_robins_ties():
     eps = _replicas(3)
+    lent = []  # connections lent out: in_use = open connections - idle ones
     for ep, busy in zip(eps, (3, 1, 2)):
-        ep.size = busy  # in_use = size - idle - connecting
+        for _ in range(busy):
+            lent.append(_Lent())
+            ep.adopt(ep.reserve(), lent[-1])
     lb = LeastBusy()
     assert {lb(eps) for _ in range(10)} == {1}
     for ep in eps:
-        ep.size = 0
+        for key in list(ep.slots):
+            ep.release(key)
     assert collections.Counter(lb(eps) for _ in range(30)) == {0: 10, 1: 10, 2: 10}
+
+
+class _Lent:
+    """Stands in for a lent connection: something an endpoint's slot can point at."""
+
+    __slots__ = ("key", "__weakref__")
+
+
+def test_a_slot_is_freed_exactly_once_however_its_holder_goes():
+    ep = _endpoint()
+    res = ep.reserve()
+    assert ep.size == 1 and ep.connecting == 1
+    rec = _Lent()
+    ep.adopt(res, rec)
+    del res  # the reservation's own reference dies: the slot now belongs to rec
+    assert ep.size == 1 and ep.connecting == 0 and ep.in_use == 1
+    ep.release(rec.key)
+    ep.release(rec.key)  # idempotent
+    assert ep.size == 0
+    lost = _Lent()
+    ep.adopt(ep.reserve(), lost)
+    assert ep.size == 1
+    del lost  # dropped on the floor (an interrupted loan): the weak reference frees the slot
+    assert ep.size == 0
+    ep.reserve()  # a reservation nobody kept
+    assert ep.size == 0
 
 
 def test_make_balancer_rejects_unknown():
@@ -132,6 +174,8 @@ def test_make_balancer_rejects_unknown():
     (dict(read_fallback="yes"), "read_fallback"),
     (dict(max_waiting=-1), "max_waiting"),
     (dict(configure="not callable"), "configure"),
+    (dict(query_timeout=0), "query_timeout"),
+    (dict(reset_session="no"), "reset_session"),
 ])
 def test_bad_options_raise_value_error_naming_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -147,6 +191,8 @@ def test_mode_alias_non_threaded_means_process():
     f"nonsense {SECRET}",
     f"postgresql://app:{SECRET}@db1:notaport/app",
     f"host=db1,db2 password={SECRET}",
+    f'host=db1 password="{SECRET} x',
+    f'postgresql://app:ab"{SECRET}%zz@db1/app',  # libpq quotes the token; the quote ends it early
     "",
 ])
 def test_malformed_dsn_raises_value_error_without_the_password(dsn):
@@ -164,13 +210,34 @@ def test_bad_replica_is_named_in_the_error():
         pool.Pool("host=db1", replicas="host=db2")
 
 
+@pytest.mark.parametrize("password", ["Xq7@Zr9w", "Kp2/Lm5v", "Ab3@Cd4@Ef5", "Gh6/Ij7@Kl8"])
+def test_a_raw_at_or_slash_in_a_url_password_is_refused_without_echoing_any_of_it(password):
+    """libpq reads 'app:p@ss@db1' as password 'p' on host 'ss@db1': the rest of the password
+    would become the endpoint's name, and so reach stats(), logs and every error."""
+    url = f"postgresql://app:{password}@db1:5432/app"
+    with pytest.raises(ValueError, match="percent-encoded") as info:
+        pool.Pool(url)
+    text = str(info.value)
+    for part in set(password.replace("@", " ").replace("/", " ").split()):
+        assert part not in text.replace("primary", "").replace("percent-encoded", "")
+    assert info.value.__cause__ is None
+
+
+def test_a_percent_encoded_password_works_and_names_come_from_host_and_port():
+    cfg = endpoint_config("postgresql://app:p%40ss%2Fw@db1:5433/app", "primary", "p", Options())
+    assert cfg.password == "p@ss/w" and cfg.name == "db1:5433"
+    assert cfg.identity == "db1|5433|app|app"  # what makes two pools' endpoints the same: no password
+
+
 def test_endpoint_config_adds_defaults_and_keeps_user_settings():
     opts = Options(connect_timeout=0.5)
     primary = endpoint_config(f"postgresql://app:{SECRET}@db1:5433/app", "primary", "p", opts)
     assert primary.name == "db1:5433" and primary.password == SECRET
     assert "target_session_attrs=read-write" in primary.dsn
-    assert "connect_timeout=2" in primary.dsn  # libpq's minimum, whole seconds
-    assert "keepalives=1" in primary.dsn
+    assert f"connect_timeout={pool.config.LIBPQ_CONNECT_FLOOR}" in primary.dsn  # whole seconds
+    assert opts.precheck_connect  # ...so the pool enforces the 0.5 s itself
+    assert not Options(connect_timeout=2).precheck_connect
+    assert "keepalives=1" in primary.dsn and "tcp_user_timeout=10000" in primary.dsn
     replica = endpoint_config("host=db2 connect_timeout=7 options='-c work_mem=8MB'", "replica", "r", opts)
     assert replica.name == "db2:5432"
     assert "connect_timeout=7" in replica.dsn
@@ -188,6 +255,28 @@ def test_endpoint_names_must_be_unique():
 def test_redactor_removes_every_password():
     redact = Redactor([SECRET, None, "pw2"])
     assert redact(f"a {SECRET} b pw2 c") == "a *** b *** c"
+    assert redact(f"a{SECRET}b") == "a***b"  # a long password, wherever it appears
+
+
+def test_a_short_password_is_redacted_only_where_it_stands_alone():
+    """With the password "e", substring replacement turned "next probe in 0.1s" into
+    "n***xt prob*** in 0.1s": readable text ruined, and the password given away by the gaps."""
+    redact = Redactor(["e"])
+    assert redact("next probe in 0.1s") == "next probe in 0.1s"
+    assert redact('password "e" rejected; e') == 'password "***" rejected; ***'
+
+
+def test_messages_about_an_endpoint_never_carry_a_short_password(db_free_port):
+    p = pool.Pool(f"host=127.0.0.1 port={db_free_port} dbname=app user=app password=e",
+                  mode="process", connect_timeout=0.5)
+    try:
+        with pytest.raises(pool.EndpointUnavailable) as info:
+            p.fetchone("SELECT 1")
+        text = str(info.value) + repr(p) + str(p.stats())
+        assert "***" not in text  # nothing was replaced: no message held the password
+        assert "next probe in" in text
+    finally:
+        p.close()
 
 
 def test_from_env_reads_endpoints_and_typed_options():
@@ -214,9 +303,17 @@ def test_from_env_errors_name_the_variable(env, message):
         pool.Pool.from_env(env)
 
 
+def test_from_env_reads_optional_numbers_as_none():
+    _, _, kwargs = options_from_env({"POOL_PRIMARY": "host=db1", "POOL_QUERY_TIMEOUT": "none",
+                                     "POOL_RESET_SESSION": "off"})
+    assert kwargs == dict(query_timeout=None, reset_session=False)
+
+
 def test_error_classes():
     assert issubclass(pool.PoolTimeout, pool.PoolError)
     assert issubclass(pool.EndpointUnavailable, pool.PoolError)
+    assert issubclass(pool.EndpointRefused, pool.EndpointUnavailable)
+    assert issubclass(pool.QueryTimeout, pool.EndpointUnavailable)
     assert pool.EndpointUnavailable("x", "db1:5432").endpoint == "db1:5432"
 
 

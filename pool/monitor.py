@@ -1,0 +1,122 @@
+"""Monitoring: every endpoint that is up is asked, about once a second, where it stands.
+
+One persistent asynchronous connection per endpoint (``probe.Monitor``) sends ``STATUS_SQL`` and
+is stepped without blocking, by the housekeeping thread or, in process mode, on checkouts, like
+the probes. The answer (in recovery or not, the WAL position, the timeline) feeds role discovery
+(roles.py) and the lag measure (lag.py); probes of a down endpoint ask the same question, so an
+endpoint comes back with its role known. The job runs only when something needs it: the
+candidate form, or ``max_lag``. A monitor that gets no answer within ``connect_timeout`` is
+closed and opened again later; it is never evidence against the server (requests find that out
+on their own), so a slow monitor cannot raise a false alarm.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import roles
+from .endpoint import DOWN, REFUSED
+from .lag import parse_lsn
+from .probe import OK, PENDING, Monitor
+
+if TYPE_CHECKING:
+    from .core import Pool
+    from .endpoint import Endpoint
+
+log = logging.getLogger("pool")
+
+# Can it take writes? (Not in recovery, and not read-only by configuration, as a node being
+# demoted by hand or a primary fenced read-only is.)  The WAL position: replayed (a replica) or
+# written (a primary).  The timeline (a primary only: the first 8 hex digits of its current WAL
+# file's name).
+STATUS_SQL = (
+    "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool, "
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, "
+    "CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END")
+MONITOR_INTERVAL = 1.0  # seconds between questions to one endpoint
+SEEK_INTERVAL = 0.2  # ...while the candidate form has no primary up: a promotion is seen soon
+STEP_INTERVAL = 0.01
+
+
+def status_of(rows: Any) -> tuple[bool, int | None, int | None] | None:
+    """(read_only, lsn, timeline) from STATUS_SQL's row, or None if it did not answer.
+    ``read_only`` is what roles.py calls in recovery: it cannot be the primary."""
+    if not rows:
+        return None
+    in_recovery, lsn, timeline = rows[0]
+    return bool(in_recovery), parse_lsn(lsn), int(timeline, 16) if timeline else None
+
+
+def job_monitor(pool: "Pool", now: float) -> float:
+    """Step each endpoint's monitor; apply what answered. Returns when to run again."""
+    due = float("inf")
+    interval = SEEK_INTERVAL if pool._discover and (
+        pool._primary is None or pool._primary.state in (DOWN, REFUSED)) else MONITOR_INTERVAL
+    for ep in pool._endpoints:
+        m = ep.monitor
+        if ep.state in (DOWN, REFUSED) or pool._closed or not pool._may_monitor(ep, now):
+            # Probes ask while it is down; another process may hold the monitor lease (board.py)
+            if m is not None:
+                m.close()
+                ep.monitor = None
+            continue
+        if m is None or m.status not in (OK, PENDING):
+            if now < ep.monitor_at:
+                due = min(due, ep.monitor_at)
+                continue
+            m = ep.monitor = Monitor(ep.config.monitor_dsn, now, pool.options.connect_timeout,
+                                     STATUS_SQL)
+        elif m.status == OK:
+            if now < ep.monitor_at:
+                due = min(due, ep.monitor_at)
+                continue
+            if not m.ask(now):
+                ep.monitor = None
+                continue
+        status = m.step(now)
+        if status == PENDING:
+            due = min(due, now + STEP_INTERVAL)
+            continue
+        ep.monitor_at = now + interval
+        due = min(due, ep.monitor_at)
+        if status == OK:
+            answer = status_of(m.rows)
+            apply_status(pool, ep, answer, now)
+            if answer is not None:
+                pool._share_status(ep, answer[0], answer[2])
+        else:  # no answer: ask again later, on a new connection; not evidence of an outage
+            m.close()
+            ep.monitor = None
+    return due
+
+
+def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float) -> None:
+    """What a monitor or a probe learnt about ep: its role, its position, its lag."""
+    if status is None:
+        return
+    in_recovery, lsn, timeline = status
+    with pool._lock:
+        said = roles.observe(pool, ep, in_recovery, timeline)
+        if ep is pool._primary and not in_recovery and lsn is not None:
+            if pool._lag_source is not ep:  # a new primary: old positions compare with nothing
+                pool._lag.reset()
+                pool._lag_source = ep
+            pool._lag.primary_at(now, lsn)
+        elif in_recovery:
+            ep.replay_lsn = lsn
+            ep.lag_s, ep.lag_bytes = pool._lag.lag(now, lsn)
+            max_lag = pool.options.max_lag
+            ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
+        pool._state_changed_locked()
+    for level, *args in said:
+        log.log(level, *args)
+
+
+def close_monitors(pool: "Pool") -> None:
+    for ep in pool._endpoints:
+        if ep.monitor is not None:
+            ep.monitor.close()
+            ep.monitor = None
+

@@ -1,0 +1,219 @@
+"""The return path: how a loan ends when it is not the plain case.
+
+Mixed into Pool. ``Pool._checkin`` gives back a connection whose loan made no cursor and changed no
+setting in a few nanoseconds; everything else comes here. A loan ends by the server's account of
+its transaction (``raw.info.transaction_status``), not psycopg2's: commit on a normal exit, roll
+back on an error or for a read-only loan, and say so when a swallowed error or a write in a
+read-only block means nothing was committed. Then the session is reset (session.py) and the
+connection goes back, or, if it is broken or in a state the pool cannot vouch for, is discarded,
+and if its session was lost its endpoint is ejected (health.py).
+
+Asynchronous exceptions: once a connection has been handed to ``_put`` it may be the pool's (or a
+waiter's), so no handler here touches it after that point; an interrupt before the hand-over
+leaves it to the slot's weak reference (endpoint.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .config import DEFAULT as _DEFAULT
+from .config import PRIMARY
+from .connection import RAN, READ_ONLY_SET, SETTING, PooledConnection, describe_error, is_disconnect
+from .endpoint import Reservation
+from .errors import EndpointUnavailable, PoolError
+from .session import base_cursor, reset_server, set_autocommit, set_readonly
+
+log = logging.getLogger("pool")
+
+_TX_IDLE = ext.TRANSACTION_STATUS_IDLE
+_TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
+_TX_INERROR = ext.TRANSACTION_STATUS_INERROR
+_STATUS_BEGIN = ext.STATUS_BEGIN
+
+
+class _Broken(Exception):
+    """Internal: the connection cannot go back to the pool."""
+
+
+
+class Returns:
+    """Mixed into Pool: the return path, and preparing a loan that is not the plain case."""
+
+    def _checkin_slow(self, rec: PooledConnection, exc: BaseException | None,
+                      readonly: bool = False) -> None:
+        """End the transaction by the server's account of it (commit on success, rollback on
+        error or for a read-only loan), reset the session and give the connection back, or
+        discard it if it is broken or in a state the pool cannot vouch for."""
+        raw = rec.raw
+        if rec.pid != self._pid:  # lent before a fork(): the parent's, and not counted here
+            rec.abandon()
+            return
+        if exc is not None and not readonly and getattr(exc, "pgcode", None) == "25006" \
+                and rec.endpoint is self._primary:  # read_only_sql_transaction: demoted
+            self._demoted(rec.endpoint, "refused a write: the server is read-only (demoted?)")
+        try:
+            error = self._end_transaction(rec, exc, readonly)
+        except BaseException:
+            self._discard(rec)
+            raise
+        try:
+            if raw.closed or raw.info.transaction_status != _TX_IDLE:
+                raise _Broken
+            dirty, raw.dirty = raw.dirty, 0
+            raw.read_only_loan = False
+            rec.baseline.restore_client(raw)
+            raw.query_timeout = self.options.query_timeout
+            del raw.notices[:]
+            if dirty & RAN and self.options.reset_session:
+                reset_server(raw, rec.baseline)
+            elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
+                reset_server(raw, None)
+            if self.options.reset is not None:
+                self.options.reset(raw)
+                if raw.info.transaction_status != _TX_IDLE:
+                    raise _Broken
+            raw.dirty = 0
+            if rec.generation != rec.endpoint.generation:
+                raise _Broken  # made before its endpoint's last failure
+        except (_Broken, psycopg2.Error) as e:
+            self._discard(rec, cause=error or exc or (e if isinstance(e, psycopg2.Error) else None))
+        except BaseException:  # the reset hook's own error, or an interrupt: the caller's
+            self._discard(rec)
+            raise
+        else:
+            # Outside the try: once _put has begun, the connection may be the pool's (or a
+            # waiter's) and no handler here may touch it. An interrupt inside _put before the
+            # hand-over leaves it to the slot's weak reference.
+            if not self._put(rec):
+                self._discard(rec)  # the pool was closed meanwhile
+        if error is not None:
+            raise error
+
+    def _end_transaction(self, rec: PooledConnection, exc: BaseException | None,
+                         readonly: bool) -> BaseException | None:
+        """Close whatever transaction the server says is open; return the error for the caller.
+
+        psycopg2's own status is not enough: a block that set autocommit and ran BEGIN has a
+        transaction psycopg2 does not know about, and its work must not be dropped silently.
+        """
+        raw = rec.raw
+        if raw.closed:
+            if raw.closed == 2 and exc is None:
+                ep = rec.endpoint
+                if raw.timed_out:
+                    return raw.timeout_error()
+                return EndpointUnavailable(
+                    f"{ep.role} {ep.name}: the connection was lost inside the block; work not "
+                    f"yet committed was lost", ep.name)
+            return None
+        tx = raw.info.transaction_status
+        if tx == _TX_IDLE:
+            return None
+        ours = raw.status == _STATUS_BEGIN  # psycopg2 opened it, and will close it
+        error: BaseException | None = None
+        try:
+            if exc is not None or tx == _TX_INERROR:
+                if exc is None:
+                    error = PoolError("the transaction had failed inside the block (an error was "
+                                      "caught and ignored), so it was rolled back, not committed")
+                self._finish(raw, ours, "ROLLBACK")
+            elif readonly:
+                if rec.endpoint.role == PRIMARY:  # only a primary could have taken a write
+                    error = self._readonly_violation(raw)
+                self._finish(raw, ours, "ROLLBACK")
+            elif tx == _TX_INTRANS:
+                self._finish(raw, ours, "COMMIT")
+        except psycopg2.Error as e:
+            if exc is None and error is None:
+                error = e  # a failed commit must reach the caller; a failed rollback
+                #            must not hide the caller's own exception
+        return error
+
+    @staticmethod
+    def _finish(raw: Any, ours: bool, command: str) -> None:
+        if ours:
+            (raw.commit if command == "COMMIT" else raw.rollback)()
+        else:  # a BEGIN psycopg2 never saw (autocommit was on): end it in SQL
+            cur = base_cursor(raw)
+            try:
+                cur.execute(command)
+            finally:
+                cur.close()
+
+    @staticmethod
+    def _readonly_violation(raw: Any) -> BaseException | None:
+        """A read-only loan on the primary (the fallback) ends with a transaction open: did it
+        write, by SQL of its own (BEGIN READ WRITE, SET transaction_read_only)? One round trip,
+        on the fallback only; the write is rolled back and the caller told."""
+        cur = base_cursor(raw)
+        try:
+            cur.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+            wrote = cur.fetchone()[0]
+        finally:
+            cur.close()
+        if wrote:
+            return PoolError("a readonly=True block wrote on the primary (it made its transaction "
+                             "read-write); the transaction was rolled back, not committed")
+        return None
+
+    def _give_back(self, rec: Any) -> None:
+        """An interrupted checkout or wait holds a connection, a slot or a place in line nobody
+        will use: return it (a connection goes back only if it is clean, else it is closed)."""
+        if rec.__class__ is Reservation:
+            self._release(rec)
+        elif rec.__class__ is not PooledConnection:
+            self._leave(rec)  # a place in line (threaded mode)
+        elif rec.pid == self._pid and not rec.raw.dirty and not rec.raw.closed \
+                and rec.raw.info.transaction_status == _TX_IDLE and self._put(rec):
+            return
+        else:
+            self._discard(rec)
+
+    def _release(self, res: Reservation) -> None:
+        with self._lock:
+            res.endpoint.release(res.key)
+            self._serve_waiters()
+
+    def _discard(self, rec: PooledConnection, cause: BaseException | None = None) -> None:
+        """Drop a connection for good; if its session was lost, eject its endpoint too."""
+        ep = rec.endpoint
+        with self._lock:
+            ep.release(rec.key)
+            ep.discards += 1
+            self._serve_waiters()
+        rec.close()
+        if cause is not None and is_disconnect(cause, rec.raw):
+            if rec.raw.timed_out:  # no answer for that long: evidence for every process
+                ep.query_timeouts += 1
+                self._eject(ep, f"a statement got no answer within query_timeout="
+                                f"{rec.raw.query_timeout:g}s", probe_now=True)
+            else:  # one lost session is only a hint: probe at once, share the probe's result
+                self._eject(ep, f"connection lost: {self._redact(describe_error(cause))}",
+                            probe_now=True, share=False)
+
+    def _lend(self, rec: PooledConnection, readonly: bool, query_timeout: Any) -> Any:
+        """Prepare a connection for a ``with`` block. A read-only block on the primary (the
+        fallback) makes the whole session read-only, so that switching psycopg2's settings
+        (autocommit, readonly) inside the block cannot make it write."""
+        raw = rec.raw
+        if query_timeout is not _DEFAULT:
+            raw.query_timeout = query_timeout
+            raw.dirty |= SETTING  # restored on return
+        if readonly and rec.endpoint.role == PRIMARY:
+            raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
+            raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
+            set_autocommit(raw, True)
+            cur = base_cursor(raw)
+            try:
+                cur.execute("SET SESSION default_transaction_read_only = on")
+            finally:
+                cur.close()
+                set_autocommit(raw, False)
+            set_readonly(raw, True)
+        return raw
+

@@ -1,0 +1,111 @@
+"""Session reset: what one borrower changed on a connection never reaches the next one.
+
+A session carries two kinds of state, and each is put back the cheapest way that is complete:
+
+- psycopg2's client-side settings (``autocommit``, ``isolation_level``, ``readonly``,
+  ``deferrable``, ``cursor_factory``) are restored locally, with no round trip, to what they were
+  after ``configure()`` ran: the connection's *baseline*.
+- Server-side state (any ``SET``, temp tables, advisory locks, prepared statements, ``WITH HOLD``
+  cursors, ``LISTEN``) is reset by one multi-statement query, ``RESET_SQL``, sent after the block's
+  transaction has ended, and followed by the ``SET``\\ s that ``configure()`` made, so what the hook
+  set survives while what the borrower set does not. (``DISCARD ALL`` would do the same in one
+  word, but it also undoes ``configure()`` and cannot run inside the implicit transaction of a
+  multi-statement query.)
+
+Only a block that could have changed anything pays: a connection knows whether a cursor was
+made or a setting touched during the loan (``PoolConnection.dirty``), so ``fetchone``/``fetchall``/
+``execute``, which run one statement through the pool's own cursor, and empty blocks cost nothing.
+The reset cannot be folded into the block's COMMIT: psycopg2 tracks the transaction itself, and a
+COMMIT it did not send would leave its state out of step with the server's. So a block that ran
+statements costs one round trip more than it did before.
+
+Order on return: end the transaction (commit, or roll back), restore the client-side settings,
+run ``RESET_SQL`` (unless ``reset_session=False``), then call the user's ``reset`` hook, which
+therefore sees a clean session and may add to it (and must leave the connection idle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import psycopg2.extensions as ext
+from psycopg2 import sql
+
+RESET_SQL = ("RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; "
+             "DEALLOCATE ALL; DISCARD TEMP; DISCARD SEQUENCES")
+
+# The settings a session got from SET (not from the server's configuration or the startup
+# packet, which RESET ALL keeps), as text set_config() accepts back verbatim.
+_SESSION_GUCS = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'"
+
+# psycopg2's own descriptors: the pool sets these without marking the loan dirty.
+_BASE = ext.connection
+set_autocommit = _BASE.autocommit.__set__
+get_autocommit = _BASE.autocommit.__get__
+set_readonly = _BASE.readonly.__set__
+get_readonly = _BASE.readonly.__get__
+_get_isolation = _BASE.isolation_level.__get__
+_get_deferrable = _BASE.deferrable.__get__
+_get_factory = _BASE.cursor_factory.__get__
+_set_factory = _BASE.cursor_factory.__set__
+_set_session = _BASE.set_session
+base_cursor = _BASE.cursor
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A connection's settings right after ``configure()``: what every loan starts from."""
+
+    isolation_level: Any = None
+    deferrable: Any = None
+    cursor_factory: Any = None
+    restore_sql: str = RESET_SQL  # RESET_SQL plus configure()'s own SETs
+
+    @classmethod
+    def capture(cls, raw: Any, configured: bool) -> "Baseline":
+        """Read the baseline off a fresh connection. One round trip, and only when a configure()
+        hook ran (without one, nothing was SET)."""
+        sql = RESET_SQL
+        if configured:
+            cur = base_cursor(raw)
+            try:
+                cur.execute(_SESSION_GUCS)
+                pairs = cur.fetchall()
+            finally:
+                cur.close()
+            if raw.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+                raw.rollback()
+            if pairs:
+                calls = ", ".join(f"set_config({_literal(raw, n)}, {_literal(raw, v)}, false)"
+                                  for n, v in pairs)
+                sql += f"; SELECT {calls}"
+        return cls(_get_isolation(raw), _get_deferrable(raw), _get_factory(raw), sql)
+
+    def restore_client(self, raw: Any) -> None:
+        """Put psycopg2's settings back, locally (no round trip). The pool's loans start in
+        non-autocommit mode with psycopg2's per-transaction ``readonly`` unset."""
+        _set_session(raw, isolation_level=_default(self.isolation_level), readonly="DEFAULT",
+                     deferrable=_default(self.deferrable), autocommit=False)
+        if _get_factory(raw) is not self.cursor_factory:
+            _set_factory(raw, self.cursor_factory)
+
+
+def reset_server(raw: Any, baseline: Baseline | None) -> None:
+    """Reset the server-side session (the connection must be idle: no transaction open).
+    Without a baseline (``reset_session=False``) only undo the pool's own read-only SET."""
+    set_autocommit(raw, True)  # one implicit transaction for the whole string, no BEGIN
+    cur = base_cursor(raw)
+    try:
+        cur.execute(baseline.restore_sql if baseline else "RESET default_transaction_read_only")
+    finally:
+        cur.close()
+        set_autocommit(raw, False)
+
+
+def _default(value: Any) -> Any:
+    return "DEFAULT" if value is None else value
+
+
+def _literal(raw: Any, text: str) -> str:
+    return sql.Literal(text).as_string(raw)

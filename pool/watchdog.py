@@ -1,0 +1,116 @@
+"""The watchdog: no statement waits for the server longer than ``query_timeout``.
+
+While libpq waits for an answer it sits in ``poll()``, and nothing on the client side ends that
+wait when the server's kernel still acknowledges packets (every process of a node stopped, a
+server stuck on a dead disk): keepalives and ``tcp_user_timeout`` only fire when the peer itself
+goes silent, and ``statement_timeout`` needs a server that runs. Only a client-side deadline
+bounds it. So one daemon thread per process watches the connections of every pool: each
+``PoolConnection`` records when its statement started (``busy_since``), and a statement older
+than its ``query_timeout`` gets its socket shut down. ``shutdown(2)`` makes the blocked ``poll()``
+return at once; libpq reports the connection lost, the pool sees the watchdog's mark
+(``timed_out``) and raises ``QueryTimeout``, and the endpoint is ejected with a probe due at once.
+
+Process mode promises "no lock, no thread", and this is the one exception, because nothing else
+can interrupt a blocked libpq call in a single-threaded worker: a signal does not (libpq retries
+``poll()`` on EINTR, so a Python handler never runs), and psycopg2's wait callback is process-wide
+and disables COPY. The thread keeps the pool's promise in spirit: it takes no pool lock and
+changes no pool state; it reads two attributes per connection and may shut a socket. It exists
+only while some pool in the process has a ``query_timeout`` and an open connection, and is started
+again, lazily, in a forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+log = logging.getLogger("pool")
+monotonic = time.monotonic
+
+TICK = 0.05  # seconds between scans: a statement overruns its deadline by at most this much
+IDLE_EXIT = 10.0  # with nothing to watch for this long, the thread ends
+
+
+class Watchdog:
+    """The process's watchdog thread and the pools it watches (weakly: a pool can be freed)."""
+
+    def __init__(self) -> None:
+        self._pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.kills = 0  # statements ended, for tests and stats
+
+    def watch(self, pool: Any) -> None:
+        """Called when a pool opens a connection: make sure the thread runs in this process."""
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid() and thread.is_alive() and pool in self._pools:
+            return
+        with self._lock:
+            self._pools.add(pool)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._main, name="pool-watchdog", daemon=True)
+                self._thread.start()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at fork() stays held
+        self._thread = None
+
+    def _main(self) -> None:
+        idle_since = monotonic()
+        while True:
+            time.sleep(TICK)
+            now = monotonic()
+            watched = self._scan(now)
+            if watched:
+                idle_since = now
+            elif now - idle_since > IDLE_EXIT:
+                with self._lock:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                return
+
+    def _scan(self, now: float) -> int:
+        """One look at every connection of every pool. A function of its own so that its locals
+        die when it returns: a loop variable left holding a connection between ticks would keep
+        alive one that a loan dropped, and its slot would never be freed (endpoint.py)."""
+        watched = 0
+        for pool in list(self._pools):
+            for ep in pool._endpoints:
+                for rec in ep.connections():
+                    watched += 1
+                    self._check(rec.raw, now)
+        return watched
+
+    def _check(self, raw: Any, now: float) -> None:
+        started, limit = raw.busy_since, raw.query_timeout
+        if not started or limit is None or now - started <= limit:
+            return
+        # The statement may have finished since the read above; shutting down a socket that is
+        # idle or busy with the next statement would break that one. Re-read just before acting
+        # (the window left is a few bytecodes, and its worst case is one spurious QueryTimeout).
+        if raw.busy_since != started or raw.closed:
+            return
+        raw.timed_out = True
+        try:
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except (OSError, ValueError, Exception):  # psycopg2 raises InterfaceError if closed
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self.kills += 1
+        log.warning("%s: statement ran past query_timeout=%gs with no answer; connection shut down",
+                    raw.label, limit)
+
+
+WATCHDOG = Watchdog()

@@ -1,0 +1,334 @@
+"""Deadlines everywhere, and no false alarms, against real servers.
+
+A server that stalls (every process SIGSTOPped: its kernel still ACKs, so keepalives never fire)
+or an address that black-holes (the test proxy) must never hang a caller; a terminated session,
+a NOTIFY, a SQL error in configure() or a refused login must never be taken for an outage. Both
+modes run every test where the mode matters. The bounds here only prove "no hang" and "no
+ejection": the latency targets are measured by `make bench-failures`, not by a timed unit test.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg2
+import pytest
+
+import pool
+from pgutil import (admin_sql, node_of, proxied, stalled, terminate_app_sessions, timed,
+                    unique_name, wait_until)
+from proxy import Proxy
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
+
+READ = "SELECT inet_server_port()"
+INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+
+
+def state(p, name_or_index):
+    eps = p.stats()["endpoints"]
+    ep = eps[name_or_index] if isinstance(name_or_index, int) else \
+        next(e for e in eps if e["name"] == name_or_index)
+    return ep["state"]
+
+
+# -- never hang ---------------------------------------------------------------------------------
+
+def test_a_stalled_replica_costs_no_failed_read_and_comes_back_after_sigcont(make_pool, db):
+    """fetchone(readonly=True) on a pooled connection to a stalled replica used to block forever.
+    Now the statement ends at query_timeout, the read is retried on the other replica, the
+    stalled one is ejected, and a probe with its own deadline takes it back after SIGCONT."""
+    p = make_pool(query_timeout=1.0, connect_timeout=0.5)
+    for _ in range(6):  # pooled, idle connections to both replicas
+        p.fetchone(READ, readonly=True)
+    stalled_name = p.stats()["endpoints"][1]["name"]
+    latencies = []
+    with stalled(db, "replica1"):
+        for _ in range(12):
+            seconds, row, error = timed(lambda: p.fetchone(READ, readonly=True))
+            assert error is None, f"a read failed while replica1 was stalled: {error!r}"
+            assert node_of(db, p.last_endpoint) == "replica2"
+            latencies.append(seconds)
+        assert state(p, stalled_name) == "down"
+        assert p.stats()["endpoints"][1]["query_timeouts"] == 1
+    assert max(latencies) < 1.0 + 2.0  # one read waited query_timeout; none waited forever
+    assert sorted(latencies)[-2] < 0.5  # ...and only one
+    wait_until(lambda: state(p, stalled_name) == "up", timeout=10, interval=0.05,
+               what="the stalled replica re-admitted after SIGCONT")
+
+
+def test_a_ping_to_a_stalled_primary_is_bounded_by_the_checkout_timeout(make_pool, db):
+    """connection(timeout=1) used to block forever in the pool's own SELECT 1 (a connection
+    idle past ping_after), whatever timeout said, even with no query_timeout at all."""
+    p = make_pool(query_timeout=None, ping_after=0.2, connect_timeout=5, replicas=())
+    with p.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    time.sleep(0.3)  # idle past ping_after: the next checkout pings
+    with stalled(db, "primary"):
+        seconds, _, error = timed(lambda: p.connection(timeout=1.0).__enter__())
+        assert isinstance(error, pool.EndpointUnavailable), error
+        assert seconds < 1.0 + 1.5
+        assert state(p, 0) == "down"  # a ping that timed out ejects
+        assert "ping" in p.stats()["endpoints"][0]["last_error"]
+
+
+def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool, db):
+    p = make_pool(query_timeout=1.0, connect_timeout=0.5)
+    p.fetchone("SELECT 1")
+    with stalled(db, "primary"):
+        seconds, _, error = timed(lambda: p.fetchone(INSERT, (unique_name(),)))
+        assert isinstance(error, pool.QueryTimeout), error
+        assert "may or may not have been applied" in str(error)
+        assert seconds < 1.0 + 1.5
+        for i in range(3):  # the first may wait the probe grace (the deadline may have been a
+            # false alarm: one slow statement), which a stalled server spends in full; the
+            # next ones wait for nothing
+            seconds, _, error = timed(lambda: p.execute(INSERT, (unique_name(),)))
+            assert isinstance(error, pool.EndpointUnavailable), error
+            assert seconds < (pool.endpoint.PROBE_GRACE_MAX + 0.1 if i == 0 else 0.045), (i, seconds)
+        assert p.fetchone(READ, readonly=True) is not None  # reads carry on
+    wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+               interval=0.05, what="writes after SIGCONT")
+
+
+def test_statements_in_a_block_get_the_deadline_unless_the_block_opts_out(make_pool, db):
+    p = make_pool(query_timeout=0.5, replicas=())
+    with pytest.raises(pool.QueryTimeout, match="query_timeout=0.5s"):
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT pg_sleep(3)")
+    assert p.stats()["endpoints"][0]["discards"] == 1  # the connection that hit it is gone
+    with p.connection(query_timeout=None) as conn:  # a long report opts out
+        cur = conn.cursor()
+        cur.execute("SELECT pg_sleep(1.0), 42")
+        assert cur.fetchone()[1] == 42
+    with p.connection(query_timeout=5) as conn:  # ...or takes a longer deadline
+        conn.cursor().execute("SELECT pg_sleep(0.8)")
+    with pytest.raises(pool.QueryTimeout):  # and the override ended with its block
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT pg_sleep(3)")
+
+
+def test_the_deadline_covers_cursor_factories_and_commit(make_pool, db):
+    import psycopg2.extras
+    p = make_pool(query_timeout=0.5, replicas=())
+    with pytest.raises(pool.QueryTimeout):
+        with p.connection() as conn:
+            cur = conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+            assert isinstance(cur, psycopg2.extras.RealDictCursor)
+            cur.execute("SELECT pg_sleep(3)")
+
+
+def test_a_sub_second_connect_timeout_is_honoured_against_a_black_hole(db, mode):
+    """libpq counts connect_timeout in whole seconds (before libpq 17, at least 2): 0.5 meant 2 s
+    against an address that black-holes. The pool now keeps the deadline itself."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=0.5)
+    try:
+        assert state(p, 0) == "up"  # nothing pooled yet: the first write has to connect
+        proxy.blackhole()
+        seconds, _, error = timed(lambda: p.fetchone("SELECT 1"))
+        assert isinstance(error, pool.EndpointUnavailable), error
+        assert seconds < 0.5 + 0.5
+        proxy.forward()
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+                   interval=0.05, what="writes after the black hole cleared")
+    finally:
+        p.close()
+        proxy.close()
+
+
+# -- no false alarms ----------------------------------------------------------------------------
+
+def test_one_terminated_backend_does_not_fail_the_callers_queued_behind_it(pool_factory, db):
+    """The ejection that follows a lost session used to serve "primary ... is down" to every
+    waiter before the immediate probe could re-admit the primary. Waiters now get the same probe
+    grace as new callers: only the statement on the terminated session fails."""
+    p = pool_factory(mode="threaded", max_size=2, replicas=(), timeout=10)
+    errors, done = [], threading.Event()
+
+    def worker():
+        while not done.is_set():
+            try:
+                with p.connection() as conn:
+                    conn.cursor().execute("SELECT pg_sleep(0.02)")
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.2)
+            wait_until(lambda: p.stats()["waiting"] >= 3, timeout=5, what="callers queued")
+            admin_sql(db, "primary", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE usename = %s AND state = 'active' AND pid <> pg_backend_pid() "
+                      "LIMIT 1", (db.env["APP_USER"],))
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    unavailable = [e for e in errors if isinstance(e, pool.PoolError)]
+    assert not unavailable, f"queued callers failed: {unavailable[:3]}"
+    assert 1 <= len(errors) <= 5  # the terminated statements themselves, and nothing else
+    assert all(isinstance(e, psycopg2.OperationalError) for e in errors)
+
+
+def test_a_notification_on_an_idle_connection_is_not_a_disconnect(make_pool, db):
+    """An idle connection that ran LISTEN becomes readable when a NOTIFY arrives; the local
+    poll() check took that for a server-side close and ejected the primary."""
+    p = make_pool(max_size=1, replicas=(), reset_session=False)  # keep the LISTEN across loans
+    with p.connection() as conn:
+        conn.autocommit = True
+        conn.cursor().execute("LISTEN pool_test")
+        backend = conn.get_backend_pid()
+    admin_sql(db, "primary", "NOTIFY pool_test, 'hello'")
+    time.sleep(0.3)  # idle past check_after: the next checkout looks at the socket
+    with p.connection() as conn:
+        assert conn.get_backend_pid() == backend  # lent, not discarded
+    ep = p.stats()["endpoints"][0]
+    assert ep["state"] == "up" and ep["ejections"] == 0 and ep["discards"] == 0
+    terminate_app_sessions(db, "primary")  # ...while a real close is still caught
+    time.sleep(0.3)
+    assert p.fetchone("SELECT 1") == (1,)
+    assert p.stats()["endpoints"][0]["discards"] == 1
+
+
+def test_a_sql_error_in_configure_reaches_the_caller_and_is_not_an_outage(make_pool, db):
+    """A lock_timeout, statement_timeout or recovery conflict inside configure() is an
+    OperationalError; it used to eject the endpoint as "connect failed"."""
+    failing = [True]
+
+    def configure(conn):
+        cur = conn.cursor()
+        cur.execute("SET statement_timeout = '5ms'")
+        if failing[0]:
+            cur.execute("SELECT pg_sleep(0.2)")  # QueryCanceled, an OperationalError
+        cur.execute("RESET statement_timeout")
+
+    p = make_pool(configure=configure, replicas=())
+    with pytest.raises(psycopg2.errors.QueryCanceled):
+        p.fetchone("SELECT 1")
+    ep = p.stats()["endpoints"][0]
+    assert ep["state"] == "up" and ep["ejections"] == 0 and ep["size"] == 0
+    failing[0] = False
+    assert p.fetchone("SELECT 1") == (1,)
+
+
+def test_process_mode_housekeeping_errors_never_reach_unrelated_checkouts(db, caplog):
+    """A min_size refill whose configure() fails for a replica used to raise that replica's
+    error into writes to a healthy primary, on every request."""
+    replica_port = db.port("replica1")
+
+    def configure(conn):
+        if conn.info.port == replica_port:
+            raise RuntimeError("configure() is broken for this replica")
+
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode="process",
+                  min_size=1, configure=configure)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pool"):
+            for _ in range(20):
+                assert p.fetchone("SELECT 1") == (1,)
+        logged = [r for r in caplog.records if "min_size" in r.getMessage()]
+        assert 1 <= len(logged) <= 2  # logged and backed off, not once per request
+        assert "configure() is broken" in logged[0].getMessage()
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("what", ["password", "database"])
+def test_a_refused_login_is_reported_as_a_refusal_not_an_outage(db, mode, what, caplog):
+    """A wrong password, an unknown database or a pg_hba rejection is a configuration mistake;
+    every write used to say "primary ... is down"."""
+    dsn = db.dsn("primary")
+    dsn = dsn.replace(f"password={db.env['APP_PASSWORD']}", "password=wrong-one") \
+        if what == "password" else dsn.replace(f"dbname={db.env['APP_DB']}", "dbname=no_such_db")
+    with caplog.at_level(logging.WARNING, logger="pool"):
+        p = pool.Pool(dsn, mode=mode, connect_timeout=1)
+        try:
+            for _ in range(3):
+                with pytest.raises(pool.EndpointRefused) as info:
+                    p.fetchone("SELECT 1")
+                assert "refused" in str(info.value) and "is down" not in str(info.value)
+            assert state(p, 0) == "refused"
+            time.sleep(0.8)  # a few probes' worth
+            p.stats()
+        finally:
+            p.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("is down" in m for m in messages), messages
+    refusals = [r for r in caplog.records if r.levelno == logging.ERROR and "refused" in r.getMessage()]
+    assert len(refusals) == 1, messages  # once, loudly; not a warning per probe
+
+
+def test_a_refused_role_is_taken_back_once_the_server_is_fixed(db, mode):
+    """Refusals keep being probed: credentials can be fixed on the server side."""
+    role = f"pool_t_{mode}"
+    admin_sql(db, "primary", f"DROP ROLE IF EXISTS {role}")
+    admin_sql(db, "primary", f"CREATE ROLE {role} LOGIN PASSWORD 'not-yet'")
+    admin_sql(db, "primary", f"GRANT CONNECT ON DATABASE {db.env['APP_DB']} TO {role}")
+    dsn = db.dsn("primary").replace(f"user={db.env['APP_USER']}", f"user={role}") \
+        .replace(f"password={db.env['APP_PASSWORD']}", "password=the-right-one")
+    p = pool.Pool(dsn, mode=mode, connect_timeout=1)
+    try:
+        assert state(p, 0) == "refused"
+        admin_sql(db, "primary", f"ALTER ROLE {role} PASSWORD 'the-right-one'")
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=15,
+                   interval=0.2, what="taken back after the password was fixed")
+        assert state(p, 0) == "up"
+    finally:
+        p.close()
+        admin_sql(db, "primary", f"REVOKE CONNECT ON DATABASE {db.env['APP_DB']} FROM {role}")
+        admin_sql(db, "primary", f"DROP ROLE IF EXISTS {role}")
+
+
+# -- housekeeping that never stalls -------------------------------------------------------------
+
+def test_probes_never_wait_behind_a_refill_stuck_in_configure(db):
+    """A min_size refill that blocks (here configure() waits on a lock for as long as the test
+    lasts) used to hold the single housekeeping thread, and with it every probe."""
+    release = threading.Event()
+    stuck_port = db.port("replica2")
+
+    def configure(conn):  # stuck only where the pool refills in the background
+        if conn.info.port == stuck_port and threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1"), db.dsn("replica2")],
+                  mode="threaded", min_size=1, configure=configure, connect_timeout=1)
+    try:
+        wait_until(lambda: p.stats()["endpoints"][1]["size"] == 1, timeout=10, what="replica1 filled")
+        db.kill("replica1")
+        wait_until(lambda: p.fetchone(READ, readonly=True) and state(p, 1) == "down", timeout=10,
+                   interval=0.05, what="replica1 ejected")
+        db.start_node("replica1")
+        took = wait_until(lambda: state(p, 1) == "up", timeout=5, interval=0.05,
+                          what="replica1 re-admitted while the refill is stuck")
+        assert took < 5
+    finally:
+        release.set()
+        p.close()
+
+
+def test_process_mode_a_probe_left_pending_between_requests_proves_nothing(db):
+    """A worker steps its probe only on checkouts, so a probe's wall-clock deadline passed while
+    no request arrived, and it declared a healthy server dead: writes kept failing for seconds
+    after the primary came back. A probe now fails only on evidence."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode="process", connect_timeout=0.5)
+    try:
+        proxy.blackhole()
+        assert isinstance(timed(lambda: p.fetchone("SELECT 1"))[2], pool.EndpointUnavailable)
+        time.sleep(0.3)  # past the first backoff: the next request starts a probe...
+        assert isinstance(timed(lambda: p.fetchone("SELECT 1"))[2], pool.EndpointUnavailable)
+        time.sleep(1.5)  # ...which then sits pending past its deadline, with nobody waiting
+        proxy.forward()  # the primary is healthy again
+        seconds, row, error = timed(lambda: p.fetchone("SELECT 1"))
+        assert error is None, f"the first write after the recovery failed: {error!r}"
+        assert row == (1,)
+    finally:
+        p.close()
+        proxy.close()

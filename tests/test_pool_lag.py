@@ -1,0 +1,178 @@
+"""Replication lag against the real native topology, with replay paused
+(``pg_wal_replay_pause()``): a lagging replica leaves read rotation and comes back, every replica
+lagging has an explicit fallback, and a read with a write token never sees the past, in both
+modes and across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pool
+from pool.lag import LagTracker, format_lsn, parse_lsn, parse_token
+from pgutil import admin_sql, node_of, unique_name, wait_until
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
+
+INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+SELECT = "SELECT name FROM items WHERE id = %s"
+READ = "SELECT inet_server_port()"
+
+
+@contextlib.contextmanager
+def paused(db, *replicas):
+    """Replay paused on these replicas (they keep receiving WAL, and fall behind)."""
+    for r in replicas:
+        admin_sql(db, r, "SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        for r in replicas:
+            admin_sql(db, r, "SELECT pg_wal_replay_resume()")
+
+
+def endpoint(p, db, node):
+    port = db.port(node)
+    return next(e for e in p.stats()["endpoints"] if e["name"].endswith(f":{port}"))
+
+
+def write_some(p, n=3):
+    for _ in range(n):
+        p.fetchone(INSERT, (unique_name("lag"),))
+
+
+def test_a_lagging_replica_leaves_read_rotation_and_comes_back(make_pool, db):
+    p = make_pool(max_lag=1.0)
+    with paused(db, "replica1"):
+        def lagging():
+            write_some(p, 1)
+            p.fetchone(READ, readonly=True)  # process mode measures on checkouts
+            return endpoint(p, db, "replica1")["state"] == "lagging"
+        wait_until(lagging, timeout=15, interval=0.1, what="replica1 lagging")
+        ep = endpoint(p, db, "replica1")
+        assert ep["lag_s"] >= 1.0 and ep["lag_bytes"] > 0  # (stats rounds to the millisecond)
+        for _ in range(10):
+            assert p.fetchone(READ, readonly=True) is not None
+            assert node_of(db, p.last_endpoint) == "replica2"
+        assert p.stats()["reads_to"] == "replicas"
+    db.wait_replayed()
+
+    def back():
+        write_some(p, 1)
+        p.fetchone(READ, readonly=True)
+        return endpoint(p, db, "replica1")["state"] == "up"
+    wait_until(back, timeout=10, interval=0.1, what="replica1 back in rotation")
+    assert endpoint(p, db, "replica1")["lag_s"] == 0.0
+
+
+@pytest.mark.parametrize("read_fallback", [True, False])
+def test_when_every_replica_lags_reads_fall_back_explicitly(make_pool, db, read_fallback):
+    p = make_pool(max_lag=1.0, read_fallback=read_fallback)
+    with paused(db, "replica1", "replica2"):
+        time.sleep(0.3)  # replica2 a little less behind than replica1
+        def all_lag():
+            write_some(p, 1)
+            p.fetchone(READ, readonly=True)
+            return all(endpoint(p, db, r)["state"] == "lagging" for r in ("replica1", "replica2"))
+        wait_until(all_lag, timeout=15, interval=0.1, what="every replica lagging")
+        served = {node_of(db, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) for _ in range(6)}
+        reads_to = p.stats()["reads_to"]
+        if read_fallback:
+            assert served == {"primary"} and reads_to == "primary (every replica lags)"
+        else:
+            assert len(served) == 1 and served <= {"replica1", "replica2"}
+            assert "least-lagging" in reads_to
+
+
+def test_lag_is_zero_while_the_primary_is_idle(make_pool, db):
+    """now() - pg_last_xact_replay_timestamp() grows while nothing is written; equal WAL
+    positions mean no lag, however long ago the last write was."""
+    p = make_pool(max_lag=1.0)
+    write_some(p, 1)
+    db.wait_replayed()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        p.fetchone(READ, readonly=True)
+        time.sleep(0.1)
+    for r in ("replica1", "replica2"):
+        ep = endpoint(p, db, r)
+        assert ep["state"] == "up" and ep["lag_s"] == 0.0 and ep["lag_bytes"] == 0
+
+
+def test_a_read_with_a_write_token_sees_the_write(make_pool, db):
+    """POST then GET: the GET used to go to a replica that had not replayed the write (404)."""
+    p = make_pool()
+    with paused(db, "replica1"):
+        for _ in range(10):
+            name = unique_name("ryw")
+            (item_id,) = p.fetchone(INSERT, (name,))
+            token = p.write_token()
+            assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) == (name,)
+            assert node_of(db, p.last_endpoint) in ("replica2", "primary")
+        with paused(db, "replica2"):  # nobody has it: the primary does
+            name = unique_name("ryw")
+            (item_id,) = p.fetchone(INSERT, (name,))
+            token = p.write_token()
+            assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) == (name,)
+            assert node_of(db, p.last_endpoint) == "primary"
+            with p.connection(readonly=True, after=token) as conn:  # blocks too
+                cur = conn.cursor()
+                cur.execute(SELECT, (item_id,))
+                assert cur.fetchone() == (name,)
+    # Without the token the paused replica would have answered None:
+    assert p.fetchone(SELECT, (item_id,), readonly=True, after=None) in ((name,), None)
+
+
+def test_a_token_from_one_process_is_honoured_in_another(make_pool, db):
+    p = make_pool()
+    name = unique_name("ryw-x")
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(sys.path[0])!r})
+        import pool
+        p = pool.Pool({db.dsn("primary")!r}, mode="process")
+        (item_id,) = p.fetchone("INSERT INTO items (name) VALUES (%s) RETURNING id", ({name!r},))
+        print(item_id, p.write_token())
+    """)
+    with paused(db, "replica1", "replica2"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=60, cwd=str(pool.__path__[0]) + "/..")
+        assert out.returncode == 0, out.stderr
+        item_id, token = out.stdout.split()
+        assert len(token) < 20  # fits a header or a cookie
+        assert p.fetchone(SELECT, (int(item_id),), readonly=True, after=token) == (name,)
+
+
+def test_a_bad_token_is_a_value_error_that_does_not_echo_it(make_pool):
+    p = make_pool()
+    with pytest.raises(ValueError) as info:
+        p.fetchone("SELECT 1", readonly=True, after="'; DROP TABLE items; --")
+    assert "DROP" not in str(info.value)
+
+
+# -- the measure itself, without a server ------------------------------------------------------
+
+def test_lag_tracker_measures_time_since_the_primary_had_what_the_replica_lacks():
+    t = LagTracker()
+    t.primary_at(100.0, 1000)
+    t.primary_at(101.0, 1000)  # idle: the first sample at a position is the one that counts
+    t.primary_at(102.0, 2000)
+    t.primary_at(103.0, 3000)
+    assert t.lag(103.0, 3000) == (0.0, 0)
+    assert t.lag(103.0, 1000) == (1.0, 2000)  # missing WAL the primary had at 102
+    assert t.lag(107.0, 1500) == (5.0, 1500)
+    assert t.lag(200.0, 3000) == (None, None)  # no word from the primary for long: unknown
+
+
+def test_tokens_round_trip_and_reject_garbage():
+    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+    assert parse_token("0/3000148") == 0x3000148 and parse_token(None) is None
+    for bad in ("0/", "x/1", "1/2/3", "0/123456789", 42):
+        with pytest.raises(ValueError):
+            parse_token(bad)

@@ -1,0 +1,346 @@
+"""Every loan is clean: no slot lost to an interrupt, no transaction lost, no session state
+carried to the next borrower, misuse made loud. Against real servers, in both modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import threading
+import time
+
+import psycopg2
+import psycopg2.extensions as ext
+import psycopg2.extras
+import pytest
+
+import pool
+import pool.session
+from pgutil import count_items, unique_name, wait_until
+
+pytestmark = pytest.mark.db
+
+INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+
+
+def settled(p):
+    """The pool's counters once everything has been returned."""
+    s = p.stats()
+    return {k: s[k] for k in ("size", "idle", "in_use", "waiting", "connecting")}
+
+
+# -- slots and transactions ---------------------------------------------------------------------
+
+class Interrupt(Exception):
+    """What a request timeout built on SIGALRM (or Celery's soft time limit, or ^C) raises."""
+
+
+@pytest.fixture
+def alarm():
+    """A SIGALRM handler that raises Interrupt: fire(seconds) arms it once."""
+    def handler(signum, frame):
+        raise Interrupt()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_an_interrupt_anywhere_in_a_loan_never_loses_a_connection(make_pool, mode, db, alarm):
+    """A signal handler raises at random points of checkout, wait, statement, commit and return,
+    hundreds of times. Afterwards every connection is accounted for and idle, nobody waits, and
+    the pool can still lend all of them at once."""
+    p = make_pool(max_size=2, replicas=("replica1",), timeout=5)
+    stop = threading.Event()
+    helpers = []
+    if mode == "threaded":  # others hold connections, so the main thread often waits in line
+        def hog():
+            while not stop.is_set():
+                with p.connection() as conn:
+                    conn.cursor().execute("SELECT 1")
+                time.sleep(0.001)
+        helpers = [threading.Thread(target=hog) for _ in range(2)]
+        for t in helpers:
+            t.start()
+    rnd = random.Random(7)
+    interrupted = 0
+    ops = [
+        lambda: p.fetchone("SELECT 1"),
+        lambda: p.fetchone("SELECT 1", readonly=True),
+        lambda: p.execute(INSERT, (unique_name("irq"),)),
+    ]
+
+    def block():
+        with p.connection() as conn:
+            conn.cursor().execute(INSERT, (unique_name("irq"),))
+
+    def read_block():
+        with p.connection(readonly=True) as conn:
+            conn.cursor().execute("SELECT 1")
+
+    ops += [block, read_block]
+    try:
+        for _ in range(400):
+            try:
+                try:
+                    alarm(rnd.uniform(0.00001, 0.003))
+                    rnd.choice(ops)()
+                finally:
+                    alarm(0)  # (the alarm may also go off here, or just before)
+            except Interrupt:
+                interrupted += 1
+            except pool.PoolTimeout:
+                pass  # threaded mode: waited past the deadline behind the hogs
+    finally:
+        stop.set()
+        for t in helpers:
+            t.join()
+    assert interrupted > 50  # the handler really fired inside the pool, many times
+    wait_until(lambda: settled(p)["in_use"] == 0, timeout=5, what="every loan returned")
+    s = settled(p)
+    assert s["size"] == s["idle"] and s["in_use"] == 0 and s["waiting"] == 0 and s["connecting"] == 0, s
+    if mode == "threaded":  # every slot can be lent again: none was lost
+        loans = [p.connection(timeout=2) for _ in range(2)]
+        for loan in loans:
+            loan.__enter__()
+        for loan in loans:
+            loan.__exit__(None, None, None)
+    assert p.fetchone("SELECT 1") == (1,)
+
+
+def test_a_waiter_interrupted_in_the_queue_leaves_it_and_takes_nothing_with_it(pool_factory, alarm):
+    p = pool_factory(mode="threaded", max_size=1, replicas=(), timeout=10)
+    held = p.connection()
+    held.__enter__()
+    alarm(0.2)
+    with pytest.raises(Interrupt):
+        with p.connection():  # waits in line behind `held`, and is interrupted there
+            pass
+    assert p.stats()["waiting"] == 0
+    held.__exit__(None, None, None)  # the returned connection must not go to the dead waiter
+    with p.connection(timeout=1) as conn:
+        conn.cursor().execute("SELECT 1")
+    assert settled(p) == {"size": 1, "idle": 1, "in_use": 0, "waiting": 0, "connecting": 0}
+
+
+def test_begin_under_autocommit_is_committed_not_dropped(make_pool, db):
+    """psycopg2 says READY, but the server is inside a transaction: the pool used to discard the
+    connection, losing the INSERT, and raise nothing."""
+    p = make_pool(max_size=1)
+    name = unique_name()
+    with p.connection() as conn:
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("BEGIN")
+        cur.execute(INSERT, (name,))
+    assert count_items(db, "primary", name) == 1
+    with pytest.raises(RuntimeError):
+        with p.connection() as conn:
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("BEGIN")
+            cur.execute(INSERT, (name + "-x",))
+            raise RuntimeError("the block fails")
+    assert count_items(db, "primary", name + "-x") == 0  # rolled back
+    with p.connection() as conn:  # the connection is back, idle, with psycopg2's defaults
+        assert conn.autocommit is False
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+
+
+@pytest.mark.parametrize("tamper", ["autocommit", "readonly=False", "set_session"])
+def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, tamper):
+    """On the primary (no replica up), a block that switched autocommit on could write:
+    psycopg2's per-transaction READ ONLY no longer applied."""
+    p = make_pool(replicas=())
+    name = unique_name()
+    with pytest.raises((psycopg2.errors.ReadOnlySqlTransaction, pool.PoolError)):
+        with p.connection(readonly=True) as conn:
+            if tamper == "autocommit":
+                conn.autocommit = True
+            elif tamper == "readonly=False":
+                conn.readonly = False
+            else:
+                conn.set_session(readonly=False, autocommit=True)
+            conn.cursor().execute(INSERT, (name,))
+    assert count_items(db, "primary", name) == 0
+    assert p.fetchone(INSERT, (name,)) is not None  # the same connection writes when lent to write
+    assert count_items(db, "primary", name) == 1
+
+
+# -- session state ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Leak:
+    """One kind of session state: how a borrower leaves it behind, how the next one sees it."""
+
+    leave: str | None  # SQL a borrower runs (None: a psycopg2 setting, see `setting`)
+    probe: str  # SQL that shows the state; must return `clean` on a fresh session
+    clean: object
+    setting: tuple[str, object] | None = None
+
+
+LEAKS = {
+    "search_path": Leak("SET search_path = pg_catalog", "SHOW search_path", '"$user", public'),
+    "statement_timeout": Leak("SET statement_timeout = '1s'", "SHOW statement_timeout", "0"),
+    "timezone": Leak("SET TimeZone = 'Asia/Tokyo'", "SHOW TimeZone", None),
+    "temp_table": Leak("CREATE TEMP TABLE leaked (x int)",
+                       "SELECT to_regclass('pg_temp.leaked') IS NOT NULL", False),
+    "advisory_lock": Leak("SELECT pg_advisory_lock(4242)",
+                          "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                          "AND pid = pg_backend_pid()", 0),
+    "prepared": Leak("PREPARE leaked AS SELECT 1", "SELECT count(*) FROM pg_prepared_statements", 0),
+    "with_hold": Leak("DECLARE leaked CURSOR WITH HOLD FOR SELECT 1",
+                      "SELECT count(*) FROM pg_cursors", 0),
+    "listen": Leak("LISTEN leaked", "SELECT count(*) FROM pg_listening_channels()", 0),
+    "isolation": Leak(None, "SHOW transaction_isolation", "read committed",
+                      ("isolation_level", ext.ISOLATION_LEVEL_SERIALIZABLE)),
+    "deferrable": Leak(None, "SHOW transaction_deferrable", "off", ("deferrable", True)),
+    "cursor_factory": Leak(None, "SELECT 1", (1,), ("cursor_factory", psycopg2.extras.RealDictCursor)),
+}
+
+
+def superuser_pool(make_pool, db, **kwargs):
+    # The app role may not create temp tables (least privilege); the superuser may.
+    p = make_pool(max_size=1, replicas=(), **kwargs)
+    p2 = pool.Pool(db.dsn("primary", user="postgres"), mode=p.options.mode, max_size=1, **kwargs)
+    p.close()
+    return p2
+
+
+@pytest.mark.parametrize("kind", list(LEAKS))
+def test_no_session_state_reaches_the_next_borrower(make_pool, db, kind):
+    leak = LEAKS[kind]
+    p = superuser_pool(make_pool, db)
+    try:
+        with p.connection() as conn:
+            clean = leak.clean
+            if clean is None:
+                cur = conn.cursor()
+                cur.execute(leak.probe)
+                clean = cur.fetchone()[0]
+            backend = conn.get_backend_pid()
+            if leak.setting:
+                setattr(conn, *leak.setting)
+            else:
+                conn.cursor().execute(leak.leave)
+        with p.connection() as conn:
+            assert conn.get_backend_pid() == backend  # reset, not discarded
+            cur = conn.cursor()
+            cur.execute(leak.probe)
+            row = cur.fetchone()
+            assert (tuple(row) if kind == "cursor_factory" else row[0]) == clean
+            for name in ("isolation_level", "deferrable", "cursor_factory", "readonly"):
+                assert getattr(conn, name) is None, name
+        if kind == "cursor_factory":
+            assert p.fetchone("SELECT 1") == (1,)  # a tuple, not a dict row
+    finally:
+        p.close()
+
+
+def test_reset_session_off_keeps_server_state_but_still_restores_psycopg2_settings(make_pool, db):
+    p = make_pool(max_size=1, replicas=(), reset_session=False)
+    with p.connection() as conn:
+        conn.isolation_level = ext.ISOLATION_LEVEL_SERIALIZABLE
+        conn.cursor().execute("SET search_path = pg_catalog")
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone()[0] == "pg_catalog"  # the user manages server-side state
+        assert conn.isolation_level is None
+
+
+def test_configure_settings_survive_the_reset_and_the_reset_hook_runs_last(make_pool, db):
+    """Order on return: end the transaction, restore psycopg2's settings, reset the server
+    session back to what configure() left, then the user's reset hook."""
+    seen = []
+
+    def configure(conn):
+        conn.cursor().execute("SET statement_timeout = '7s'")
+
+    def reset(conn):
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        seen.append(cur.fetchone()[0])  # already reset when the hook runs
+        cur.execute("SET application_name = 'after-reset'")
+        conn.commit()
+
+    p = make_pool(max_size=1, replicas=(), configure=configure, reset=reset)
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SET statement_timeout = '1s'")
+        cur.execute("SET search_path = pg_catalog")
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT current_setting('statement_timeout'), current_setting('application_name')")
+        assert cur.fetchone() == ("7s", "after-reset")
+    assert seen[0] == '"$user", public'
+
+
+def test_the_reset_costs_no_round_trip_on_helpers_or_empty_blocks(make_pool, db, monkeypatch):
+    calls = []
+    real = pool.session.reset_server
+    monkeypatch.setattr("pool.returns.reset_server", lambda raw, b: (calls.append(1), real(raw, b)))
+    p = make_pool()
+    for _ in range(5):
+        p.fetchone("SELECT 1")
+        p.fetchall("SELECT 1", readonly=True)
+        p.execute("SELECT 1")
+        with p.connection():
+            pass
+    assert calls == []  # one statement the pool controls, or nothing at all: nothing to reset
+    with p.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    assert calls == [1]  # a block that ran statements: one round trip, once
+
+
+# -- misuse that must be loud -------------------------------------------------------------------
+
+def test_process_mode_used_from_two_threads_is_refused(pool_factory):
+    """It used to lend one connection twice, or fail with a misleading PoolTimeout."""
+    p = pool_factory(mode="process", replicas=())
+    inside, release = threading.Event(), threading.Event()
+
+    def holder():
+        with p.connection():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(5)
+    try:
+        with pytest.raises(pool.PoolError, match='mode="threaded"'):
+            p.fetchone("SELECT 1")
+    finally:
+        release.set()
+        t.join()
+    assert p.fetchone("SELECT 1") == (1,)  # one thread at a time is fine (a hand-over)
+
+
+def test_one_at_fork_hook_for_the_module_not_one_per_pool(db, monkeypatch):
+    registered = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **kw: registered.append(kw))
+    for _ in range(200):
+        pool.Pool(db.dsn("primary"), mode="process").close()
+    assert registered == []
+
+
+# -- stats a user can read ----------------------------------------------------------------------
+
+def test_stats_say_when_the_last_error_happened_and_what_max_size_means(make_pool, db):
+    p = make_pool(max_size=3)
+    before = time.time()
+    db.kill("replica1")
+    wait_until(lambda: p.fetchone("SELECT 1", readonly=True) and
+               p.stats()["endpoints"][1]["state"] == "down", timeout=10, what="replica1 ejected")
+    db.start_node("replica1")
+    wait_until(lambda: p.fetchone("SELECT 1", readonly=True) and
+               p.stats()["endpoints"][1]["state"] == "up", timeout=10, what="replica1 back")
+    s = p.stats()
+    ep = s["endpoints"][1]
+    assert ep["last_error"] and before <= ep["last_error_at"] <= time.time()
+    assert "max_size" not in s  # it was per endpoint, next to a larger pool-wide size
+    assert s["max_size_per_endpoint"] == 3 and s["capacity"] == 9

@@ -1,0 +1,191 @@
+"""Every node a candidate: the pool finds the primary, follows a promotion, never writes to two
+primaries, and treats a node that refuses writes as demoted. Against real servers.
+
+Promotions change a cluster for good, so those tests get a throwaway primary and two replicas of
+their own (about two seconds to start); the rest use the session's cluster and undo what they do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import psycopg2
+import pytest
+
+import pool
+from conftest import APP_PASSWORD, heal
+from native.cluster import NODES, Cluster
+from pgutil import admin_sql, node_of, timed, unique_name, wait_until
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
+
+READ = "SELECT inet_server_port()"
+INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+
+
+@pytest.fixture
+def fresh():
+    """A cluster of its own, destroyed afterwards: promotion is one-way."""
+    base = tempfile.mkdtemp(prefix="pool-roles-", dir="/tmp")
+    os.chmod(base, 0o755)
+    c = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3),
+                env={"APP_PASSWORD": APP_PASSWORD}, durable=False)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def candidates(c: Cluster, **kwargs) -> pool.Pool:
+    kwargs.setdefault("connect_timeout", 1)
+    kwargs.setdefault("query_timeout", 3)
+    kwargs.setdefault("timeout", 2)
+    return pool.Pool([c.dsn(n) for n in NODES], **kwargs)
+
+
+def states(p) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["role"], e["state"]) for e in p.stats()["endpoints"]}
+
+
+def test_the_candidate_form_finds_the_primary_and_reads_from_the_others(db, mode):
+    p = candidates(db, mode=mode)
+    try:
+        assert p.stats()["primary"] == f"127.0.0.1:{db.port('primary')}"
+        assert p.stats()["roles"] == "discovered"
+        assert p.fetchone("SELECT pg_is_in_recovery()") == (False,)
+        assert node_of(db, p.last_endpoint) == "primary"
+        served = {node_of(db, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) for _ in range(6)}
+        assert served == {"replica1", "replica2"}
+    finally:
+        p.close()
+
+
+def test_the_pool_follows_a_promotion_without_a_failed_read(fresh, mode):
+    """Kill the primary, promote replica1: writes come back on replica1 by themselves, with no
+    restart and no configuration change, and no read fails meanwhile."""
+    c = fresh
+    p = candidates(c, mode=mode)
+    try:
+        assert p.fetchone(INSERT, (unique_name(),)) is not None
+        for _ in range(4):
+            p.fetchone(READ, readonly=True)
+        c.kill("primary")
+        failed_reads, first_write = [], None
+        promoted_at = None
+        start = time.monotonic()
+        while time.monotonic() - start < 20:
+            seconds, _, error = timed(lambda: p.fetchone(READ, readonly=True))
+            if error is not None:
+                failed_reads.append(error)
+            if promoted_at is None and time.monotonic() - start > 1.0:
+                admin_sql(c, "replica1", "SELECT pg_promote()")  # waits until it is done
+                promoted_at = time.monotonic()
+            if promoted_at is not None:
+                _, row, error = timed(lambda: p.fetchone(INSERT, (unique_name(),)))
+                if error is None:
+                    first_write = time.monotonic() - promoted_at
+                    break
+            time.sleep(0.02)
+        assert not failed_reads, failed_reads[:3]
+        assert first_write is not None, "writes never came back after the promotion"
+        assert first_write < 5.0  # the target (2 s) is measured by the load test
+        assert node_of(c, p.last_endpoint) == "replica1"
+        assert p.stats()["primary"] == f"127.0.0.1:{c.port('replica1')}"
+        assert states(p)[f"127.0.0.1:{c.port('replica1')}"] == ("primary", "up")
+        for _ in range(6):  # reads still work (replica2, or the new primary)
+            assert p.fetchone(READ, readonly=True) is not None
+    finally:
+        p.close()
+
+
+def test_an_old_primary_back_before_it_was_fenced_is_a_conflict_never_written(fresh, mode, caplog):
+    """Two candidates claim to be primary: writes go only to the newest timeline."""
+    c = fresh
+    p = candidates(c, mode=mode)
+    try:
+        c.kill("primary")
+        admin_sql(c, "replica1", "SELECT pg_promote()")
+        wait_until(lambda: timed(lambda: p.fetchone(INSERT, (unique_name(),)))[2] is None,
+                   timeout=10, interval=0.05, what="writes on the new primary")
+        with caplog.at_level(logging.WARNING, logger="pool"):
+            c.start_node("primary")  # timeline 1, still a primary: nobody fenced it
+            old = f"127.0.0.1:{c.port('primary')}"
+            wait_until(lambda: (p.fetchone(READ, readonly=True), states(p)[old][1] == "conflict")[1],
+                       timeout=15, interval=0.1, what="the old primary reported as a conflict")
+        for _ in range(10):
+            assert p.fetchone(INSERT, (unique_name(),)) is not None
+            assert node_of(c, p.last_endpoint) == "replica1"
+            assert node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) != "primary"
+        assert any("two primaries" in r.getMessage() and r.levelno == logging.WARNING
+                   for r in caplog.records)
+        ep = next(e for e in p.stats()["endpoints"] if e["name"] == old)
+        assert ep["timeline"] == 1 and p.stats()["endpoints"][1]["timeline"] == 2
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def read_only_primary(db):
+    """The primary starts refusing writes (as a demoted node would), and is set right after."""
+    def set_(on: bool) -> None:
+        admin_sql(db, "primary", "ALTER SYSTEM SET default_transaction_read_only = %s" % ("on" if on else "off"))
+        admin_sql(db, "primary", "SELECT pg_reload_conf()")
+        time.sleep(0.3)  # every backend rereads the configuration at its next command
+    yield set_
+    admin_sql(db, "primary", "ALTER SYSTEM RESET default_transaction_read_only")
+    admin_sql(db, "primary", "SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("form", ["declared", "candidates"])
+def test_a_primary_that_refuses_writes_is_treated_as_demoted(db, mode, form, read_only_primary):
+    """SQLSTATE 25006 (read_only_sql_transaction) on a write: the node was demoted. It leaves
+    write rotation at once (writes fail fast, reads go on) and is taken back once it writes."""
+    p = candidates(db, mode=mode) if form == "candidates" else pool.Pool(
+        db.dsn("primary"), replicas=[db.dsn("replica1"), db.dsn("replica2")], mode=mode,
+        connect_timeout=1)
+    try:
+        assert p.fetchone(INSERT, (unique_name(),)) is not None
+        read_only_primary(True)
+        # Declared roles learn of the demotion from the write that fails; candidates have a
+        # monitor that may see it first (during read_only_primary's 0.3 s), and then the write
+        # is refused before it is sent.
+        expected = (psycopg2.errors.ReadOnlySqlTransaction,) if form == "declared" else (
+            psycopg2.errors.ReadOnlySqlTransaction, pool.EndpointUnavailable)
+        with pytest.raises(expected):
+            p.fetchone(INSERT, (unique_name(),))
+        for _ in range(3):
+            seconds, _, error = timed(lambda: p.fetchone(INSERT, (unique_name(),)))
+            assert isinstance(error, (pool.EndpointUnavailable, psycopg2.errors.ReadOnlySqlTransaction)), error
+        seconds, _, error = timed(lambda: p.fetchone(INSERT, (unique_name(),)))
+        assert isinstance(error, pool.EndpointUnavailable) and seconds < 0.5, error
+        assert p.fetchone(READ, readonly=True) is not None
+        read_only_primary(False)
+        wait_until(lambda: timed(lambda: p.fetchone(INSERT, (unique_name(),)))[2] is None,
+                   timeout=10, interval=0.1, what="writes after the node writes again")
+    finally:
+        p.close()
+
+
+def test_candidates_with_no_primary_up_serve_reads_and_find_it_when_it_starts(db, mode):
+    db.kill("primary")
+    try:
+        p = candidates(db, mode=mode)
+        try:
+            assert p.stats()["primary"] is None
+            with pytest.raises(pool.EndpointUnavailable, match="no primary among the candidates"):
+                p.fetchone(INSERT, (unique_name(),))
+            assert p.fetchone(READ, readonly=True) is not None
+            db.start_node("primary")
+            wait_until(lambda: timed(lambda: p.fetchone(INSERT, (unique_name(),)))[2] is None,
+                       timeout=10, interval=0.1, what="writes once the primary started")
+            assert node_of(db, p.last_endpoint) == "primary"
+        finally:
+            p.close()
+    finally:
+        heal(db)
