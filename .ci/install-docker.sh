@@ -6,8 +6,9 @@
 #   2. Compose v2 (`docker compose`), from Debian trixie via a priority-100 pinned apt source
 #      when the host's own suites only have Compose v1;
 #   3. dockerd running in the background (log: /var/log/dockerd.log) if no engine answered;
-#   4. the image debian:trixie-slim built locally with debootstrap (no container registry is used;
-#      the rootfs tarball is cached under /var/cache/pool-ci/ so reruns are fast);
+#   4. the image debian:trixie-slim built locally with debootstrap by compose/base-image.sh (no
+#      container registry is used; the rootfs tarball is cached under /var/cache/pool-ci/ so
+#      reruns are fast);
 #   5. a one-line summary on stdout.
 # Every step checks first and does nothing if already done, so reruns take a few seconds.
 #
@@ -27,8 +28,6 @@ SECONDS=0
 BASE_IMAGE=debian:trixie-slim
 BASE_SUITE=trixie
 CACHE_DIR=/var/cache/pool-ci
-ROOTFS_TAR=$CACHE_DIR/debian-$BASE_SUITE-minbase-rootfs.tar.gz
-ROOTFS_META=$ROOTFS_TAR.meta
 DRIVER_STATE=$CACHE_DIR/dockerd-storage-driver
 DOCKERD_LOG=/var/log/dockerd.log
 DOCKERD_TIMEOUT=${POOL_CI_DOCKERD_TIMEOUT:-60}
@@ -60,51 +59,10 @@ write_if_changed() {
     printf '%s\n' "$2" >"$1.tmp.$$" && mv "$1.tmp.$$" "$1"
 }
 
-# apt_uri_for_suite SUITE: first enabled "deb" URI in the host's apt sources serving SUITE
-# (deb822 *.sources and one-line *.list; our own trixie file is ignored).
-apt_uri_for_suite() {
-    local suite=$1 f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        if [ ! -f "$f" ] || [ "$f" = "$TRIXIE_SOURCES" ]; then continue; fi
-        case $f in
-        *.sources)
-            awk -v want="$suite" '
-                function flush() {
-                    if (types ~ /(^| )deb( |$)/ && enabled !~ /^(no|false)$/ && uris != "") {
-                        n = split(suites, s, " ")
-                        for (i = 1; i <= n; i++) if (s[i] == want) { split(uris, u, " "); print u[1]; found = 1; exit }
-                    }
-                    types = uris = suites = enabled = ""
-                }
-                /^[ \t]*$/ { flush(); next }
-                /^#/ { next }
-                /^Types:/   { sub(/^Types:[ \t]*/, "");   types = $0 }
-                /^URIs:/    { sub(/^URIs:[ \t]*/, "");    uris = $0 }
-                /^Suites:/  { sub(/^Suites:[ \t]*/, "");  suites = $0 }
-                /^Enabled:/ { sub(/^Enabled:[ \t]*/, ""); enabled = tolower($0) }
-                END { if (!found) flush() }' "$f"
-            ;;
-        *)
-            sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$f" | awk -v want="$suite" '$1 == "deb" && $3 == want { print $2; exit }'
-            ;;
-        esac
-    done | head -n1 | sed 's:/*$::'
-}
-
-# shellcheck disable=SC1091
-HOST_CODENAME=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
-debian_mirror() {
-    local m=${POOL_CI_DEBIAN_MIRROR:-}
-    [ -n "$m" ] || { [ -n "$HOST_CODENAME" ] && m=$(apt_uri_for_suite "$HOST_CODENAME"); }
-    [ -n "$m" ] || die "cannot derive the Debian mirror from /etc/apt/sources*; set POOL_CI_DEBIAN_MIRROR"
-    echo "${m%/}"
-}
-security_mirror() {
-    local m=${POOL_CI_SECURITY_MIRROR:-}
-    [ "$m" = none ] && return 0
-    [ -n "$m" ] || { [ -n "$HOST_CODENAME" ] && m=$(apt_uri_for_suite "$HOST_CODENAME-security"); }
-    echo "${m%/}"
-}
+# The Debian mirror (from the host's apt sources; POOL_CI_DEBIAN_MIRROR overrides) and the
+# base image build live in compose/base-image.sh, which `make up` also uses.
+BASE_IMAGE_SH=$(cd "$(dirname "$0")/.." && pwd)/compose/base-image.sh
+debian_mirror() { bash "$BASE_IMAGE_SH" --print-mirror; }
 
 # ---------------------------------------------------------------- helpers: docker client
 # Prefer the `docker` on PATH (e.g. a newer CLI in /usr/local/bin; it negotiates the API version
@@ -360,100 +318,13 @@ pick_docker_client
 # ================================================================ 4. base image
 log "step 4/5: base image $BASE_IMAGE"
 
-build_rootfs_tarball() {
-    local mirror security dir
-    mirror=$(debian_mirror)
-    security=$(security_mirror)
-    is_installed debootstrap || { apt_update; apt-get install -y -qq --no-install-recommends debootstrap >/dev/null; }
-    dir=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
-    # shellcheck disable=SC2064
-    trap "cleanup_rootfs '$dir'" EXIT
-    log "debootstrap --variant=minbase $BASE_SUITE from $mirror (about 30s)"
-    if ! debootstrap --variant=minbase "$BASE_SUITE" "$dir" "$mirror" >"$CACHE_DIR/debootstrap.log" 2>&1; then
-        tail -n 20 "$CACHE_DIR/debootstrap.log" >&2
-        die "debootstrap failed (full log: $CACHE_DIR/debootstrap.log)"
-    fi
-
-    log "trimming rootfs (slim: no docs/man/locales, empty apt lists/caches)"
-    # apt sources in deb822 form, same mirror as the host, plus updates and security.
-    rm -f "$dir/etc/apt/sources.list"
-    {
-        printf 'Types: deb\nURIs: %s\nSuites: %s %s-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-            "$mirror" "$BASE_SUITE" "$BASE_SUITE"
-        if [ -n "$security" ]; then
-            printf '\nTypes: deb\nURIs: %s\nSuites: %s-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-                "$security" "$BASE_SUITE"
-        fi
-    } >"$dir/etc/apt/sources.list.d/debian.sources"
-    # Same minimising config as the official slim images.
-    cat >"$dir/etc/dpkg/dpkg.cfg.d/docker-slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/groff/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/linda/*
-path-exclude /usr/share/lintian/*
-path-exclude /usr/share/locale/*
-path-include /usr/share/locale/locale.alias
-path-exclude /usr/share/man/*
-EOF
-    cat >"$dir/etc/apt/apt.conf.d/docker-clean" <<'EOF'
-DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache "";
-Dir::Cache::srcpkgcache "";
-EOF
-    printf 'Acquire::Languages "none";\n' >"$dir/etc/apt/apt.conf.d/docker-no-languages"
-    printf 'Acquire::GzipIndexes "true";\n' >"$dir/etc/apt/apt.conf.d/docker-gzip-indexes"
-    printf 'APT::AutoRemove::SuggestsImportant "false";\n' >"$dir/etc/apt/apt.conf.d/docker-autoremove-suggests"
-    printf '#!/bin/sh\nexit 101\n' >"$dir/usr/sbin/policy-rc.d" && chmod 755 "$dir/usr/sbin/policy-rc.d"
-    find "$dir/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
-    find "$dir/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true
-    find "$dir/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} + 2>/dev/null || true
-    case $dir in "$CACHE_DIR"/rootfs.*) ;; *) die "refusing to trim rootfs '$dir'" ;; esac
-    rm -rf "${dir:?}"/usr/share/{man,groff,info,lintian,linda}/* \
-        "${dir:?}"/var/lib/apt/lists/* "${dir:?}"/var/cache/apt/archives/*.deb "${dir:?}"/var/cache/apt/*.bin \
-        "${dir:?}"/var/log/*.log "${dir:?}"/var/log/apt/* "${dir:?}"/tmp/* "${dir:?}"/dev/* "${dir:?}"/run/*
-    : >"$dir/etc/resolv.conf"   # docker bind-mounts these at run time
-    : >"$dir/etc/hostname"
-
-    log "packing rootfs into $ROOTFS_TAR"
-    local gz=gzip
-    command -v pigz >/dev/null && gz=pigz
-    tar --numeric-owner --xattrs -C "$dir" -c . | $gz -1 >"$ROOTFS_TAR.tmp"
-    mv "$ROOTFS_TAR.tmp" "$ROOTFS_TAR"
-    printf 'suite=%s\nmirror=%s\nsecurity=%s\nbuilt=%s\n' "$BASE_SUITE" "$mirror" "$security" "$(date -Is)" >"$ROOTFS_META"
-    cleanup_rootfs "$dir"
-    trap - EXIT
-}
-
-cleanup_rootfs() { # unmount anything debootstrap left mounted, then remove the tree
-    local dir=$1 m
-    [ -d "$dir" ] || return 0
-    for m in $(findmnt -rn -o TARGET | grep -F "$dir/" | sort -r); do umount -l "$m" 2>/dev/null || true; done
-    rm -rf --one-file-system "$dir"
-    rm -f "$ROOTFS_TAR.tmp"
-}
-
-tarball_current() {
-    [ -s "$ROOTFS_TAR" ] && [ -f "$ROOTFS_META" ] || return 1
-    grep -qxF "mirror=$(debian_mirror)" "$ROOTFS_META"
-}
-
+# debootstrap --variant=minbase trixie, slimmed like the official image, docker import (the
+# rootfs tarball is cached, so a re-import takes seconds).
 import_base_image() {
-    if [ "${POOL_CI_REFRESH_BASE:-0}" = 1 ] && [ -z "${REFRESHED:-}" ]; then
-        REFRESHED=1
-        rm -f "$ROOTFS_TAR" "$ROOTFS_META"
-    fi
-    if tarball_current; then
-        log "using cached rootfs $ROOTFS_TAR ($(grep ^built= "$ROOTFS_META" | cut -d= -f2))"
-    else
-        build_rootfs_tarball
-    fi
-    log "docker import -> $BASE_IMAGE"
-    "$DOCKER" import --change 'CMD ["bash"]' \
-        --message "debootstrap --variant=minbase $BASE_SUITE (.ci/install-docker.sh)" \
-        "$ROOTFS_TAR" "$BASE_IMAGE" >/dev/null || die "docker import failed"
+    local refresh=()
+    if [ "${POOL_CI_REFRESH_BASE:-0}" = 1 ] && [ -z "${REFRESHED:-}" ]; then refresh=(--refresh); fi
+    REFRESHED=1
+    DOCKER=$DOCKER bash "$BASE_IMAGE_SH" --tag "$BASE_IMAGE" "${refresh[@]}" || die "building $BASE_IMAGE failed"
 }
 
 if [ "${POOL_CI_REFRESH_BASE:-0}" != 1 ] && "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then

@@ -1,12 +1,13 @@
 ##@ Reference stack (primary + 2 replicas + the app's three services; STACK=docker|local)
 
-# STACK=docker: docker-compose.yml (images built locally FROM debian:trixie-slim).
+# STACK=docker: docker-compose.yml (images built locally FROM debian:trixie-slim, which is
+#               pulled, or built with debootstrap where no registry answers: compose/baseimage.py).
 # STACK=local:  the same topology as processes on this machine (`python -m native`: the local
 #               PostgreSQL binaries and the app under gunicorn from .venv), same ports.
 # Default: docker if a Docker engine and Compose v2 answer, else local. Only probed when a
 # stack target is asked for, so other targets never wait for the Docker daemon.
 STACK_GOALS := up down ps logs kill-replica start-replica kill-primary start-primary psql clean \
-               replication-status
+               replication-status promote rejoin lag-replica stall resume
 ifneq ($(filter $(STACK_GOALS),$(MAKECMDGOALS)),)
 STACK ?= $(shell docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 && echo docker || echo local)
 STACK := $(STACK)
@@ -24,6 +25,9 @@ STACKCTL = $(STACK_PY) $(ROOT)/compose/stackctl.py
 STACK_WAIT ?= 240
 REPLICA ?= replica1
 NODE ?= primary
+# lag-replica: how long WAL replay stays paused (a make variable; the shell's own $SECONDS is
+# never used in a recipe)
+SECONDS ?= 10
 SERVICE ?=
 # APP_PY_DEPS=wheelhouse builds the app image from ./wheelhouse (pinned gunicorn/psycopg2 wheels,
 # fetched on the host by `make wheelhouse`) instead of Debian's python3-psycopg2 and gunicorn.
@@ -38,28 +42,38 @@ define check_compose
 	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine answers (docker info); use STACK=local" >&2; exit 1; }
 	@docker compose version >/dev/null 2>&1 || { echo "error: Docker Compose v2 (\`docker compose\`) is required" >&2; exit 1; }
 endef
+# Every image is built FROM debian:trixie-slim: present, else pulled, else built with debootstrap.
 define check_base_image
-	@docker image inspect debian:trixie-slim >/dev/null 2>&1 || { echo "error: base image debian:trixie-slim is missing: every image here is built FROM it and nothing is pulled; create it (.ci/install-docker.sh imports one with debootstrap)" >&2; exit 1; }
+	@$(STACK_PY) $(ROOT)/compose/baseimage.py ensure
 endef
 define check_replica
 	@case "$(REPLICA)" in replica1|replica2) ;; *) echo "error: REPLICA must be replica1 or replica2" >&2; exit 2;; esac
 endef
+# After a promotion any node may be a replica: promote/lag-replica take any node name.
+define check_node
+	@case "$($(1))" in primary|replica1|replica2) ;; *) echo "error: $(1) must be primary, replica1 or replica2" >&2; exit 2;; esac
+endef
+# The topology procedures (topology/): the same subcommands in both stacks' CLIs.
+TOPOLOGY_CLI = $(if $(filter local,$(STACK)),$(NATIVE),$(STACKCTL))
+# The node that is the primary now (topology state; `primary` in the initial topology).
+CURRENT_PRIMARY = $(TOPOLOGY_CLI) current-primary
 
 .PHONY: up down ps logs kill-replica start-replica kill-primary start-primary psql clean \
-        replication-status wheelhouse
+        replication-status promote rejoin lag-replica stall resume wheelhouse
 
-up: $(if $(filter local,$(STACK)),venv) ## build and start the stack, wait until replicas stream and apps answer, print URLs
+up: $(if $(filter local,$(STACK)),venv) ## build and start the stack in the initial topology, wait until replicas stream and apps answer, print URLs
 ifeq ($(STACK),local)
 	$(NATIVE) up
 else
 	$(check_compose)
 	$(check_base_image)
 	@if [ "$(APP_PY_DEPS)" = wheelhouse ]; then $(MAKE) --no-print-directory wheelhouse; fi
-	@echo "==> building images (postgres, app: Python deps from $(APP_PY_DEPS))"
+	@echo "==> building images (postgres, app: Python deps from $(APP_PY_DEPS), nginx)"
 	$(COMPOSE) build
 	$(COMPOSE) up -d
 	@echo "==> waiting for both replicas to stream and every app to answer /healthz"
 	@$(STACKCTL) wait --timeout $(STACK_WAIT)
+	@$(STACKCTL) restore
 	@$(STACKCTL) urls
 endif
 
@@ -70,7 +84,7 @@ else
 	$(COMPOSE) down
 endif
 
-clean: ## stop the stack and delete its data (docker: down -v; local: down --purge)
+clean: ## stop the stack and delete its data and topology state (docker: down -v; local: down --purge)
 ifeq ($(STACK),local)
 	$(NATIVE) down --purge
 else
@@ -91,12 +105,24 @@ else
 	$(COMPOSE) logs -f --tail=100 $(SERVICE)
 endif
 
-replication-status: ## pg_stat_replication and slot state on the primary
+replication-status: ## which node is primary, its timeline, each replica's upstream and lag (bytes, seconds), slots
 ifeq ($(STACK),local)
-	$(NATIVE) replication
+	@$(NATIVE) replication
 else
-	@$(COMPOSE) exec -T primary psql -X -q -d postgres -c "SELECT s.slot_name, coalesce(r.state, 'inactive') AS state, r.application_name, r.client_addr, s.wal_status, r.sent_lsn, r.replay_lsn, r.replay_lag FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid ORDER BY 1"
+	@$(STACKCTL) status
 endif
+
+promote: $(if $(filter local,$(STACK)),venv) ## make REPLICA the primary (pg_promote); a running primary is stopped first (switchover); the other replica follows
+	$(call check_node,REPLICA)
+	@$(TOPOLOGY_CLI) promote $(REPLICA)
+
+rejoin: $(if $(filter local,$(STACK)),venv) ## bring NODE (default primary, a former primary) back as a replica of the new one, with pg_rewind
+	$(call check_node,NODE)
+	@$(TOPOLOGY_CLI) rejoin $(NODE)
+
+lag-replica: $(if $(filter local,$(STACK)),venv) ## pause WAL replay on REPLICA for SECONDS (default 10), then resume and wait until it caught up
+	$(call check_node,REPLICA)
+	@$(TOPOLOGY_CLI) lag-replica $(REPLICA) --seconds $(SECONDS)
 
 kill-replica: ## SIGKILL a replica (REPLICA=replica1|replica2, default replica1)
 	$(check_replica)
@@ -115,19 +141,35 @@ else
 	@$(STACKCTL) wait --timeout 60 --services primary $(REPLICA)
 endif
 
-kill-primary: ## SIGKILL the primary (reads continue on the replicas, writes fail fast)
+kill-primary: ## SIGKILL the current primary (reads continue on the replicas, writes fail fast); then start-primary or promote
 ifeq ($(STACK),local)
-	$(NATIVE) kill primary
+	$(NATIVE) kill $$($(CURRENT_PRIMARY))
 else
-	$(COMPOSE) kill -s SIGKILL primary
+	$(COMPOSE) kill -s SIGKILL $$($(CURRENT_PRIMARY))
 endif
 
-start-primary: ## start the primary again and wait until both replicas stream from it
+start-primary: ## start the current primary again (after kill-primary) and wait until the replicas stream from it
 ifeq ($(STACK),local)
-	$(NATIVE) start primary
+	$(NATIVE) start $$($(CURRENT_PRIMARY))
 else
-	$(COMPOSE) start primary
+	$(COMPOSE) start $$($(CURRENT_PRIMARY))
 	@$(STACKCTL) wait --timeout 90 --services primary replica1 replica2
+endif
+
+stall: ## SIGSTOP every process of NODE (docker pause): a stalled server, whose kernel still ACKs; then resume
+	$(call check_node,NODE)
+ifeq ($(STACK),local)
+	$(NATIVE) stall $(NODE)
+else
+	$(COMPOSE) pause $(NODE)
+endif
+
+resume: ## SIGCONT a stalled NODE (docker unpause)
+	$(call check_node,NODE)
+ifeq ($(STACK),local)
+	$(NATIVE) resume $(NODE)
+else
+	$(COMPOSE) unpause $(NODE)
 endif
 
 psql: ## psql as the superuser on NODE (primary, replica1, replica2; default primary)

@@ -1,10 +1,19 @@
 """python -m native up|down|status|replication|kill NODE|start NODE|stop NODE|psql [NODE]
+                   stall NODE|resume NODE
+                   promote NODE|rejoin NODE|lag-replica NODE --seconds N|restore|current-primary
 
 Runs the reference database topology natively in .stack/native (override: NATIVE_BASEDIR) on the
 ports PRIMARY_PORT/REPLICA1_PORT/REPLICA2_PORT (default 15432-15434; the root Makefile exports
 .env, and the environment wins), plus the sample app's three gunicorn services on
-APP_THREADED_PORT/APP_PROCESS_PORT/APP_NOPOOL_PORT (default 8001-8003; `up --no-apps` skips them).
+APP_THREADED_PORT/APP_PROCESS_PORT/APP_NOPOOL_PORT (default 8001-8003; `up --no-apps` skips them),
+behind the host's nginx when it has one (gunicorn then on APP_*_DIRECT_PORT, default 18001-18003).
 Data survives `down`; `down --purge` deletes it.
+
+Roles can change: `promote replica1` makes a replica the primary (a switchover if the primary is
+running: it is stopped first; a failover if it is down), `rejoin primary` brings the old primary
+back as a replica through pg_rewind, and `up` returns to the initial topology (a switchover back
+if needed). `replication` shows which node is primary, its timeline, and each replica's upstream
+and lag. SYNC=on (in .env or the environment) makes replication synchronous; `up` applies it.
 """
 from __future__ import annotations
 
@@ -13,16 +22,13 @@ import logging
 import os
 import sys
 
-from .cluster import NODES, REPO_ROOT, Cluster, ClusterError
+from topology import OpError, event_writer, format_status
+
+from .cluster import NODES, REPO_ROOT, Cluster
 
 
-REPLICATION_SQL = """
-SELECT format('%-9s %-10s %-9s sent=%s replay=%s lag=%s', s.slot_name,
-              coalesce(r.state, 'inactive'), s.wal_status, r.sent_lsn, r.replay_lsn,
-              coalesce(r.replay_lag::text, '-'))
-  FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
- ORDER BY s.slot_name
-"""
+# Every URL printed answers 200; GET / lists the routes.
+ROUTES_HINT = "(also /, /items?limit=5, /healthz, /stats)"
 
 
 def basedir() -> str:
@@ -55,10 +61,29 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop all nodes (fast shutdown), keep the data")
     down.add_argument("--purge", action="store_true", help="also delete the data (basedir)")
     sub.add_parser("status", help="show nodes, roles and replication state, and the app services")
-    sub.add_parser("replication", help="pg_stat_replication and pg_replication_slots on the primary")
+    sub.add_parser("current-primary", help="print the name of the node that is the primary now")
+    sub.add_parser("restore", help="every node up, in the initial topology (a switchover back "
+                                   "to `primary`, fenced nodes rejoined, if needed)")
+    sub.add_parser("replication", help="which node is primary, its timeline, each replica's "
+                                       "upstream and lag (bytes and seconds), the slots")
+    for name, text in (
+            ("promote", "make a replica the primary (switchover if the primary runs, failover if "
+                        "it is down); the other replica follows"),
+            ("rejoin", "a former primary back as a replica of the current one (pg_rewind)"),
+            ("lag-replica", "pause WAL replay on a replica for --seconds, then resume and wait "
+                            "until it caught up")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("node", choices=NODES)
+        p.add_argument("--events", metavar="FILE",
+                       help="append one {event, t} JSON line (epoch seconds) per step")
+        if name == "lag-replica":
+            p.add_argument("--seconds", type=float, default=10)
     for name, text in (("kill", "SIGKILL a node and all its processes (like docker kill)"),
                        ("start", "start a stopped/killed node"),
-                       ("stop", "stop one node (fast shutdown)")):
+                       ("stop", "stop one node (fast shutdown)"),
+                       ("stall", "SIGSTOP a node and all its processes (like docker pause): a "
+                                 "stalled server, whose kernel still ACKs"),
+                       ("resume", "SIGCONT a stalled node (like docker unpause)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("node", choices=NODES)
     p = sub.add_parser("psql", help="interactive psql on a node (default primary)")
@@ -68,18 +93,25 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s native: %(message)s", datefmt="%H:%M:%S")
+    on_event = event_writer(getattr(args, "events", None))
     try:
         cluster = Cluster(basedir())
         if args.cmd == "up":
             cluster.start()
+            if not cluster.topology().initial:
+                cluster.restore_initial()
             if not args.no_apps:
                 start_services(cluster)
             for node in NODES:  # no passwords on stdout: they are in .env / the environment
                 print(f"{node:9} {cluster.conninfo_without_password(node)[0]}")
             if not args.no_apps:
-                from .services import service_ports
+                from .services import PROXY, direct_ports, find_nginx, service_ports
+                behind = direct_ports() if find_nginx() else {}
                 for name, port in service_ports().items():
-                    print(f"{name:12} http://127.0.0.1:{port}/")
+                    direct = f"   (gunicorn direct: :{behind[name]})" if behind else ""
+                    print(f"{name:12} http://127.0.0.1:{port}/items/1  {ROUTES_HINT}{direct}")
+                print(f"{PROXY:12} in front of the apps" if behind else
+                      f"{PROXY:12} NOT RUNNING: not installed; the apps answer directly (no buffering proxy)")
         elif args.cmd == "down":
             stop_services(cluster)
             if args.purge:
@@ -102,19 +134,37 @@ def main(argv: list[str] | None = None) -> int:
                 health = f"/healthz {app['healthz']}" if app["pid"] else ""
                 print(f"{app['service']:12} 127.0.0.1:{app['port']:<6} {state:10} {health}")
             return 0 if all(r["running"] for r in rows) else 3
+        elif args.cmd == "restore":
+            changed = not cluster.topology().initial
+            cluster.restore_initial()  # also starts any node that is down
+            if changed:
+                print(format_status(cluster.replication_status()))
+        elif args.cmd == "current-primary":
+            print(cluster.topology().primary)
         elif args.cmd == "replication":
-            print(f"{'slot':9} {'state':10} {'wal':9} positions")
-            print(cluster.psql("primary", REPLICATION_SQL, dbname="postgres"))
+            print(format_status(cluster.replication_status()))
+        elif args.cmd == "promote":
+            cluster.promote(args.node, on_event)
+            print(format_status(cluster.replication_status()))
+        elif args.cmd == "rejoin":
+            cluster.rejoin(args.node, on_event)
+            print(format_status(cluster.replication_status()))
+        elif args.cmd == "lag-replica":
+            cluster.lag_replica(args.node, args.seconds, on_event)
         elif args.cmd == "kill":
             cluster.kill(args.node)
         elif args.cmd == "start":
             cluster.start_node(args.node)
         elif args.cmd == "stop":
             cluster.stop(args.node)
+        elif args.cmd == "stall":
+            cluster.stall(args.node)
+        elif args.cmd == "resume":
+            cluster.resume(args.node)
         elif args.cmd == "psql":
             conninfo, password = cluster.conninfo_without_password(args.node, args.user)
             os.execve(cluster._bin("psql"), ["psql", conninfo], cluster._client_env(password))
-    except ClusterError as e:
+    except OpError as e:  # ClusterError included
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

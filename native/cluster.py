@@ -9,6 +9,10 @@ processes on 127.0.0.1, for pytest fixtures and for `python -m native`.
     c.start()                       # initdb + init + 2 x pg_basebackup, or resume existing data
     psycopg2.connect(c.dsn("replica1"))
     c.kill("primary"); c.start_node("primary"); c.wait_streaming()
+    c.promote("replica1")           # switchover (primary running: stopped first) or failover
+    c.rejoin("primary")             # the old primary back as a replica, through pg_rewind
+    c.lag_replica("replica2", 5)    # pause WAL replay for 5 s, then let it catch up
+    c.restore_initial()             # `primary` the primary again, everything streaming
     c.destroy()
 
 Layout of basedir (kept small so Unix socket paths stay short):
@@ -17,7 +21,15 @@ Layout of basedir (kept small so Unix socket paths stay short):
     primary/ replica1/ replica2/    data directories (0700, owned by the server's OS user)
     log/<node>.log         each node's server log (stderr of the postmaster)
     run/                   Unix socket directory (never /var/run/postgresql)
-    replication.pgpass     passfile the replicas use for primary_conninfo (0600)
+    replication.pgpass     passfile for primary_conninfo and pg_rewind's source (0600)
+    topology/              which node is the primary now, and which are fenced (topology/state.py;
+                           the same layout the Docker stack keeps in its `topology` volume)
+
+Roles can change: promote() makes a replica the primary and rejoin() brings the old primary back
+as a replica (the procedures are topology.ReplicaSet's, shared with the Docker stack). Every method
+that talks to "the primary" asks the topology which node that is; start_node() starts a node as
+the topology says (a fenced former primary goes through pg_rewind first), so a crash restart never
+revives an old primary next to the new one.
 
 Root: initdb and postgres refuse to run as root, so when this runs as root every server-side
 binary (initdb, pg_ctl/postgres, pg_basebackup) runs as the `postgres` OS user (override with
@@ -44,6 +56,8 @@ import threading
 import time
 from pathlib import Path
 
+from topology import INITIAL_PRIMARY, OpError, ReplicaSet, StateDir, Topology, sync_standby_names
+
 __all__ = ["Cluster", "ClusterError", "NODES", "REPLICAS", "load_env", "find_bindir"]
 
 log = logging.getLogger("native")
@@ -65,15 +79,20 @@ DEFAULT_ENV = {
     "APP_PASSWORD": "app-local-only",
     "REPL_USER": "replicator",
     "REPL_PASSWORD": "replicator-local-only",
+    "REWIND_USER": "rewinder",
+    "REWIND_PASSWORD": "rewinder-local-only",
     "POSTGRES_PASSWORD": "postgres-local-only",
+    "SYNC": "off",
 }
 PORT_KEYS = ("PRIMARY_PORT", "REPLICA1_PORT", "REPLICA2_PORT")
 MARKER = ".native-cluster"
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-class ClusterError(RuntimeError):
-    """Something went wrong with a node; the message names the node and ends with its log tail."""
+class ClusterError(OpError):
+    """Something went wrong with a node; the message names the node and ends with its log tail.
+    (A topology.OpError, the error of the promote/rejoin procedures, so one except clause catches
+    both.)"""
 
     def __init__(self, message: str, node: str | None = None, log_tail: str | None = None):
         self.node = node
@@ -185,19 +204,24 @@ def _descendants(pid: int) -> list[int]:
 class Cluster:
     """Primary + replica1 + replica2 on 127.0.0.1 in `basedir`.
 
-    Cluster(basedir, ports=(p, p1, p2), env=None, durable=True)
+    Cluster(basedir, ports=(p, p1, p2), env=None, durable=None)
 
     ports: TCP ports of primary, replica1, replica2 (default: PRIMARY_PORT, REPLICA1_PORT,
       REPLICA2_PORT from env). env: credentials/names as in .env (APP_DB, APP_USER, APP_PASSWORD,
-      REPL_USER, REPL_PASSWORD, POSTGRES_PASSWORD); missing keys come from load_env() (the repo's
-      .env plus the process environment). durable=False: throwaway test cluster, fsync=off and
-      no syncing in initdb/pg_basebackup (fine for SIGKILL tests, unsafe for an OS crash).
+      REPL_USER, REPL_PASSWORD, REWIND_USER, REWIND_PASSWORD, POSTGRES_PASSWORD, SYNC); missing
+      keys come from load_env() (the repo's .env plus the process environment). SYNC=on:
+      synchronous replication, synchronous_standby_names 'ANY 1 (<the two other nodes>)' on
+      every node (written to node.conf at each start; apply_sync() applies a change to running
+      nodes with a reload). durable=False: throwaway test cluster, fsync=off and
+      no syncing in initdb/pg_basebackup/pg_rewind (fine for SIGKILL tests, unsafe for an OS
+      crash); recorded in basedir, so None (the default) means "as created", or True for a new
+      cluster, and `python -m native` run against a test cluster keeps it throwaway.
     """
 
     nodes = NODES
     replicas = REPLICAS
 
-    def __init__(self, basedir, ports=None, env: dict | None = None, durable: bool = True):
+    def __init__(self, basedir, ports=None, env: dict | None = None, durable: bool | None = None):
         self.basedir = Path(basedir).absolute()
         base_env = load_env(os.environ)
         self.env = {**base_env, **(env or {})}
@@ -206,10 +230,17 @@ class Cluster:
         if len(ports) != 3:
             raise ValueError("ports must be (primary, replica1, replica2)")
         self.ports = dict(zip(NODES, (int(p) for p in ports)))
-        self.durable = durable
-        for key in ("APP_DB", "APP_USER", "REPL_USER"):
+        # None: as the cluster in basedir was created (so `python -m native` run against a test
+        # cluster keeps it throwaway), else durable.
+        self.durable = self._state().get("durable", True) if durable is None else durable
+        for key in ("APP_DB", "APP_USER", "REPL_USER", "REWIND_USER"):
             if not _NAME_RE.match(self.env[key]):
                 raise ValueError(f"{key}={self.env[key]!r}: use a plain lower-case identifier")
+        sync = self.env["SYNC"].strip().lower()
+        if sync not in ("on", "off"):
+            raise ValueError(f"SYNC={self.env['SYNC']!r}: use on or off")
+        self.sync = sync == "on"
+        self.state = StateDir(self.basedir / "topology")
         self.bindir = find_bindir()
         self.pg_major = self._pg_major()
         self._osuser = self._server_osuser()
@@ -360,7 +391,8 @@ class Cluster:
             if any(self.basedir.iterdir()):
                 raise ClusterError(f"{self.basedir} is not empty and has no {MARKER} marker; "
                                    "refusing to use it")
-            self._save_state(ports=self.ports, pg_major=self.pg_major, initialized=False)
+            self._save_state(ports=self.ports, pg_major=self.pg_major, initialized=False,
+                             durable=self.durable)
         else:
             if state.get("ports") != self.ports:
                 raise ClusterError(f"{self.basedir} was created with ports {state.get('ports')}, "
@@ -410,6 +442,11 @@ class Cluster:
         if not self.durable:
             lines += ["# durable=False: throwaway test cluster (survives SIGKILL, not an OS crash)",
                       "fsync = off"]
+        # Not before init-primary.sh has run: its writes would wait for standbys that do not
+        # exist yet. The value names the two other nodes, so it is right whoever is primary.
+        if self.sync and self._state().get("initialized"):
+            lines += ["# SYNC=on: a commit waits until one other node has flushed it",
+                      f"synchronous_standby_names = '{sync_standby_names(node)}'"]
         self._write_private(self.datadir(node) / "node.conf", "\n".join(lines) + "\n")
 
     def _install_config(self, node: str) -> None:
@@ -428,33 +465,58 @@ class Cluster:
 
     # ------------------------------------------------------------------ cluster lifecycle
     def start(self, timeout: float = 60) -> None:
-        """Create the cluster (or resume an existing one) and wait until both replicas stream."""
+        """Create the cluster, or resume an existing one in its current topology (the recorded
+        primary first; a fenced former primary rejoins through pg_rewind), and wait until every
+        replica streams. Then apply SYNC to every node."""
         t0 = time.monotonic()
         self._prepare_basedir()
         state = self._state()
-        if not (self.datadir("primary") / "PG_VERSION").exists():
+        topo = self.topology()
+        primary = topo.primary
+        if not (self.datadir(primary) / "PG_VERSION").exists():
+            if primary != INITIAL_PRIMARY:
+                raise ClusterError(f"the topology says {primary} is the primary, but it has no data "
+                                   "directory; destroy() the cluster (make clean) to start over", primary)
             self._initdb()
-        self.start_node("primary", timeout)
+        self._write_passfile()
+        self.start_node(primary, timeout)
         if not state.get("initialized"):
             self._run_init_script()
             self._save_state(initialized=True)
 
-        # One passfile for both replicas, recorded as passfile=... in their primary_conninfo.
-        # '*' for host/port/db: the same line works in the container topology (host=primary).
-        self._write_private(self.passfile, f"*:*:*:{_pgpass_escape(self.env['REPL_USER'])}:"
-                                           f"{_pgpass_escape(self.env['REPL_PASSWORD'])}\n")
-
         def bring_up(replica):
-            if not (self.datadir(replica) / "standby.signal").exists():
-                self._clone(replica, timeout)
+            data = self.datadir(replica)
+            # No standby.signal on a node that is not fenced: an interrupted clone (-R writes the
+            # file last). A fenced former primary has none either, and is rewound, not re-cloned.
+            if not (data / "PG_VERSION").exists() or (
+                    not (data / "standby.signal").exists() and replica not in topo.rewind):
+                self._clone(replica, primary, timeout)
             self.start_node(replica, timeout)
 
-        with concurrent.futures.ThreadPoolExecutor(len(REPLICAS)) as ex:
-            for fut in [ex.submit(bring_up, r) for r in REPLICAS]:
+        with concurrent.futures.ThreadPoolExecutor(len(topo.standbys)) as ex:
+            for fut in [ex.submit(bring_up, r) for r in topo.standbys]:
                 fut.result()
         self.wait_streaming(timeout)
-        log.info("cluster up in %.1fs: primary :%d, replica1 :%d, replica2 :%d (%s)",
-                 time.monotonic() - t0, *self.ports.values(), self.basedir)
+        self.apply_sync()
+        log.info("cluster up in %.1fs: %s (%s)", time.monotonic() - t0,
+                 ", ".join(f"{n} :{self.ports[n]}" for n in (primary, *topo.standbys)), self.basedir)
+
+    def _write_passfile(self) -> None:
+        # One passfile for every node: the replication role for primary_conninfo, the rewind role
+        # for pg_rewind's source. '*' for host/port/db: the same lines work in the container
+        # topology (host=primary).
+        lines = [f"*:*:*:{_pgpass_escape(self.env[user])}:{_pgpass_escape(self.env[pw])}\n"
+                 for user, pw in (("REPL_USER", "REPL_PASSWORD"), ("REWIND_USER", "REWIND_PASSWORD"))]
+        self._write_private(self.passfile, "".join(lines))
+
+    def apply_sync(self) -> None:
+        """Rewrite each node's node.conf for the current SYNC setting and reload the running
+        nodes (synchronous_standby_names takes effect on reload, no restart)."""
+        for node in NODES:
+            if (self.datadir(node) / "PG_VERSION").exists():
+                self._write_node_conf(node)
+                if self.is_running(node):
+                    self.psql(node, "SELECT pg_reload_conf()", dbname="postgres")
 
     def _initdb(self) -> None:
         data = self.datadir("primary")
@@ -482,28 +544,30 @@ class Cluster:
         env.update(PGHOST="127.0.0.1", PGPORT=str(self.ports["primary"]), PGUSER="postgres",
                    PGDATABASE="postgres", PSQL=self._bin("psql"), INIT_WAIT_SECONDS="10",
                    REPL_SLOTS=" ".join(REPLICAS),
-                   **{k: self.env[k] for k in ("APP_DB", "APP_USER", "APP_PASSWORD",
-                                              "REPL_USER", "REPL_PASSWORD")})
+                   **{k: self.env[k] for k in ("APP_DB", "APP_USER", "APP_PASSWORD", "REPL_USER",
+                                              "REPL_PASSWORD", "REWIND_USER", "REWIND_PASSWORD")})
         proc = subprocess.run(["sh", str(POSTGRES_FILES / "init-primary.sh")], env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise self._error("primary", f"init-primary.sh failed (exit {proc.returncode}):\n"
                                          f"{(proc.stdout + proc.stderr).strip()}")
 
-    def _clone(self, replica: str, timeout: float) -> None:
+    def _clone(self, replica: str, source: str, timeout: float) -> None:
         data = self.datadir(replica)
         if data.exists():
             shutil.rmtree(data)  # no standby.signal: an interrupted clone
         data.mkdir(mode=0o700)
         self._chown(data)
         user = self.env["REPL_USER"]
-        conninfo = _conninfo(host="127.0.0.1", port=self.ports["primary"], user=user,
+        conninfo = _conninfo(host="127.0.0.1", port=self.ports[source], user=user,
                              passfile=self.passfile)
         args = [self._bin("pg_basebackup"), "-D", data, "-d", conninfo, "-w", "-R",
                 "-X", "stream", "-S", replica, "-c", "fast", f"--label=native {replica}"]
         if not self.durable:
             args.append("--no-sync")
-        log.info("%s: pg_basebackup from primary using slot %s", replica, replica)
+        if source != INITIAL_PRIMARY:  # init-primary.sh made the initial primary's slots
+            self.replica_set().create_slots(source, [replica])
+        log.info("%s: pg_basebackup from %s using slot %s", replica, source, replica)
         self._run_server_tool(args, replica, timeout, "pg_basebackup")
         self._check_no_password(replica)
         self._write_node_conf(replica)
@@ -538,24 +602,93 @@ class Cluster:
     def is_running(self, node: str) -> bool:
         return self.pid(node) is not None
 
-    def start_node(self, node: str, timeout: float = 60) -> None:
-        """Start one node (no-op if running) and wait until it accepts connections. After a
-        kill() this is a crash restart: the primary does crash recovery, a replica resumes
-        streaming from its slot (no new base backup)."""
+    def start_node(self, node: str, timeout: float = 60, split_brain: bool = False) -> None:
+        """Start one node (no-op if running) as the topology says, and wait until it accepts
+        connections. After a kill() this is a crash restart: the primary does crash recovery, a
+        replica resumes streaming from its slot (no new base backup), pointed at whichever node
+        is the primary now. A fenced node (a former primary) is first rewound onto the primary's
+        timeline with pg_rewind and starts as its replica.
+
+        split_brain=True starts a fenced former primary as it is, as a second primary: only for
+        tests of what clients do when two nodes accept writes."""
         self._check(node)
         if self.is_running(node):
             return
         data = self.datadir(node)
         if not (data / "PG_VERSION").exists():
             raise ClusterError(f"{data} has no cluster; call start() first", node)
-        if node != "primary" and not (data / "standby.signal").exists():
-            raise ClusterError("standby.signal missing: refusing to start a replica as a primary", node)
+        topo = self.topology()
+        rewind = node in topo.rewind and not split_brain
+        if node == topo.primary:
+            if node in topo.rewind and not split_brain:
+                # A promotion of another node was interrupted after fencing this one; another
+                # node may already accept writes.
+                raise ClusterError("fenced but still recorded as the primary: a promotion was "
+                                   "interrupted; finish it with promote(<a replica>), then rejoin "
+                                   "this node", node)
+            if (data / "standby.signal").exists():
+                raise ClusterError("the topology says this node is the primary, but its data "
+                                   "directory is a standby's (standby.signal)", node)
+        elif rewind:
+            self._rewind(node, topo.primary, timeout)
+        elif node in topo.rewind:
+            log.warning("%s: starting a fenced former primary as it is (split_brain=True): two "
+                        "nodes accept writes now", node)
+        elif not (data / "standby.signal").exists():
+            raise ClusterError("standby.signal missing: refusing to start a replica as a primary "
+                               "(a former primary comes back through rejoin())", node)
+        else:
+            self._set_upstream(node, topo.primary)
         self._install_config(node)
         self._clear_stale_locks(node)
         log.info("%s: starting on 127.0.0.1:%d", node, self.ports[node])
         self._run_server_tool([self._bin("pg_ctl"), "start", "-D", data, "-l", self.logfile(node),
                                "-w", "-t", int(timeout), "-s"], node, timeout + 5, "pg_ctl start")
         self.wait_ready(node, timeout)
+        if rewind:
+            self.state.set_rewind(node, False)  # a proper replica now: no second rewind on restart
+            self.replica_set().drop_stale_slots(node)
+
+    def _upstream_conninfo(self, node: str, primary: str) -> str:
+        return _conninfo(host="127.0.0.1", port=self.ports[primary], user=self.env["REPL_USER"],
+                         passfile=self.passfile)
+
+    def _set_upstream(self, node: str, primary: str) -> None:
+        """primary_conninfo -> ``primary`` and primary_slot_name -> ``node`` in a stopped standby's
+        postgresql.auto.conf, where pg_basebackup -R put them (ALTER SYSTEM's file)."""
+        auto = self.datadir(node) / "postgresql.auto.conf"
+        text = auto.read_text() if auto.exists() else ""
+        keep = [line for line in text.splitlines()
+                if not re.match(r"\s*(primary_conninfo|primary_slot_name)\s*=", line)]
+        keep += [f"primary_conninfo = '{self._upstream_conninfo(node, primary)}'",
+                 f"primary_slot_name = '{node}'"]
+        self._write_private(auto, "\n".join(keep) + "\n")
+
+    def _rewind(self, node: str, primary: str, timeout: float) -> None:
+        """pg_rewind a stopped former primary (or a replica that got ahead of the new primary)
+        onto ``primary``'s timeline, as the rewind role, and make it a standby of ``primary``."""
+        if not self.is_running(primary):
+            raise ClusterError(f"cannot rewind: the primary ({primary}) is not running", node)
+        data = self.datadir(node)
+        self._write_passfile()
+        self.replica_set().create_slots(primary, [node])  # keeps its WAL from now on
+        # pg_rewind first runs single-user crash recovery on a target that was not shut down
+        # cleanly, and single-user mode refuses a standby.signal; the file is written again below.
+        (data / "standby.signal").unlink(missing_ok=True)
+        source = _conninfo(host="127.0.0.1", port=self.ports[primary], user=self.env["REWIND_USER"],
+                           dbname="postgres", passfile=self.passfile)
+        # The source's control file must show its current timeline (see ReplicaSet.promote).
+        self.psql(primary, "CHECKPOINT", user="rewind", dbname="postgres", timeout=120)
+        args = [self._bin("pg_rewind"), "-D", data, f"--source-server={source}", "--progress"]
+        if not self.durable:
+            args.append("--no-sync")
+        t0 = time.monotonic()
+        log.info("%s: pg_rewind onto %s's timeline", node, primary)
+        proc = self._run_server_tool(args, node, max(timeout, 300), "pg_rewind")
+        said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        log.info("%s: %s (%.1fs)", node, said[-1] if said else "pg_rewind done", time.monotonic() - t0)
+        self._write_private(data / "standby.signal", "")
+        self._set_upstream(node, primary)
 
     def stop(self, node: str, mode: str = "fast", timeout: float = 60) -> None:
         """pg_ctl stop -m smart|fast|immediate; no-op if the node is not running."""
@@ -601,6 +734,35 @@ class Cluster:
             time.sleep(0.02)
         self._clear_stale_locks(node)
 
+    def stall(self, node: str) -> list[int]:
+        """SIGSTOP the postmaster and every process below it, like `docker pause`: a server
+        stuck on a dead disk or a frozen VM. Its kernel still accepts connections and ACKs
+        packets, so only a client-side deadline notices. ``resume`` undoes it."""
+        pid = self.pid(node)
+        if pid is None:
+            raise self._error(node, "stall: not running")
+        log.info("%s: SIGSTOP postmaster %d and its children", node, pid)
+        os.kill(pid, signal.SIGSTOP)  # first, so it forks nothing new while we collect its children
+        victims = [pid, *_descendants(pid)]
+        for victim in victims[1:]:
+            try:
+                os.kill(victim, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return victims
+
+    def resume(self, node: str) -> None:
+        """SIGCONT a stalled node's processes (``stall``)."""
+        pid = self.pid(node)
+        if pid is None:
+            raise self._error(node, "resume: not running")
+        log.info("%s: SIGCONT postmaster %d and its children", node, pid)
+        for victim in [*_descendants(pid), pid]:  # the children first: the postmaster reaps them
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def _clear_stale_locks(self, node: str) -> None:
         """Remove lock files whose postmaster is a zombie.
 
@@ -637,15 +799,19 @@ class Cluster:
 
     # ------------------------------------------------------------------ replication state
     def replication_state(self) -> dict:
-        """{slot: state} from the primary: 'streaming', 'catchup', ..., or '' if the slot is inactive."""
-        out = self.psql("primary", "SELECT s.slot_name, coalesce(r.state, '') "
+        """{slot: state} from the current primary: 'streaming', 'catchup', ..., or '' if the slot
+        is inactive."""
+        out = self.psql(self.topology().primary, "SELECT s.slot_name, coalesce(r.state, '') "
                                    "FROM pg_replication_slots s "
                                    "LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
                                    "ORDER BY 1", dbname="postgres")
         return dict(line.split("|", 1) for line in out.splitlines() if line)
 
-    def wait_streaming(self, timeout: float = 30, nodes=REPLICAS) -> None:
-        """Wait until each replica's slot on the primary has a walsender in state 'streaming'."""
+    def wait_streaming(self, timeout: float = 30, nodes=None) -> None:
+        """Wait until each replica's slot on the primary has a walsender in state 'streaming'
+        (nodes: default every node but the current primary)."""
+        topo = self.topology()
+        nodes = topo.standbys if nodes is None else nodes
         deadline = time.monotonic() + timeout
         states: dict = {}
         while True:
@@ -654,7 +820,7 @@ class Cluster:
                 if all(states.get(n) == "streaming" for n in nodes):
                     return
             except ClusterError:
-                if not self.is_running("primary") or time.monotonic() > deadline:
+                if not self.is_running(topo.primary) or time.monotonic() > deadline:
                     raise
             if time.monotonic() > deadline:
                 lagging = [n for n in nodes if states.get(n) != "streaming"]
@@ -665,9 +831,12 @@ class Cluster:
                     raise self._error(n, "replica is not running (wait_streaming)")
             time.sleep(0.05)
 
-    def wait_replayed(self, timeout: float = 30, nodes=REPLICAS) -> None:
-        """Wait until each replica has replayed up to the primary's current WAL position."""
-        target = self.psql("primary", "SELECT pg_current_wal_lsn()", dbname="postgres")
+    def wait_replayed(self, timeout: float = 30, nodes=None) -> None:
+        """Wait until each replica (default: every node but the current primary) has replayed up
+        to the primary's current WAL position."""
+        topo = self.topology()
+        nodes = topo.standbys if nodes is None else nodes
+        target = self.psql(topo.primary, "SELECT pg_current_wal_lsn()", dbname="postgres")
         deadline = time.monotonic() + timeout
         pending = list(nodes)
         while pending:
@@ -683,19 +852,22 @@ class Cluster:
 
     # ------------------------------------------------------------------ clients
     def _credentials(self, user: str) -> tuple[str, str]:
-        aliases = {"app": self.env["APP_USER"], "replication": self.env["REPL_USER"]}
+        aliases = {"app": self.env["APP_USER"], "replication": self.env["REPL_USER"],
+                   "rewind": self.env["REWIND_USER"]}
         name = aliases.get(user, user)
         passwords = {self.env["APP_USER"]: self.env["APP_PASSWORD"],
                      self.env["REPL_USER"]: self.env["REPL_PASSWORD"],
+                     self.env["REWIND_USER"]: self.env["REWIND_PASSWORD"],
                      "postgres": self.env["POSTGRES_PASSWORD"]}
         if name not in passwords:
-            raise ValueError(f"unknown user {user!r}: use 'app', 'replication', 'postgres' or "
+            raise ValueError(f"unknown user {user!r}: use 'app', 'replication', 'rewind', 'postgres' or "
                              f"{', '.join(passwords)}")
         return name, passwords[name]
 
     def dsn(self, node: str, user: str = "app", dbname: str | None = None) -> str:
         """libpq key=value DSN: host=127.0.0.1 port dbname (APP_DB) user password.
-        user: 'app' (APP_USER), 'replication' (REPL_USER), 'postgres', or a literal role name."""
+        user: 'app' (APP_USER), 'replication' (REPL_USER), 'rewind' (REWIND_USER), 'postgres', or
+        a literal role name."""
         conninfo, password = self.conninfo_without_password(node, user, dbname)
         return f"{conninfo} {_conninfo(password=password)}"
 
@@ -721,7 +893,8 @@ class Cluster:
     # ------------------------------------------------------------------ teardown / status
     def stop_all(self, mode: str = "fast") -> None:
         """Stop replicas, then the primary (so replicas receive the final WAL)."""
-        for node in (*REPLICAS, "primary"):
+        topo = self.topology()
+        for node in (*topo.standbys, topo.primary):
             self.stop(node, mode)
 
     def destroy(self) -> None:
@@ -741,8 +914,9 @@ class Cluster:
     def status(self) -> list[dict]:
         """One dict per node: node, port, running, role (primary/standby), replication."""
         rows = []
+        primary = self.topology().primary
         try:
-            repl = self.replication_state() if self.is_running("primary") else {}
+            repl = self.replication_state() if self.is_running(primary) else {}
         except ClusterError:
             repl = {}
         for node in NODES:
@@ -754,7 +928,82 @@ class Cluster:
                     row["role"] = "standby" if rec == "t" else "primary"
                 except ClusterError as e:
                     row["role"] = f"? ({str(e).splitlines()[0]})"
-            if node != "primary":
+            if node != primary:
                 row["replication"] = repl.get(node, "") or ("slot inactive" if repl else "")
             rows.append(row)
         return rows
+
+    # ------------------------------------------------------------------ topology
+    def topology(self) -> Topology:
+        """Which node is the primary now, and which are fenced (see topology/state.py)."""
+        return self.state.read()
+
+    def replica_set(self, on_event=None) -> "NativeReplicaSet":
+        """The promote/rejoin/lag procedures (topology.ReplicaSet) over this cluster."""
+        return NativeReplicaSet(self, on_event=on_event)
+
+    def promote(self, replica: str, on_event=None) -> None:
+        """Make a running replica the primary: a switchover if the primary runs (it is stopped
+        first, fenced), a failover if it is down. The other replica follows without a restart.
+        on_event(name, epoch seconds) marks the steps (promote, fenced, promoted, followed)."""
+        self.replica_set(on_event).promote(replica)
+
+    def rejoin(self, node: str, on_event=None) -> None:
+        """A fenced former primary (or any non-primary node) back as a replica of the current
+        primary, through pg_rewind; its slot on the primary is created first."""
+        self.replica_set(on_event).rejoin(node)
+
+    def lag_replica(self, replica: str, seconds: float, on_event=None) -> None:
+        """Pause WAL replay on a replica for ``seconds``, then resume and wait until it caught up
+        (events paused, resumed, caught_up)."""
+        self.replica_set(on_event).lag_replica(replica, seconds)
+
+    def restore_initial(self) -> None:
+        """Every node running and the initial topology (`primary` the primary), by a switchover
+        back if needed."""
+        self.replica_set().restore_initial()
+
+    def replication_status(self) -> dict:
+        """topology.ReplicaSet.status(): role, timeline, upstream and lag of every node."""
+        return self.replica_set().status()
+
+
+class NativeReplicaSet(ReplicaSet):
+    """topology.ReplicaSet's primitives for a native Cluster."""
+
+    kind = "native"
+
+    def __init__(self, cluster: Cluster, say=None, on_event=None) -> None:
+        super().__init__(say or log.info, on_event)
+        self.cluster = cluster
+
+    def running(self, node: str) -> bool:
+        return self.cluster.is_running(node)
+
+    def sql(self, node: str, query: str, timeout: float = 30) -> str:
+        try:
+            return self.cluster.psql(node, query, dbname="postgres", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"psql did not answer within {timeout:.0f}s", node) from None
+
+    def stop(self, node: str) -> None:
+        self.cluster.stop(node, "fast")
+
+    def start(self, node: str) -> None:
+        self.cluster.start_node(node)
+
+    def topology(self) -> Topology:
+        return self.cluster.topology()
+
+    def set_primary(self, node: str) -> None:
+        self.cluster.state.set_primary(node)
+
+    def set_rewind(self, node: str, needed: bool) -> None:
+        self.cluster.state.set_rewind(node, needed)
+
+    def upstream_conninfo(self, node: str, primary: str) -> str:
+        return self.cluster._upstream_conninfo(node, primary)
+
+    def node_at(self, host: str, port: str) -> str | None:
+        by_port = {str(p): n for n, p in self.cluster.ports.items()}
+        return by_port.get(str(port)) if host in ("127.0.0.1", "localhost") else None

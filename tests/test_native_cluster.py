@@ -11,6 +11,8 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import psycopg2.extras  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from native.cluster import REPLICAS, Cluster, ClusterError, find_bindir  # noqa: E402
+from stackutil import check_database_privileges  # noqa: E402
+from topology import OpError, format_status  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +119,17 @@ def test_app_role_cannot_replicate(cluster):
 
 
 def test_replication_role_cannot_read_items(cluster):
-    with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
+    with pytest.raises(psycopg2.OperationalError, match="pg_hba.conf rejects connection"):
         psycopg2.connect(cluster.dsn("primary", "replication"))
     repl = cluster.env["REPL_USER"]
     assert cluster.psql("primary", f"SELECT has_table_privilege('{repl}', 'items', 'SELECT'), "
                                    f"rolsuper FROM pg_roles WHERE rolname = '{repl}'") == "f|f"
+
+
+def test_database_privileges_are_least(cluster):
+    """PUBLIC keeps no CONNECT/TEMP on postgres and template1; the replication role makes
+    replication connections only (the checks shared with the stack tests)."""
+    check_database_privileges(lambda node, user, dbname=None: cluster.dsn(node, user, dbname))
 
 
 def test_init_primary_script_is_idempotent(cluster):
@@ -145,9 +155,10 @@ def test_wrong_password_rejected(cluster, node, user):
 def test_passwords_stored_as_scram_and_never_in_files_or_logs(cluster):
     rows = cluster.psql("primary", "SELECT rolname, rolpassword FROM pg_authid "
                                    "WHERE rolpassword IS NOT NULL ORDER BY 1").splitlines()
-    assert {r.split("|")[0] for r in rows} == {"app", "postgres", "replicator"}
+    assert {r.split("|")[0] for r in rows} == {"app", "postgres", "replicator", "rewinder"}
     assert all(r.split("|")[1].startswith("SCRAM-SHA-256$") for r in rows)
-    secrets = [cluster.env[k] for k in ("APP_PASSWORD", "REPL_PASSWORD", "POSTGRES_PASSWORD")]
+    secrets = [cluster.env[k] for k in ("APP_PASSWORD", "REPL_PASSWORD", "REWIND_PASSWORD",
+                                        "POSTGRES_PASSWORD")]
     for replica in REPLICAS:
         auto = (cluster.datadir(replica) / "postgresql.auto.conf").read_text()
         assert "passfile=" in auto and f"primary_slot_name = '{replica}'" in auto
@@ -207,3 +218,217 @@ def test_start_on_existing_basedir_resumes(cluster):
     assert cluster.is_running("replica2")
     assert cluster.psql("replica2", "SELECT system_identifier FROM pg_control_system()") == ident
     assert cluster.replication_state() == {"replica1": "streaming", "replica2": "streaming"}
+
+
+# ----------------------------------------------------------------------- promotion and rejoin
+# These change roles; each ends with restore_initial(), which the tests above rely on never
+# needing (they run first) and which is itself under test here.
+def upstream_port(cluster, node):
+    """The port a standby's WAL receiver streams from ('' if it is not connected)."""
+    return cluster.psql(node, "SELECT coalesce(sender_port::text, '') FROM pg_stat_wal_receiver")
+
+
+def base_backups(cluster):
+    return sum(cluster.logfile(n).read_text().count("BASE_BACKUP") for n in cluster.nodes)
+
+
+def assert_initial_topology(cluster):
+    assert cluster.topology().initial
+    assert cluster.psql("primary", "SELECT pg_is_in_recovery()") == "f"
+    assert cluster.replication_state() == {"replica1": "streaming", "replica2": "streaming"}
+    for replica in REPLICAS:
+        assert upstream_port(cluster, replica) == str(cluster.port("primary"))
+
+
+def test_switchover_fences_the_old_primary_and_loses_nothing(cluster):
+    backups = base_backups(cluster)
+    names = [f"before-switchover-{uuid.uuid4()}" for _ in range(50)]
+    insert_items(cluster, names)  # the last commit right before the switchover
+    events = []
+    cluster.promote("replica1", on_event=lambda name, at: events.append(name))
+
+    assert events == ["promote", "fenced", "promoted", "followed"]
+    assert not cluster.is_running("primary"), "a switchover stops the old primary first"
+    assert cluster.topology().primary == "replica1" and cluster.topology().rewind == {"primary"}
+    assert cluster.psql("replica1", "SELECT pg_is_in_recovery()") == "f"
+    assert cluster.replica_set().timeline("replica1") == 2
+    # replica2 followed the timeline switch without a restart or a re-clone
+    cluster.wait_streaming(timeout=10, nodes=["replica2"])
+    assert upstream_port(cluster, "replica2") == str(cluster.port("replica1"))
+    assert fetch(cluster, "replica1", "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(50,)]
+    # the new primary keeps a slot for each other node
+    assert cluster.psql("replica1", "SELECT string_agg(slot_name, ',' ORDER BY slot_name) "
+                                    "FROM pg_replication_slots") == "primary,replica2"
+    with connect(cluster, "replica1") as conn:  # the app role writes there now
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO items (name) VALUES ('on-replica1') RETURNING id")
+
+    cluster.rejoin("primary")
+    assert cluster.psql("primary", "SELECT pg_is_in_recovery()") == "t"
+    assert upstream_port(cluster, "primary") == str(cluster.port("replica1"))
+    assert cluster.psql("primary", "SELECT count(*) FROM pg_replication_slots") == "0"
+    cluster.wait_replayed(timeout=10)
+    assert fetch(cluster, "primary", "SELECT count(*) FROM items WHERE name = 'on-replica1'") == [(1,)]
+    assert cluster.topology().rewind == frozenset()
+    status = format_status(cluster.replication_status())
+    assert status.startswith("primary: replica1, timeline 2, replication asynchronous"), status
+    assert base_backups(cluster) == backups, "nothing was re-cloned"
+
+    cluster.restore_initial()  # a switchover back: timeline 3
+    assert_initial_topology(cluster)
+    assert cluster.replica_set().timeline("primary") == 3
+
+
+def test_failover_after_a_kill_and_the_old_primary_never_comes_back_as_a_primary(cluster):
+    cluster.kill("primary")
+    cluster.promote("replica1")
+    assert cluster.topology().rewind == {"primary"}
+    with connect(cluster, "replica1") as conn:
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO items (name) VALUES ('after-failover')")
+    # Starting the old primary by hand (as a restart policy would) rewinds it into a replica.
+    cluster.start_node("primary")
+    assert cluster.psql("primary", "SELECT pg_is_in_recovery()") == "t"
+    cluster.wait_streaming(timeout=10)
+    cluster.wait_replayed(timeout=10)
+    assert fetch(cluster, "primary", "SELECT count(*) FROM items WHERE name = 'after-failover'") == [(1,)]
+    assert cluster.topology().rewind == frozenset()
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def _only_replica2_receives(cluster, count=20):
+    """Writes that reach replica2 but not replica1 (its WAL receiver disconnected), as when the
+    primary dies with replica1 a little behind."""
+    cluster.psql("replica1", "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf()")
+    names = [f"only-on-replica2-{uuid.uuid4()}" for _ in range(count)]
+    insert_items(cluster, names)
+    cluster.wait_replayed(timeout=10, nodes=["replica2"])
+    return names
+
+
+def test_failover_first_fetches_what_the_other_replica_received(cluster):
+    """replica1 is behind replica2 when the primary dies: before pg_promote() it streams the
+    missing WAL from replica2 (cascading replication), so those writes survive and replica2
+    follows the new timeline without a rewind. With SYNC=on this is what makes the promotion of
+    either replica lose nothing acknowledged."""
+    backups = base_backups(cluster)
+    names = _only_replica2_receives(cluster)
+    cluster.kill("primary")
+    cluster.promote("replica1")
+    for node in ("replica1", "replica2"):
+        assert fetch(cluster, node, "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(20,)]
+    assert upstream_port(cluster, "replica2") == str(cluster.port("replica1"))
+    assert "pg_rewind" not in cluster.logfile("replica2").read_text()[-3000:]
+    assert base_backups(cluster) == backups
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def test_follow_rewinds_a_replica_that_got_ahead(cluster):
+    """A node promoted behind the stack's back (pg_promote() by hand): replica2, ahead of it,
+    cannot follow as it is; follow() rewinds it (pg_rewind, no re-clone) and those writes go."""
+    backups = base_backups(cluster)
+    names = _only_replica2_receives(cluster)
+    cluster.kill("primary")
+    assert cluster.psql("replica1", "SELECT pg_promote(true, 60)") == "t"
+    cluster.state.set_rewind("primary", True)
+    cluster.state.set_primary("replica1")
+    cluster.replica_set().follow("replica2", "replica1")
+    assert upstream_port(cluster, "replica2") == str(cluster.port("replica1"))
+    for node in ("replica1", "replica2"):
+        assert fetch(cluster, node, "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(0,)]
+    assert base_backups(cluster) == backups
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def test_a_replica_down_at_the_promotion_is_rewound_at_its_start(cluster):
+    cluster.kill("replica2")
+    cluster.promote("replica1")
+    assert cluster.topology().rewind == {"primary", "replica2"}
+    cluster.start_node("replica2")  # killed, so pg_rewind first recovers it in single-user mode
+    cluster.wait_streaming(timeout=15, nodes=["replica2"])
+    assert upstream_port(cluster, "replica2") == str(cluster.port("replica1"))
+    assert cluster.topology().rewind == {"primary"}
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def test_split_brain_start_then_rejoin(cluster):
+    """start_node(split_brain=True) is the test hook for "the old primary restarted before it was
+    fenced": two nodes accept writes, status says so, and rejoin() ends it."""
+    cluster.kill("primary")
+    cluster.promote("replica1")
+    cluster.start_node("primary", split_brain=True)
+    assert cluster.psql("primary", "SELECT pg_is_in_recovery()") == "f"
+    status = cluster.replication_status()
+    assert sorted(status["primaries"]) == ["primary", "replica1"]
+    assert "WARNING: more than one node accepts writes" in format_status(status)
+    cluster.rejoin("primary")
+    assert cluster.psql("primary", "SELECT pg_is_in_recovery()") == "t"
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def test_promote_refuses_what_makes_no_sense(cluster):
+    with pytest.raises(OpError, match="already the primary"):
+        cluster.promote("primary")
+    cluster.stop("replica2")
+    try:
+        with pytest.raises(OpError, match="replica2 is not running"):
+            cluster.promote("replica2")
+    finally:
+        cluster.start_node("replica2")
+    with pytest.raises(OpError, match="is the primary"):
+        cluster.rejoin("primary")
+    assert_initial_topology(cluster)
+
+
+def test_lag_replica_pauses_replay_then_catches_up(cluster):
+    # Lag in seconds is the age of the last replayed commit, unknown (None) until the replica has
+    # replayed one since its start: give it one, as any live primary would.
+    insert_items(cluster, ["before-lag"])
+    cluster.wait_replayed(timeout=10)
+    events = {}
+    worker = threading.Thread(target=cluster.lag_replica, args=("replica2", 2.0),
+                              kwargs={"on_event": lambda name, at: events.__setitem__(name, at)})
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "paused" not in events and time.monotonic() < deadline:
+            time.sleep(0.02)
+        name = f"during-lag-{uuid.uuid4()}"
+        insert_items(cluster, [name])
+        time.sleep(0.3)
+        assert fetch(cluster, "replica2", "SELECT count(*) FROM items WHERE name = %s", (name,)) == [(0,)]
+        assert fetch(cluster, "replica1", "SELECT count(*) FROM items WHERE name = %s", (name,)) == [(1,)]
+        row = {r["node"]: r for r in cluster.replication_status()["nodes"]}["replica2"]
+        assert row["replay"] == "paused" and row["lag_bytes"] > 0 and row["lag_s"] > 0
+    finally:
+        worker.join(20)
+    assert list(events) == ["paused", "resumed", "caught_up"]
+    assert 2.0 <= events["resumed"] - events["paused"] < 4
+    assert fetch(cluster, "replica2", "SELECT count(*) FROM items WHERE name = %s", (name,)) == [(1,)]
+    assert cluster.psql("replica2", "SELECT pg_get_wal_replay_pause_state()") == "not paused"
+
+
+def test_sync_on_names_the_two_other_nodes(cluster):
+    def settings():
+        return {n: cluster.psql(n, "SHOW synchronous_standby_names") for n in cluster.nodes}
+
+    assert set(settings().values()) == {""}
+    sync = Cluster(cluster.basedir, ports=list(cluster.ports.values()), env={"SYNC": "on"}, durable=False)
+    sync.apply_sync()
+    try:
+        assert settings() == {"primary": "ANY 1 (replica1, replica2)",
+                              "replica1": "ANY 1 (primary, replica2)",
+                              "replica2": "ANY 1 (primary, replica1)"}
+        deadline = time.monotonic() + 5
+        while cluster.psql("primary", "SELECT string_agg(sync_state, ',') FROM pg_stat_replication") != "quorum,quorum":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        insert_items(cluster, ["committed-synchronously"])
+    finally:
+        cluster.apply_sync()  # this cluster object has SYNC=off
+    assert set(settings().values()) == {""}

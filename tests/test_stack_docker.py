@@ -5,7 +5,8 @@ The stack gets its own project name, free host ports and its own /24, so it neve
 a running `make up`. Scenarios (tests/stackutil.py, shared with test_stack_native.py): both
 replicas stream; a write through each app is readable on the replicas; every endpoint of both
 pool apps, bad input included; SIGKILL a replica under a stream of reads (no failed read, back
-within 10 s, no re-clone); SIGKILL the primary (reads continue, writes 503 fast, then recover).
+within 10 s, no re-clone); SIGKILL the primary (reads continue, writes 503 fast, then recover);
+and last, `make promote` / `make rejoin` there and back (roles change, then the initial topology).
 
 Skips with the reason when there is no Docker engine, no Compose v2, no local base image or no
 testcontainers; with REQUIRE_DOCKER=1 (CI) that is a failure instead.
@@ -35,7 +36,8 @@ BASE_IMAGE = "debian:trixie-slim"
 APP_SERVICES = {"threaded": "app-threaded", "process": "app-process", "nopool": "app-nopool"}
 PORT_VARS = {"primary": "PRIMARY_PORT", "replica1": "REPLICA1_PORT", "replica2": "REPLICA2_PORT",
              "threaded": "APP_THREADED_PORT", "process": "APP_PROCESS_PORT",
-             "nopool": "APP_NOPOOL_PORT"}
+             "nopool": "APP_NOPOOL_PORT", "direct-threaded": "APP_THREADED_DIRECT_PORT",
+             "direct-process": "APP_PROCESS_DIRECT_PORT", "direct-nopool": "APP_NOPOOL_DIRECT_PORT"}
 
 
 def _run(cmd, timeout=60) -> subprocess.CompletedProcess:
@@ -98,6 +100,9 @@ class DockerStack(stackutil.Stack):
     def url(self, mode, path=""):
         return f"http://127.0.0.1:{self.ports[mode]}{path}"
 
+    def direct_url(self, mode, path=""):
+        return f"http://127.0.0.1:{self.ports['direct-' + mode]}{path}"
+
     def db_port(self, node):
         return self.ports[node]
 
@@ -124,7 +129,7 @@ class DockerStack(stackutil.Stack):
 
     def describe(self):
         ps = _run([*self.compose_cmd, "ps", "--all"]).stdout
-        tails = "\n".join(f"--- {svc} ---\n{self.logs(svc, '15')}" for svc in NODES)
+        tails = "\n".join(f"--- {svc} ---\n{self.logs(svc, '15')}" for svc in (*NODES, "nginx"))
         return f"{ps}\n{tails}"
 
 
@@ -150,6 +155,7 @@ def stack(request):
         compose = DockerCompose(context=str(ROOT), compose_file_name=COMPOSE_FILE, build=True,
                                 wait=True)
         docker_stack = DockerStack(project, ports, env)
+        docker_stack.overrides = overrides  # for `make` run against this stack
         t0 = time.monotonic()
         try:
             try:
@@ -168,6 +174,10 @@ def stack(request):
         finally:
             t1 = time.monotonic()
             compose.stop()  # down --volumes
+            # The images are tagged per project (docker-compose.yml): drop this project's tags
+            # (the layers stay, shared with every other build).
+            _run(["docker", "image", "rm", f"pgpool-stack/postgres:17-{project}",
+                  f"pgpool-stack/app:{project}"])
             if report:
                 report.write_line(f"[docker stack {project}] down -v {time.monotonic() - t1:.1f}s")
 
@@ -178,7 +188,47 @@ def test_apps_use_fixed_addresses_not_dns(stack):
                         "import os; print(os.environ['POOL_PRIMARY']); print(os.environ['POOL_REPLICAS'])").stdout
     for node in NODES:
         assert f"host={node} hostaddr=" in env, env
+    nodes = stack.compose("exec", "-T", "app-threaded", "python3", "-c",
+                          "import os; print(os.environ['POOL_NODES'])").stdout.strip().split(",")
+    assert [n.split()[0] for n in nodes] == [f"host={node}" for node in NODES], nodes
 
 
 class TestDockerStack(stackutil.StackScenarios):
     """The shared scenarios (tests/stackutil.py) against the docker stack."""
+
+
+def make(stack: DockerStack, *args: str) -> subprocess.CompletedProcess:
+    """A make target against the test stack (-e: the environment beats .env's assignments). In a
+    clean environment: under `make test` the parent make exports all its variables, expanded,
+    and -e would let those copies override the Makefile's own definitions."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG")}
+    return subprocess.run(["make", "-e", "-s", "-C", str(ROOT), *args], capture_output=True,
+                          text=True, timeout=300, env={**env, **stack.overrides, "STACK": "docker"})
+
+
+def streaming_from(stack: DockerStack, primary: str) -> dict:
+    return dict(stack.sql(primary, "SELECT application_name, state FROM pg_stat_replication",
+                          dbname="postgres"))
+
+
+def test_make_promote_and_rejoin_there_and_back(stack):
+    """Last in this module: a switchover with `make promote` (the primary runs, so it is fenced
+    first), `make rejoin` of the old primary, then the same back to the initial topology."""
+    for new, old, timeline in (("replica1", "primary", 2), ("primary", "replica1", 3)):
+        out = make(stack, "promote", f"REPLICA={new}")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert out.stdout.startswith(f"primary: {new}, timeline {timeline}"), out.stdout
+        assert stack.sql(new, "SELECT pg_is_in_recovery()")[0][0] is False
+        running = stack.compose("ps", "--status", "running", "--services").stdout.split()
+        assert old not in running, "a switchover stops the old primary before the promotion"
+        other = next(n for n in NODES if n not in (new, old))
+        assert streaming_from(stack, new) == {other: "streaming"}
+
+        out = make(stack, "rejoin", f"NODE={old}")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert stack.sql(old, "SELECT pg_is_in_recovery()")[0][0] is True
+        assert streaming_from(stack, new) == {other: "streaming", old: "streaming"}
+        status = make(stack, "replication-status").stdout
+        assert f"\n{old:9} replica  {timeline:>3} {new:9} streaming" in status, status
+    stack.note(f"promote/rejoin there and back: {status.splitlines()[0]}")
+    stackutil.check_write_then_read(stack, "threaded")  # the initial topology serves the app again

@@ -6,7 +6,7 @@
 # PGUSER defaults to postgres and PGDATABASE to postgres. Inside a container run it as the OS user
 # postgres over the Unix socket (peer auth); the native stack runs it over TCP with a password.
 #
-# Required environment: APP_DB APP_USER APP_PASSWORD REPL_USER REPL_PASSWORD
+# Required environment: APP_DB APP_USER APP_PASSWORD REPL_USER REPL_PASSWORD REWIND_USER REWIND_PASSWORD
 # Optional:             POSTGRES_PASSWORD  (sets the superuser's password too)
 #                       REPL_SLOTS         (default "replica1 replica2": physical slots to create)
 #                       INIT_WAIT_SECONDS  (default 30: how long to wait for the server to accept)
@@ -16,8 +16,12 @@
 #   role app_owner NOLOGIN; database $APP_DB owned by app_owner; table items (owned by app_owner)
 #   seeded with 10,000 rows; login role $APP_USER with CONNECT, USAGE on schema public,
 #   SELECT+INSERT on items, USAGE on items_id_seq and nothing else; login role $REPL_USER with
-#   REPLICATION and nothing else; one physical slot per name in REPL_SLOTS.
-#   PUBLIC loses all privileges on $APP_DB (CONNECT, TEMP) and on schema public.
+#   REPLICATION and nothing else; login role $REWIND_USER with EXECUTE on the four functions
+#   pg_rewind calls on its source (pg_ls_dir, pg_stat_file, pg_read_binary_file x2), membership in
+#   pg_checkpoint and CONNECT on database postgres, instead of a superuser (`make rejoin`); one
+#   physical slot per name in REPL_SLOTS.
+#   PUBLIC loses all privileges on $APP_DB (CONNECT, TEMP) and on schema public, and CONNECT
+#   and TEMP on every other database (postgres, template1, template0).
 #
 # Secrets: passwords never go on a command line (ps) or into the server log. psql reads them from
 # its environment with \getenv (psql 15+) and uses them as :'var' literals; the SQL arrives on
@@ -30,12 +34,14 @@ set -eu
 : "${APP_PASSWORD:?APP_PASSWORD is required}"
 : "${REPL_USER:?REPL_USER is required}"
 : "${REPL_PASSWORD:?REPL_PASSWORD is required}"
+: "${REWIND_USER:?REWIND_USER is required}"
+: "${REWIND_PASSWORD:?REWIND_PASSWORD is required}"
 REPL_SLOTS=${REPL_SLOTS:-replica1 replica2}
 INIT_WAIT_SECONDS=${INIT_WAIT_SECONDS:-30}
 PSQL=${PSQL:-psql}
 PGUSER=${PGUSER:-postgres}
 PGDATABASE=${PGDATABASE:-postgres}
-export PGUSER PGDATABASE APP_PASSWORD REPL_PASSWORD
+export PGUSER PGDATABASE APP_PASSWORD REPL_PASSWORD REWIND_PASSWORD
 # Exported only if set, so \getenv sees it; empty means "leave the superuser password alone".
 if [ -n "${POSTGRES_PASSWORD:-}" ]; then export POSTGRES_PASSWORD; fi
 
@@ -70,6 +76,7 @@ log "creating roles, database $APP_DB, table items, slots: $REPL_SLOTS"
 # Identifiers and slot names are passed with -v (not secret); passwords only through \getenv.
 "$PSQL" -X -q -v ON_ERROR_STOP=1 \
     -v app_db="$APP_DB" -v app_user="$APP_USER" -v repl_user="$REPL_USER" \
+    -v rewind_user="$REWIND_USER" \
     -v slots="$REPL_SLOTS" <<'SQL'
 -- Nothing in this session may end up in the server log (statements carry passwords).
 SET log_statement = 'none';
@@ -80,6 +87,7 @@ SET client_min_messages = warning;
 
 \getenv app_pw APP_PASSWORD
 \getenv repl_pw REPL_PASSWORD
+\getenv rewind_pw REWIND_PASSWORD
 \getenv pg_pw POSTGRES_PASSWORD
 
 -- Roles ------------------------------------------------------------------------------------------
@@ -97,6 +105,23 @@ SELECT format('CREATE ROLE %I LOGIN REPLICATION', :'repl_user')
 ALTER ROLE :"repl_user" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS
     PASSWORD :'repl_pw';
 
+-- pg_rewind's source role: it reads the new primary's files through these functions only (the
+-- documented alternative to a superuser). No REPLICATION: pg_rewind uses a normal session.
+SELECT format('CREATE ROLE %I LOGIN', :'rewind_user')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'rewind_user') \gexec
+ALTER ROLE :"rewind_user" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+    PASSWORD :'rewind_pw';
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO :"rewind_user";
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO :"rewind_user";
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO :"rewind_user";
+GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO :"rewind_user";
+-- Explicit, so it keeps working where PUBLIC's CONNECT on postgres is revoked.
+GRANT CONNECT ON DATABASE postgres TO :"rewind_user";
+-- pg_rewind reads the source's timeline from its control file, current only after a checkpoint
+-- (the pg_rewind docs: CHECKPOINT a freshly promoted source first); pg_checkpoint allows exactly
+-- that.
+GRANT pg_checkpoint TO :"rewind_user";
+
 -- Optional superuser password (\getenv leaves pg_pw unset when POSTGRES_PASSWORD is not exported).
 \if :{?pg_pw}
 ALTER ROLE postgres PASSWORD :'pg_pw';
@@ -109,6 +134,10 @@ ALTER DATABASE :"app_db" OWNER TO app_owner;
 -- PUBLIC would otherwise have CONNECT and TEMP on every new database.
 REVOKE ALL ON DATABASE :"app_db" FROM PUBLIC;
 GRANT CONNECT ON DATABASE :"app_db" TO :"app_user";
+-- ... and it has them on the databases initdb made: without this the app role could log in to
+-- postgres and template1 and create TEMP tables there. Superusers are not affected.
+SELECT format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', datname)
+  FROM pg_database WHERE datname <> :'app_db' \gexec
 
 -- Physical replication slots, reserving WAL from now on (bounded by max_slot_wal_keep_size).
 SELECT format('SELECT pg_create_physical_replication_slot(%L, true)', s)

@@ -1,0 +1,258 @@
+"""The stacks' nginx configuration (compose/nginx/), run by the real nginx in front of a
+recording upstream: what reaches gunicorn and what does not, keep-alive on both sides, request
+buffering, the slow-client deadline, the per-client limit and nginx's own JSON errors.
+
+Rendered by the same render.sh the container and the native stack use, with short timeouts and
+small limits so each behaviour shows in a second. nginx runs unprivileged (as `nobody` when the
+tests run as root), as both stacks run it. Skips without nginx, except under CI.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+from native.cluster import Cluster
+from native.services import find_nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX_FILES = ROOT / "compose" / "nginx"
+
+
+class Recorder(ThreadingHTTPServer):
+    """An HTTP/1.1 upstream that records every request: (upstream connection, headers, when
+    its body had arrived). GET /slow takes a second."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so nginx's upstream keepalive can show
+
+    def log_message(self, *args):
+        pass
+
+    def _serve(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.server.lock:
+            self.server.requests.append({"conn": self.client_address[1], "path": self.path, "t": time.monotonic(),
+                                         "headers": {k.lower(): v for k, v in self.headers.items()},
+                                         "body": len(body)})
+        if self.path == "/slow":
+            time.sleep(1.0)
+        data = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Served-By", "recorder:1")
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _serve
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    """nginx on three free ports: threaded and process in front of the recorder, nopool in
+    front of a port nothing listens on."""
+    nginx = find_nginx()
+    if nginx is None:
+        require("nginx is not installed (apt-get install nginx)")
+    recorder = Recorder()
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    # mkdtemp, not tmp_path: an unprivileged nginx cannot enter /tmp/pytest-of-root (0700).
+    home = Path(tempfile.mkdtemp(prefix="nginx-test-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    run = home / "run"
+    run.mkdir()
+    shutil.copy(NGINX_FILES / "json-errors.conf", home)
+    threaded, process, nopool, dead = Cluster.free_ports(4)
+    env = {"PATH": os.environ["PATH"], "NGINX_RUN_DIR": str(run), "NGINX_ERROR_LOG": str(home / "error.log"),
+           "NGINX_ACCESS_LOG": str(home / "access.log"),
+           "NGINX_LISTEN_THREADED": f"127.0.0.1:{threaded}", "NGINX_LISTEN_PROCESS": f"127.0.0.1:{process}",
+           "NGINX_LISTEN_NOPOOL": f"127.0.0.1:{nopool}",
+           "NGINX_UPSTREAM_THREADED": f"127.0.0.1:{recorder.server_port}",
+           "NGINX_UPSTREAM_PROCESS": f"127.0.0.1:{recorder.server_port}",
+           "NGINX_UPSTREAM_NOPOOL": f"127.0.0.1:{dead}",
+           "NGINX_CLIENT_HEADER_TIMEOUT": "1s", "NGINX_MAX_CONN_PER_CLIENT": "2", "NGINX_MAX_BODY": "1k",
+           "NGINX_WORKER_PROCESSES": "1"}
+    subprocess.run(["sh", str(NGINX_FILES / "render.sh"), str(NGINX_FILES / "nginx.conf.template"),
+                    str(home / "nginx.conf")], env=env, check=True)
+    drop = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for path in (home, run):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        drop = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf"), "-e", str(home / "error.log"),
+                             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **drop)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", threaded), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nginx did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+    ports = {"threaded": threaded, "process": process, "nopool": nopool}
+    yield {"ports": ports, "recorder": recorder, "pid": proc.pid, "home": home}
+    proc.terminate()
+    proc.wait(10)
+    recorder.shutdown()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def request(port: int, method: str = "GET", path: str = "/x", body: bytes | None = None,
+            headers: dict | None = None, conn: http.client.HTTPConnection | None = None):
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    return resp, resp.read(), conn
+
+
+def last_seen(proxy, path: str) -> dict:
+    recorded = [r for r in proxy["recorder"].requests if r["path"] == path]
+    assert recorded, f"the upstream never saw {path}"
+    return recorded[-1]
+
+
+def test_hop_by_hop_and_underscore_headers_never_reach_the_app(proxy) -> None:
+    sent = {"Keep-Alive": "timeout=99", "TE": "trailers", "Trailer": "X-T", "Upgrade": "h2c",
+            "Proxy-Connection": "keep-alive", "Proxy-Authorization": "Basic eDp5", "SCRIPT_NAME": "/elsewhere",
+            "PATH_INFO": "/stats", "X-Kept": "yes"}
+    for mode, connection in (("threaded", None), ("process", "close")):
+        resp, body, _ = request(proxy["ports"][mode], path=f"/hop-{mode}", headers=sent)
+        assert resp.status == 200 and json.loads(body) == {"ok": True}
+        seen = last_seen(proxy, f"/hop-{mode}")["headers"]
+        for name in ("keep-alive", "te", "trailer", "upgrade", "proxy-connection", "proxy-authorization",
+                     "script_name", "path_info"):
+            assert name not in seen, (mode, name, seen)
+        assert seen["x-kept"] == "yes" and seen["x-forwarded-for"] == "127.0.0.1"
+        assert seen.get("connection") == connection, (mode, seen)  # keep-alive upstream only for gthread
+
+
+def test_clients_are_kept_alive(proxy) -> None:
+    conn = None
+    for i in range(3):
+        resp, _, conn = request(proxy["ports"]["process"], path=f"/ka-{i}", conn=conn)
+        assert resp.status == 200 and not resp.will_close and resp.getheader("Connection") == "keep-alive"
+    conn.close()
+
+
+def test_upstream_connections_are_reused_for_gthread_only(proxy) -> None:
+    for mode in ("threaded", "process"):
+        for i in range(3):  # separate client connections, one after the other
+            resp, _, conn = request(proxy["ports"][mode], path=f"/up-{mode}-{i}")
+            conn.close()
+            assert resp.status == 200
+        conns = {last_seen(proxy, f"/up-{mode}-{i}")["conn"] for i in range(3)}
+        assert len(conns) == (1 if mode == "threaded" else 3), (mode, conns)
+
+
+def test_the_app_sees_a_request_only_once_its_body_is_complete(proxy) -> None:
+    sock = socket.create_connection(("127.0.0.1", proxy["ports"]["threaded"]), timeout=5)
+    body = b'{"name": "' + b"b" * 300 + b'"}'
+    sock.sendall(b"POST /buffered HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:100])
+    time.sleep(0.6)
+    assert not [r for r in proxy["recorder"].requests if r["path"] == "/buffered"], "forwarded half a body"
+    finished = time.monotonic()
+    sock.sendall(body[100:])
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    sock.close()
+    seen = last_seen(proxy, "/buffered")
+    assert seen["t"] >= finished and seen["body"] == len(body)
+
+
+def test_a_slow_header_is_cut_off_and_never_reaches_the_app(proxy) -> None:
+    sock = socket.create_connection(("127.0.0.1", proxy["ports"]["threaded"]), timeout=5)
+    t0 = time.monotonic()
+    sock.sendall(b"GET /slowloris HTTP/1.1\r\nHost: t\r\n")
+    closed = None
+    for _ in range(20):  # a byte every 0.2 s: the header is never finished
+        try:
+            sock.sendall(b"X")
+            time.sleep(0.2)
+            sock.setblocking(False)
+            if sock.recv(1) == b"":
+                closed = time.monotonic() - t0
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = time.monotonic() - t0
+            break
+        finally:
+            sock.setblocking(True)
+    sock.close()
+    assert closed is not None and 0.9 <= closed < 2.5, closed  # client_header_timeout 1s, a total
+    assert not [r for r in proxy["recorder"].requests if r["path"] == "/slowloris"]
+
+
+def test_requests_beyond_the_per_client_limit_get_a_json_429(proxy) -> None:
+    results: list[tuple[int, str, str | None]] = []
+
+    def slow():
+        resp, body, conn = request(proxy["ports"]["threaded"], path="/slow")
+        results.append((resp.status, body.decode(), resp.getheader("Retry-After")))
+        conn.close()
+
+    threads = [threading.Thread(target=slow) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert sorted(r[0] for r in results) == [200, 200, 429], results
+    status, body, retry = next(r for r in results if r[0] == 429)
+    assert json.loads(body) == {"error": "too many requests in progress from this client"} and retry == "1"
+
+
+@pytest.mark.parametrize("case", ["413", "502", "400"])
+def test_nginx_answers_its_own_errors_in_json(proxy, case) -> None:
+    if case == "413":
+        resp, body, _ = request(proxy["ports"]["threaded"], "POST", "/big", b"x" * 2048,
+                                {"Content-Type": "application/json"})
+        assert (resp.status, json.loads(body)) == (413, {"error": "the body is too large"})
+    elif case == "502":  # the nopool upstream is a port nothing listens on
+        resp, body, _ = request(proxy["ports"]["nopool"], path="/gone")
+        assert resp.status == 502 and resp.getheader("Retry-After") == "1"
+        assert json.loads(body) == {"error": "the app is not answering, retry shortly"}
+    else:
+        sock = socket.create_connection(("127.0.0.1", proxy["ports"]["threaded"]), timeout=5)
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")  # two Host headers
+        head, _, body = sock.recv(4096).partition(b"\r\n\r\n")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+        assert json.loads(body) == {"error": "bad request"}
+        return
+    assert resp.getheader("Content-Type") == "application/json"
+
+
+def test_nginx_runs_unprivileged(proxy) -> None:
+    pids = [proxy["pid"], *(int(p) for p in subprocess.run(["pgrep", "-P", str(proxy["pid"])],
+                                                           capture_output=True, text=True).stdout.split())]
+    assert len(pids) >= 2, pids  # the master and its worker
+    for pid in pids:
+        uid = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("Uid:")).split()[1])
+        assert uid != 0, f"nginx process {pid} runs as root"
+    assert (proxy["home"] / "run" / "nginx.pid").read_text().strip() == str(proxy["pid"])
