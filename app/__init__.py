@@ -2,13 +2,15 @@
 
 Endpoints::
 
+    GET  /                the routes, as JSON                         200
     GET  /items/<id>      one item, read from a replica              200, 400, 404
     GET  /items?limit=N   the N newest items (1..100, default 10)     200, 400
     POST /items           {"name": "..."} on the primary              201 + Location, 400, 411, 413, 415
     GET  /healthz         can this worker serve reads right now?      200, 503
     GET  /stats           this worker's pool statistics, pid, mode    200
 
-Every response a database server answered carries ``X-Served-By: host:port``; a database outage
+Every response carries ``X-Worker: <pid>`` (the gunicorn worker that answered) and, where a
+database server answered, ``X-Served-By: host:port``; a database outage
 is a 503 with ``Retry-After: 1``; anything unforeseen is a bare JSON 500 (the traceback goes to
 the server log only). ``APP_POOL_MODE`` picks the database access: ``threaded`` or ``process`` (one
 ``pool.Pool`` per worker process, built lazily on its first request) or ``nopool`` (a new

@@ -5,6 +5,10 @@
     POOL_PRIMARY          the primary's DSN or URL (required)
     POOL_REPLICAS         the replicas' DSNs or URLs, comma-separated (may be empty)
     POOL_CONNECT_TIMEOUT  seconds per connection attempt (no-pool mode uses it too; default 2)
+    POOL_QUERY_TIMEOUT    seconds a statement may wait for the server (default 5, the app's own
+                          default: well under gunicorn's worker timeout of 30 s, which would kill a
+                          sync worker stuck on a stalled server mid-request, and under the load
+                          tests' 10 s client timeout, so a stalled replica costs one slow read)
     POOL_<OPTION>         any other pool option, read by pool.Pool.from_env()
 
 A bad value fails the worker's start with a message naming the variable, instead of failing
@@ -18,6 +22,7 @@ import math
 from typing import Mapping
 
 MODES = ("threaded", "process", "nopool")
+QUERY_TIMEOUT = 5.0  # the app's default for POOL_QUERY_TIMEOUT (the pool's own is 30 s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +32,7 @@ class Settings:
     primary: str
     replicas: tuple[str, ...]
     connect_timeout: float
+    query_timeout: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Settings":
@@ -44,6 +50,7 @@ class Settings:
             primary=primary,
             replicas=replicas,
             connect_timeout=_number(environ, "POOL_CONNECT_TIMEOUT", 2.0, float),
+            query_timeout=_number(environ, "POOL_QUERY_TIMEOUT", QUERY_TIMEOUT, float),
         )
 
 

@@ -44,16 +44,19 @@ class Database(Protocol):
 
     mode: str
 
-    def fetchone(self, sql: str, params: Any = None, *, readonly: bool) -> Served: ...
-    def fetchall(self, sql: str, params: Any = None, *, readonly: bool) -> Served: ...
-    def stats(self) -> dict[str, Any]: ...
+    def fetchone(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served: ...
+    def fetchall(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served: ...
+    def write_token(self) -> str | None: ...
+    def stats(self, everyone: bool = False) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
 def make_database(settings: Settings, environ: Mapping[str, str]) -> Database:
     if settings.mode == "nopool":
         return DirectDatabase(settings)
-    return PooledDatabase(settings.mode, environ)
+    return PooledDatabase(settings.mode, {**environ, "POOL_QUERY_TIMEOUT": str(settings.query_timeout)})
 
 
 class PooledDatabase:
@@ -81,16 +84,23 @@ class PooledDatabase:
                 self._pid = os.getpid()
             return self._pool
 
-    def fetchone(self, sql: str, params: Any = None, *, readonly: bool) -> Served:
+    def fetchone(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served:
         p = self.pool()
-        return Served(p.fetchone(sql, params, readonly=readonly), p.last_endpoint)
+        return Served(p.fetchone(sql, params, readonly=readonly, after=after), p.last_endpoint)
 
-    def fetchall(self, sql: str, params: Any = None, *, readonly: bool) -> Served:
+    def fetchall(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served:
         p = self.pool()
-        return Served(p.fetchall(sql, params, readonly=readonly), p.last_endpoint)
+        return Served(p.fetchall(sql, params, readonly=readonly, after=after), p.last_endpoint)
 
-    def stats(self) -> dict[str, Any]:
-        return self.pool().stats()
+    def write_token(self) -> str | None:
+        """A token for everything written so far (one round trip on the primary)."""
+        return self.pool().write_token()
+
+    def stats(self, everyone: bool = False) -> dict[str, Any]:
+        """This worker's pool; with ``everyone``, every worker sharing its health board."""
+        return self.pool().stats(scope="host" if everyone else "process")
 
     def close(self) -> None:
         with self._lock:
@@ -149,16 +159,27 @@ class DirectDatabase:
         start = next(self._next) % len(self._replicas)
         return self._replicas[start:] + self._replicas[:start] + [self._primary]
 
-    def fetchone(self, sql: str, params: Any = None, *, readonly: bool) -> Served:
-        return self._run(sql, params, readonly, lambda cur: cur.fetchone())
+    def fetchone(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served:
+        return self._run(sql, params, readonly, lambda cur: cur.fetchone(), after)
 
-    def fetchall(self, sql: str, params: Any = None, *, readonly: bool) -> Served:
-        return self._run(sql, params, readonly, lambda cur: cur.fetchall())
+    def fetchall(self, sql: str, params: Any = None, *, readonly: bool,
+                 after: str | None = None) -> Served:
+        return self._run(sql, params, readonly, lambda cur: cur.fetchall(), after)
 
-    def _run(self, sql: str, params: Any, readonly: bool, fetch: Callable[[Any], Any]) -> Served:
+    def write_token(self) -> str | None:
+        """The baseline issues no read-after tokens (it would cost another connection per
+        write); a read that brings one from elsewhere goes to the primary, which has it."""
+        return None
+
+    def _run(self, sql: str, params: Any, readonly: bool, fetch: Callable[[Any], Any],
+             after: str | None = None) -> Served:
         # A read may go to the next server if one fails (it changes nothing); a write is tried
-        # once, since we cannot know whether a lost statement was applied.
-        candidates = self._read_order() if readonly else [self._primary]
+        # once, since we cannot know whether a lost statement was applied. A read after a token
+        # goes to the primary.
+        if after is not None:
+            pool.lag.parse_token(after)  # a malformed token is the client's error (400)
+        candidates = self._read_order() if readonly and after is None else [self._primary]
         error: Exception | None = None
         for ep in candidates:
             try:
@@ -199,7 +220,8 @@ class DirectDatabase:
             text = text.replace(secret, "***")
         return text
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, everyone: bool = False) -> dict[str, Any]:
+        """The counters of this worker (no pool, so nothing is shared between workers)."""
         with self._lock:
             endpoints = [{
                 "name": ep.name, "role": ep.role, "state": ep.state, "served": ep.served,

@@ -8,6 +8,7 @@ Error mapping (``application.py`` applies it; every error body is ``{"error": "<
     no route for the path                                  404
     route exists, method not served                        405     Allow
     invalid id / limit / JSON body / name; short body      400
+    client reset or timed out while sending the body       400     (logged at INFO only)
     POST without Content-Length (e.g. chunked)             411
     POST body over APP_MAX_BODY (4096 bytes)               413
     POST whose Content-Type is not application/json        415
@@ -59,6 +60,15 @@ class HTTPError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or []
+
+
+class ClientDisconnected(HTTPError):
+    """The client went away (reset, timeout) while sending its body: its fault, not a bug. A 400
+    for the access log; the client never sees it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(400, "the request body was cut off")
+        self.cause = cause
 
 
 def bad_request(message: str) -> HTTPError:

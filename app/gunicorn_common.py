@@ -19,10 +19,12 @@ import math
 import os
 from typing import Any
 
+from app.config import QUERY_TIMEOUT
+
 __all__ = [
     "wsgi_app", "bind", "preload_app", "accesslog", "errorlog", "access_log_format",
-    "worker_tmp_dir", "timeout", "graceful_timeout", "control_socket_disable",
-    "post_worker_init", "worker_exit",
+    "worker_tmp_dir", "timeout", "graceful_timeout", "keepalive", "control_socket_disable",
+    "forwarder_headers", "post_worker_init", "worker_exit",
 ]
 
 
@@ -66,14 +68,28 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(M)sms served_by=%({x-served-by
 # The workers' heartbeat file: on a disk-backed /tmp its fchmod can block (gunicorn FAQ).
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
-# A request may legitimately wait for the pool (POOL_TIMEOUT) and then for two connection
-# attempts (a read's retry on another server); only a worker stuck beyond that may be killed.
-_pool_wait = env_float("POOL_TIMEOUT", 5.0) + 2 * max(2, math.ceil(env_float("POOL_CONNECT_TIMEOUT", 2.0)))
+# A request may legitimately wait for the pool (POOL_TIMEOUT), then twice (a read's retry on
+# another server) for a connection attempt and a statement (POOL_CONNECT_TIMEOUT and
+# POOL_QUERY_TIMEOUT, which the pool enforces even on a stalled server); only a worker stuck
+# beyond that may be killed.
+_pool_wait = env_float("POOL_TIMEOUT", 5.0) + 2 * (
+    max(1, math.ceil(env_float("POOL_CONNECT_TIMEOUT", 2.0))) + env_float("POOL_QUERY_TIMEOUT", QUERY_TIMEOUT))
 timeout = env_int("APP_TIMEOUT", 30)
 if timeout <= _pool_wait:
     raise SystemExit(f"APP_TIMEOUT={timeout} must exceed the longest database wait ({_pool_wait:g}s: "
-                     "POOL_TIMEOUT + 2 x POOL_CONNECT_TIMEOUT)")
+                     "POOL_TIMEOUT + 2 x (POOL_CONNECT_TIMEOUT + POOL_QUERY_TIMEOUT))")
 graceful_timeout = env_int("APP_GRACEFUL_TIMEOUT", 10)
+
+# gthread workers keep idle client connections this long (sync workers ignore it). nginx keeps
+# its upstream connections for 4 s (compose/nginx/nginx.conf.template): the server must not
+# close first, or nginx may send a request on a connection gunicorn is just closing.
+keepalive = env_int("APP_KEEPALIVE", 5)
+
+# By default gunicorn lets a peer in forwarded_allow_ips (127.0.0.1, i.e. any local client and
+# nginx on the native stack) set SCRIPT_NAME and PATH_INFO with request headers, and answers a
+# SCRIPT_NAME that is not a prefix of the path with its own HTML 500. Nothing here is mounted
+# under a prefix, so no header may set them: an underscore header is then simply dropped.
+forwarder_headers = ""
 
 # gunicorn >= 25.1 opens a control socket at a fixed default path ($XDG_RUNTIME_DIR or
 # ~/.gunicorn/gunicorn.ctl): several instances on one host would fight over it, and nothing here

@@ -19,4 +19,8 @@ threads = env_int("APP_THREADS", 8)
 require_single_threaded_for_process_mode(threads)
 # One connection per thread per endpoint at most: no request ever waits for another's connection.
 os.environ.setdefault("POOL_MAX_SIZE", str(threads))
+# Several worker processes per host: they share one health board (pool/board.py), so an outage
+# one worker found is not found again by the others (threaded mode leaves it off by default).
+if workers > 1:
+    os.environ.setdefault("POOL_SHARED_STATE", "on")
 proc_name = "app-" + os.environ["APP_POOL_MODE"]

@@ -12,9 +12,11 @@ request (a CheckViolation reaching the 500 handler would be a bug here):
   200 characters (as ``length()`` counts them) without NUL and without lone surrogates, the two
   things PostgreSQL text cannot hold. Leading and trailing spaces are kept as sent.
 
-Reads go to a replica: right after a ``POST`` the new item may not be visible there yet (replay
-lag, usually milliseconds). The 201's ``Location`` is still correct; a client that must read its
-own write retries a 404 briefly.
+Reads go to a replica, which may not have replayed a write made a moment ago. So the 201 of
+``POST /items`` carries a read-after token (``X-Read-After`` header, ``read_after`` in the body;
+``pool.Pool.write_token()``), and a ``GET`` that sends it back in ``X-Read-After`` is served by a
+server that has that write: ``GET /items/<id>`` with the token never answers 404 for that id. A
+malformed token is a 400.
 """
 
 from __future__ import annotations
@@ -52,10 +54,24 @@ def parse_positive_int(text: str | None, what: str, maximum: int) -> int:
     return int(text)
 
 
+def read_after(request: Request) -> str | None:
+    """The client's read-after token (X-Read-After), if it sent one."""
+    token = request.environ.get("HTTP_X_READ_AFTER", "").strip()
+    return token or None
+
+
+def bad_token() -> Exception:
+    return bad_request("X-Read-After must be the token a POST /items answered with")
+
+
 def get_item(request: Request, db: Database, item_id: str) -> Response:
-    """GET /items/<id>: one item from a replica."""
+    """GET /items/<id>: one item from a replica (one that has the client's write, if it sent
+    its X-Read-After token)."""
     wanted = parse_positive_int(item_id, "the item id", BIGINT_MAX)
-    served = db.fetchone(SELECT_ITEM, (wanted,), readonly=True)
+    try:
+        served = db.fetchone(SELECT_ITEM, (wanted,), readonly=True, after=read_after(request))
+    except ValueError:  # the pool checks the token before any I/O
+        raise bad_token() from None
     if served.value is None:
         raise not_found("no such item", served.endpoint)
     return json_response(200, item_json(served.value), served_by(served))
@@ -65,7 +81,10 @@ def list_items(request: Request, db: Database) -> Response:
     """GET /items?limit=N: the newest items (highest ids first) from a replica."""
     raw = request.query_value("limit")
     limit = LIMIT_DEFAULT if raw is None else parse_positive_int(raw, "limit", LIMIT_MAX)
-    served = db.fetchall(SELECT_NEWEST, (limit,), readonly=True)
+    try:
+        served = db.fetchall(SELECT_NEWEST, (limit,), readonly=True, after=read_after(request))
+    except ValueError:
+        raise bad_token() from None
     return json_response(200, {"items": [item_json(r) for r in served.value]}, served_by(served))
 
 
@@ -91,11 +110,18 @@ def validate_new_item(data: Any) -> str:
 
 
 def create_item(request: Request, db: Database, max_body: int) -> Response:
-    """POST /items: insert on the primary; 201 with the new id and its Location."""
+    """POST /items: insert on the primary; 201 with the new id, its Location, and the token a
+    read of it sends back (X-Read-After) to be served by a server that has it."""
     name = validate_new_item(request.json_body(max_body))
     served = db.fetchone(INSERT_ITEM, (name,), readonly=False)
     item_id = served.value[0]
-    return json_response(201, {"id": item_id}, [("Location", f"/items/{item_id}"), *served_by(served)])
+    body: dict[str, Any] = {"id": item_id}
+    headers = [("Location", f"/items/{item_id}"), *served_by(served)]
+    token = db.write_token()
+    if token is not None:
+        body["read_after"] = token
+        headers.append(("X-Read-After", token))
+    return json_response(201, body, headers)
 
 
 def healthz(request: Request, db: Database) -> Response:
@@ -119,5 +145,11 @@ def _summary(db: Database) -> dict[str, Any]:
 
 
 def stats(request: Request, db: Database) -> Response:
-    """GET /stats: this worker's statistics (pool.stats() in the pooled modes)."""
-    return json_response(200, {**db.stats(), "mode": db.mode, "pid": os.getpid()})
+    """GET /stats: this worker's statistics (pool.stats() in the pooled modes). GET /stats?all=1:
+    every worker of the app sharing the pool's health board, each endpoint's state as each of
+    them sees it (pool.stats(scope="host"); the no-pool baseline has only its own)."""
+    raw = request.query_value("all")
+    if raw not in (None, "0", "1"):
+        raise bad_request("all must be 0 or 1")
+    everyone = raw == "1"
+    return json_response(200, {**db.stats(everyone), "mode": db.mode, "pid": os.getpid()})

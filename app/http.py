@@ -2,8 +2,8 @@
 
 The body reader is where untrusted bytes enter the service, so it checks in a fixed order and
 stops at the first problem: media type (415), declared length (411 missing, 400 malformed, 413
-too big: the body is then never read), then the bytes themselves (400 if short, not UTF-8, or
-not JSON). Only after that does a handler look at the content.
+too big: the body is then never read), then the bytes themselves (400 if short, cut off by a
+client that went away, not UTF-8, or not JSON). Only after that does a handler look at the content.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs
 
-from .errors import RETRY_AFTER_SECONDS, HTTPError, bad_request
+from .errors import RETRY_AFTER_SECONDS, ClientDisconnected, HTTPError, bad_request
 
 # WSGI's callables, spelled out (wsgiref.types only exists from Python 3.11 on).
 StartResponse = Callable[..., Any]
@@ -68,7 +68,10 @@ class Request:
             raise HTTPError(413, f"the body must not exceed {max_bytes} bytes")
         length = int(digits)
 
-        body = self.environ["wsgi.input"].read(length) if length else b""
+        try:
+            body = self.environ["wsgi.input"].read(length) if length else b""
+        except (ConnectionError, TimeoutError) as exc:  # reset, or gunicorn's socket timeout
+            raise ClientDisconnected(exc) from None
         if len(body) != length:
             raise bad_request("the body is shorter than its Content-Length")
         try:

@@ -24,6 +24,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import pytest
 from app.application import create_app
 from conftest import APP_PASSWORD, heal, require
 from native.cluster import NODES, REPLICAS, Cluster
+from pgutil import admin_sql
 
 pytestmark = pytest.mark.db  # nearly every test needs the cluster; the rest take milliseconds
 
@@ -240,6 +243,39 @@ def test_post_creates_an_item_readable_on_the_replicas(app: Any, db: Cluster) ->
     assert call(app, "GET", "/items?limit=1").json["items"][0]["id"] == item_id
 
 
+def test_a_get_with_the_post_s_token_reads_the_write_even_from_lagging_replicas(app: Any, db: Cluster) -> None:
+    """POST, then GET at once: a replica that has not replayed the write used to answer 404.
+    The 201 carries a token; a GET that sends it back is served by a server that has the item."""
+    names = endpoint_names(db)
+    for replica in REPLICAS:
+        admin_sql(db, replica, "SELECT pg_wal_replay_pause()")
+    try:
+        for _ in range(3):
+            name = f"ryw-{uuid.uuid4()}"
+            reply = post_json(app, {"name": name})
+            assert reply.status == 201
+            token = reply.headers.get("x-read-after")
+            if app.settings.mode == "nopool":
+                assert token is None and "read_after" not in reply.json  # the baseline has none
+                continue
+            assert token and reply.json["read_after"] == token
+            got = call(app, "GET", reply.headers["location"], headers={"X-Read-After": token})
+            assert got.status == 200 and got.json["name"] == name
+            assert names[got.served_by] == "primary"  # no replica has replayed it
+            listed = call(app, "GET", "/items?limit=1", headers={"X-Read-After": token})
+            assert listed.status == 200 and listed.json["items"][0]["name"] == name
+    finally:
+        for replica in REPLICAS:
+            admin_sql(db, replica, "SELECT pg_wal_replay_resume()")
+
+
+@pytest.mark.parametrize("token", ["nope", "0/", "'; DROP TABLE items; --", "1/2/3"])
+def test_a_malformed_read_after_token_is_400(app: Any, token: str) -> None:
+    reply = call(app, "GET", "/items/1", headers={"X-Read-After": token})
+    assert reply.status == 400 and "X-Read-After" in reply.json["error"]
+    assert call(app, "GET", "/items?limit=1", headers={"X-Read-After": token}).status == 400
+
+
 @pytest.mark.parametrize("name", ["x", "ü" * 200, " padded ", "名前", "emoji \U0001F600", "<script>"])
 def test_post_accepts_any_text_of_1_to_200_characters(app: Any, db: Cluster, name: str) -> None:
     reply = post_json(app, {"name": name}, content_type="Application/JSON; charset=UTF-8")
@@ -304,10 +340,24 @@ def test_post_length_checks(app: Any) -> None:
         assert call(app, "POST", "/items", b"{}", headers={"Content-Length": bad}, validate=False).status == 400
 
 
-@pytest.mark.parametrize("path", ["/", "/item", "/items/", "/items/1/", "/items/1/name", "/healthz/", "/stats/x", "//items"])
+@pytest.mark.parametrize("path", ["/item", "/items/", "/items/1/", "/items/1/name", "/healthz/", "/stats/x", "//items"])
 def test_unknown_route_is_404(app: Any, path: str) -> None:
     reply = call(app, "GET", path)
     assert reply.status == 404 and reply.json == {"error": "no such resource"}
+
+
+def test_root_lists_the_routes_and_every_example_answers_200(app: Any, db: Cluster) -> None:
+    reply = call(app, "GET", "/")
+    assert reply.status == 200 and reply.served_by is None
+    routes = reply.json["routes"]
+    assert {(r["method"], r["path"]) for r in routes} == {
+        ("GET", "/"), ("GET", "/items/{item_id}"), ("GET", "/items"), ("POST", "/items"),
+        ("GET", "/healthz"), ("GET", "/stats")}
+    assert all(r["description"] for r in routes)
+    examples = [r["example"] for r in routes if "example" in r]
+    assert len(examples) == 5 and all(r["method"] == "GET" for r in routes if "example" in r)
+    for example in examples:
+        assert call(app, "GET", example).status == 200, example
 
 
 @pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # wsgiref's validator, about "get"
@@ -345,6 +395,18 @@ def test_healthz_and_stats(app: Any, db: Cluster) -> None:
     assert {e["name"] for e in stats.json["endpoints"]} == set(endpoint_names(db))
 
 
+@pytest.mark.parametrize("mode", ["threaded", "process"])
+def test_the_app_bounds_every_statement_well_under_the_worker_timeout(db: Cluster, mode: str) -> None:
+    """gunicorn kills a sync worker stuck for 30 s; a stalled server must cost one slow read,
+    so the pooled apps set query_timeout to 5 s unless POOL_QUERY_TIMEOUT says otherwise."""
+    app = create_app(app_environ(db, mode))
+    assert app.db.pool().options.query_timeout == 5.0
+    app.close()
+    app = create_app({**app_environ(db, mode), "POOL_QUERY_TIMEOUT": "2.5"})
+    assert app.db.pool().options.query_timeout == 2.5
+    app.close()
+
+
 def test_process_mode_refuses_to_run_under_threads(apps: dict[str, Any], expect_unhandled_error: None,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     app = apps["process"]
@@ -365,6 +427,24 @@ def test_last_resort_handler_hides_the_details(apps: dict[str, Any], expect_unha
     assert reply.status == 500 and reply.json == {"error": "internal server error"}
     logged = [r for r in caplog.records if r.name == "app" and r.levelno == logging.ERROR]
     assert logged and logged[0].exc_info is not None  # the traceback is in the server's log
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError(104, "Connection reset by peer"),
+                                   TimeoutError("timed out")])
+def test_a_client_that_goes_away_mid_body_is_a_400_logged_at_info(
+        apps: dict[str, Any], caplog: pytest.LogCaptureFixture, error: OSError) -> None:
+    class GoneClient:  # what gunicorn's wsgi.input raises when the peer resets or stalls
+        def read(self, *args: Any) -> bytes:
+            raise error
+
+    caplog.set_level(logging.INFO, logger="app")
+    reply = call(apps["threaded"], "POST", "/items", b'{"name": "a"}', wsgi_input=GoneClient(),
+                 validate=False)
+    assert reply.status == 400 and reply.json == {"error": "the request body was cut off"}
+    records = [r for r in caplog.records if r.name == "app"]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)], records
+    assert "client went away" in records[0].getMessage()
+    assert type(error).__name__ in records[0].getMessage()
 
 
 # --- part 1b: start-up, fork and outages, in-process -------------------------------------------
@@ -592,6 +672,7 @@ def test_gunicorn_configs(mode: str, worker_class: str, workers: int, threads: i
     settings = {k.strip(): v.strip() for k, v in settings.items()}
     assert (settings["worker_class"], settings["workers"], settings["threads"]) == (worker_class, str(workers), str(threads))
     assert settings["preload_app"] == "False" and settings["control_socket_disable"] == "True"
+    assert settings["forwarder_headers"] == "[]"  # no header may set SCRIPT_NAME or PATH_INFO
     assert settings["bind"] == "['0.0.0.0:8000']" and settings["accesslog"] == "-"
     assert int(settings["timeout"]) > 5 + 2 * 2 and settings["wsgi_app"] == "app.wsgi:application"
 
@@ -615,6 +696,8 @@ def test_gunicorn_serves_every_endpoint(server: Server, db: Cluster) -> None:
     assert health.status == 200 and health.json["mode"] == server.mode
     stats = server.request("GET", "/stats")
     assert stats.status == 200 and stats.json["mode"] == server.mode and stats.json["pid"] != os.getpid()
+    if server.mode != "nopool":  # two worker processes: they share one health board
+        assert stats.json["shared_state"], stats.json
 
     item = server.request("GET", "/items/7")
     assert item.status == 200 and item.json["name"] == "item-7" and names[item.served_by] in REPLICAS
@@ -642,6 +725,73 @@ def test_gunicorn_serves_every_endpoint(server: Server, db: Cluster) -> None:
         assert conn.getresponse().status == 411
     finally:
         conn.close()
+
+
+def test_stats_all_reports_every_worker_of_the_per_process_app(servers: dict[str, Server]) -> None:
+    """GET /stats?all=1 answers for the whole app, not just the worker that answered: the
+    per-process app's workers share a health board (pool/board.py)."""
+    server = servers["process"]
+    for _ in range(40):  # spread over the sync workers: each builds its pool on its first request
+        assert server.request("GET", "/items/1").status in (200, 404)
+    reply = server.request("GET", "/stats?all=1")
+    assert reply.status == 200
+    host = reply.json
+    assert host["scope"] == "host" and host["shared_state"] is True
+    assert host["processes"] >= 2 and len({w["pid"] for w in host["workers"]}) == host["processes"]
+    assert all(e["workers_up"] >= 2 and e["workers_down"] == 0 for e in host["endpoints"])
+    assert server.request("GET", "/stats?all=2").status == 400
+    threaded = servers["threaded"].request("GET", "/stats?all=1").json
+    # off by default in threaded mode, but app/gunicorn_threaded.py turns it on for 2+ workers
+    assert threaded["scope"] == "host" and threaded["shared_state"] is True
+    assert "scope" not in servers["nopool"].request("GET", "/stats?all=1").json
+
+
+def test_every_response_names_the_worker_that_answered(servers: dict[str, Server]) -> None:
+    """X-Worker is the answering process's pid, on every response (errors included): what the
+    load tests use to report how each per-process worker came through an outage."""
+    server = servers["process"]
+    seen = set()
+    for _ in range(40):
+        reply = server.request("GET", "/items/1")
+        seen.add(reply.headers["x-worker"])
+        stats = server.request("GET", "/stats")
+        assert stats.headers["x-worker"] == str(stats.json["pid"])
+    workers = {str(w["pid"]) for w in server.request("GET", "/stats?all=1").json["workers"]}
+    assert len(seen) >= 2 and seen <= workers, (seen, workers)
+    assert server.request("GET", "/nope").headers["x-worker"] in workers
+    assert server.request("POST", "/items", b"{").headers["x-worker"] in workers
+
+
+def test_gunicorn_ignores_a_script_name_header(server: Server) -> None:
+    """gunicorn would take SCRIPT_NAME (and PATH_INFO) from a local client's header, and answer a
+    SCRIPT_NAME that is not a prefix of the path with its own HTML 500."""
+    for name, value in (("SCRIPT_NAME", "/elsewhere"), ("SCRIPT_NAME", "/items"),
+                        ("PATH_INFO", "/stats")):
+        reply = server.request("GET", "/items/1", headers={name: value})  # check_reply: JSON, no 500
+        assert reply.status == 200 and reply.json["id"] == 1, (name, value, reply)
+
+
+def test_gunicorn_logs_a_client_reset_mid_body_at_info(server: Server) -> None:
+    """A client that sends half its body and resets: no traceback, no 500 in the access log."""
+    mark = server.log.stat().st_size
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        sock.sendall(b"POST /items HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000\r\n\r\n" + b'{"name": "' + b"x" * 100)
+        time.sleep(0.3)  # let the worker block in wsgi.input.read()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    finally:
+        sock.close()
+
+    def logged() -> str:
+        with open(server.log, "rb") as f:
+            f.seek(mark)
+            return f.read().decode("utf-8", "replace")
+
+    wait_for(lambda: '"POST /items HTTP/1.1" 400' in logged(), 10, f"the access log line ({server.mode})")
+    text = logged()
+    assert "[INFO] client went away while sending the body of POST '/items'" in text, text
+    assert "Traceback" not in text and "unhandled error" not in text and '" 500 ' not in text, text
 
 
 @pytest.mark.slow
