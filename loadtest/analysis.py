@@ -10,6 +10,9 @@ connecting and (nopool aside) pools growing, which is not the steady state we wa
 
 Failover: the harness records when it issued the kill (``kill``), the start (``restart``) and
 when the node answered queries again (``healthy``), all epoch seconds; see ``failover_figures``.
+Promotion (``promote_figures``): the kill, then the steps of `make promote` and `make rejoin` as
+they report them (promote, promoted, rejoin, rejoined). Lag (``readback_figures``): when replay
+was paused and resumed on the lagging replica, and when it had caught up.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Request(NamedTuple):
     served_by: str
     item_id: int | None
     error: str
+    read_after: str = ""  # locustfile.LOG_COLUMNS: "issued", "sent", "none-issued", "omitted"
+    worker: str = ""  # the app's X-Worker: pid of the gunicorn worker that answered
 
     @property
     def end(self) -> float:
@@ -38,6 +43,11 @@ class Request(NamedTuple):
     @property
     def ok(self) -> bool:
         return not self.error
+
+    @property
+    def stale(self) -> bool:
+        """A read-back that did not see the write just acknowledged (readback.py)."""
+        return "stale:" in self.error
 
 
 def load_requests(run_dir: Path) -> list[Request]:
@@ -50,7 +60,8 @@ def load_requests(run_dir: Path) -> list[Request]:
                     continue  # a torn last line of a killed process
                 rows.append(Request(float(r["start"]), float(r["latency_ms"]), r["kind"], r["name"],
                                     int(r["status"] or 0), r["served_by"],
-                                    int(r["item_id"]) if r["item_id"] else None, r["error"]))
+                                    int(r["item_id"]) if r["item_id"] else None, r["error"],
+                                    r.get("read_after") or "", r.get("worker") or ""))
     rows.sort(key=lambda r: r.start)
     return rows
 
@@ -119,6 +130,15 @@ def scaling_steps(rows: Sequence[Request], steps: Sequence[dict], warmup_s: floa
     return out
 
 
+def request_counts(rows: Sequence[Request]) -> dict:
+    """reads, writes, and how many of each failed (the writes that failed with a 503 too)."""
+    reads = [r for r in rows if r.kind == "read"]
+    failed_writes = [r for r in rows if r.kind == "write" and not r.ok]
+    return {"reads": len(reads), "writes": sum(1 for r in rows if r.kind == "write"),
+            "reads_failed": sum(1 for r in reads if not r.ok), "writes_failed": len(failed_writes),
+            "writes_failed_503": sum(1 for r in failed_writes if r.status == 503)}
+
+
 def failover_figures(rows: Sequence[Request], faults: dict, dead: str, role: str,
                      slow_ms: float) -> dict:
     """The failover figures of one run (keys documented in docs/loadtest.md).
@@ -136,8 +156,6 @@ def failover_figures(rows: Sequence[Request], faults: dict, dead: str, role: str
       before the run ended.
     """
     kill, restart, healthy = faults["kill"], faults["restart"], faults.get("healthy")
-    reads = [r for r in rows if r.kind == "read"]
-    writes = [r for r in rows if r.kind == "write"]
 
     def expected_failure(r: Request) -> bool:
         # While the primary is down a write may only fail fast, with the app's 503.
@@ -156,19 +174,129 @@ def failover_figures(rows: Sequence[Request], faults: dict, dead: str, role: str
         if back:
             readmit = max(0.0, back[0].end - healthy)
 
-    failed_writes = [r for r in writes if not r.ok]
-    return {
-        "reads": len(reads),
-        "writes": len(writes),
-        "reads_failed": sum(1 for r in reads if not r.ok),
-        "writes_failed": len(failed_writes),
-        "writes_failed_503": sum(1 for r in failed_writes if r.status == 503),
+    figures = {
+        **request_counts(rows),
         "disturbed_requests": len(disturbed),
         "reroute_s": round(max(0.0, reroute), 3),
         "readmit_s": None if readmit is None else round(readmit, 3),
         "outage_p99_ms": _ms(percentile([r.latency_ms for r in outage], 99)),
         "outage_max_ms": _ms(max((r.latency_ms for r in outage), default=None)),
     }
+    if role == "primary" and healthy is not None:
+        figures.update(workers_back(rows, kill, healthy))
+    return figures
+
+
+def workers_back(rows: Sequence[Request], kill: float, healthy: float) -> dict:
+    """When writes came back on each app worker (X-Worker) after the primary's restart.
+
+    In process mode each worker has its own pool: without a shared health board each one finds
+    the primary again on its own schedule, so what matters is how long the workers disagree.
+    A worker is seen failing until the end of its last failed write (writes started after the
+    kill), and back at the end of its first 201 after that; in between it got no write (at ~20
+    writes/s over 16 workers, that can be a second or two), which says nothing about its pool.
+
+    writes_back_by_worker: {pid: seconds from ``healthy``} to its first 201 after its last
+      failure (negative: before the harness saw the node healthy, it polls every 0.2 s).
+    failing_until_by_worker: {pid: seconds from ``healthy``} to the end of its last failed write.
+    writes_back_spread_s: how long after the first worker wrote again any worker still failed a
+      write (0 if none did): the last failure's end minus the first worker's back time.
+    workers_not_back: workers whose last write failed. write_gap_ms: the median time between
+      two writes on one worker, the resolution of these figures.
+    """
+    writes: dict[str, list[Request]] = {}
+    for r in rows:
+        if r.kind == "write" and r.worker and r.start >= kill:
+            writes.setdefault(r.worker, []).append(r)
+    back: dict[str, float] = {}
+    failing: dict[str, float] = {}
+    gaps: list[float] = []
+    for worker, mine in writes.items():
+        last_failed = max((i for i, r in enumerate(mine) if not r.ok), default=-1)
+        after = [r for r in mine[last_failed + 1:] if r.status == 201]
+        if after:
+            back[worker] = round(after[0].end - healthy, 3)
+            if last_failed >= 0:
+                failing[worker] = round(mine[last_failed].end - healthy, 3)
+        gaps += [(b.start - a.start) * 1000 for a, b in zip(mine, mine[1:])]
+    spread = None
+    if back:
+        first = min(back.values())
+        spread = round(max(0.0, max(failing.values(), default=first) - first), 3)
+    return {
+        "writes_back_by_worker": dict(sorted(back.items(), key=lambda kv: kv[1])),
+        "failing_until_by_worker": dict(sorted(failing.items(), key=lambda kv: kv[1])),
+        "writes_back_spread_s": spread,
+        "workers_not_back": len(writes) - len(back),
+        "write_gap_ms": _ms(percentile(gaps, 50)),
+    }
+
+
+def promote_figures(rows: Sequence[Request], events: dict, new_primary: str,
+                    grace_s: float = 2.0) -> dict:
+    """The promotion figures of one run (keys documented in docs/loadtest.md).
+
+    ``events``: epoch seconds of ``kill`` (the primary SIGKILLed), ``promoted`` (pg_promote()
+    completed on the replica) and the rest of the schedule; ``new_primary``: the promoted
+    node's X-Served-By value.
+
+    write_outage_s: from the kill to the end of the first 201 the new primary served (None if
+      none did). writes_back_s: the same from ``promoted``, the pool's part of it.
+    writes_failed_late: writes started ``grace_s`` or more after ``promoted`` that failed: the
+      pool promises to follow a promotion within that time.
+    """
+    kill, promoted = events.get("kill"), events.get("promoted")
+    writes = [r for r in rows if r.kind == "write"]
+    first = next((r for r in writes if kill is not None and r.start >= kill and r.status == 201
+                  and r.served_by == new_primary), None)
+    late = [r for r in writes if promoted is not None and r.start >= promoted + grace_s and not r.ok]
+    return {
+        **request_counts(rows),
+        "write_outage_s": None if first is None else round(first.end - kill, 3),
+        "writes_back_s": None if first is None or promoted is None else round(first.end - promoted, 3),
+        "writes_failed_late": len(late),
+        "grace_s": grace_s,
+    }
+
+
+# Read-backs by protection, as readback.py tags them.
+PROTECTIONS = {"with_token": ("sent", "none-issued"), "without_token": ("omitted",)}
+
+
+def readback_figures(rows: Sequence[Request], events: dict, lagging: str, replicas: Sequence[str]) -> dict:
+    """The lag figures of one run (keys documented in docs/loadtest.md), with the read
+    protection on (the read-back sends the 201's token) and off.
+
+    ``events``: epoch seconds ``paused``, ``resumed``, ``caught_up``; the lag window is
+    [paused, caught_up) (to the end of the run if it never caught up). ``lagging``: the
+    X-Served-By value of the lagging replica; ``replicas``: those of every replica.
+    """
+    t0 = events.get("paused")
+    t1 = events.get("caught_up") or (rows[-1].end if rows else t0)
+    writes = [r for r in rows if r.kind == "write"]
+    acked = [r for r in writes if r.status == 201]
+    out: dict = {
+        "writes": len(writes),
+        "writes_failed": sum(1 for r in writes if not r.ok),
+        "tokens_issued": sum(1 for r in acked if r.read_after == "issued"),
+        "tokens_missing": sum(1 for r in acked if r.read_after != "issued"),
+        "lag_window_s": None if t0 is None or t1 is None else round(t1 - t0, 3),
+    }
+    for key, tags in PROTECTIONS.items():
+        back = [r for r in rows if r.kind == "read" and r.read_after in tags]
+        during = [r for r in back if t0 is not None and t0 <= r.start < t1]
+        served = [r for r in during if r.ok]
+        out[key] = {
+            "read_backs": len(back),
+            "stale_reads": sum(1 for r in back if r.stale),
+            "stale_during_lag": sum(1 for r in during if r.stale),
+            "reads_failed": sum(1 for r in back if not r.ok and not r.stale),
+            "read_backs_during_lag": len(during),
+            "served_by_lagging": sum(1 for r in during if r.served_by == lagging),
+            "replica_share_during_lag": (round(sum(1 for r in served if r.served_by in replicas)
+                                               / len(served), 4) if served else None),
+        }
+    return out
 
 
 def timeline(rows: Sequence[Request], t0: float, bin_s: float = 1.0) -> dict:

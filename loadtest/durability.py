@@ -1,5 +1,6 @@
 """No acknowledged write lost: every id a 201 returned must exist on the primary and, once
-replication has caught up, on both replicas.
+replication has caught up, on both replicas. After a promotion "the primary" is the promoted
+node and the replicas are the two others (``primary=``).
 
 Runs in the harness after Locust has finished, over the published ports as the app user (it has
 SELECT on items, and pg_current_wal_lsn()/pg_last_wal_replay_lsn() are open to everyone).
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import psycopg2
 
-from .settings import REPLICAS, Settings
+from .settings import NODES, Settings
 
 MISSING_SQL = ("SELECT u.id FROM unnest(%s::bigint[]) AS u(id) "
                "WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.id = u.id) ORDER BY u.id")
@@ -64,23 +65,26 @@ def wait_replayed(settings: Settings, node: str, target_lsn: str, timeout: float
         time.sleep(0.1)
 
 
-def check_acked(settings: Settings, ids: Sequence[int], timeout: float = 30) -> dict:
-    """acked_writes, acked_missing_primary, acked_missing_replicas {replica: n},
-    replicas_caught_up {replica: bool}, and up to 20 missing ids per node for the report.
-    A count is None when the node could not be checked at all."""
+def check_acked(settings: Settings, ids: Sequence[int], timeout: float = 30,
+                primary: str = "primary") -> dict:
+    """acked_writes, acked_missing_primary (on ``primary``, the node that is primary now),
+    acked_missing_replicas {node: n} and replicas_caught_up {node: bool} for the other nodes,
+    and up to 20 missing ids per node for the report. A count is None when the node could not
+    be checked at all."""
     ids = sorted(set(ids))
+    replicas = [n for n in NODES if n != primary]
     result: dict = {"acked_writes": len(ids), "acked_missing_primary": None,
-                    "acked_missing_replicas": {r: None for r in REPLICAS},
-                    "replicas_caught_up": {r: False for r in REPLICAS}, "missing_ids": {}}
+                    "acked_missing_replicas": {r: None for r in replicas},
+                    "replicas_caught_up": {r: False for r in replicas}, "missing_ids": {}}
     try:
-        missing, lsn = _retrying(settings, "primary", timeout,
+        missing, lsn = _retrying(settings, primary, timeout,
                                  lambda cur: (_missing(cur, ids), _lsn(cur)))
     except psycopg2.OperationalError as exc:
-        result["error"] = f"primary unreachable: {str(exc).strip()[:200]}"
+        result["error"] = f"{primary} (the primary) unreachable: {str(exc).strip()[:200]}"
         return result
     result["acked_missing_primary"] = len(missing)
-    result["missing_ids"]["primary"] = missing[:20]
-    for replica in REPLICAS:
+    result["missing_ids"][primary] = missing[:20]
+    for replica in replicas:
         result["replicas_caught_up"][replica] = wait_replayed(settings, replica, lsn, timeout)
         try:
             gone = _retrying(settings, replica, timeout, lambda cur: _missing(cur, ids))

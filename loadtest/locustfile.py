@@ -5,11 +5,15 @@ gevent): the harness (``python -m loadtest``) and the tests run it as ``locust -
 subprocess. The stepped load shape lives in ``shape.py`` so that a run without it (constant
 load: ``-u N -r N -t T``) simply leaves that file out of ``-f``.
 
-The mix, ~90 % reads / 10 % writes, tagged so ``-T read`` or ``-T write`` runs one side only:
+``ItemsUser`` (the default) runs a mix, ~90 % reads / 10 % writes, tagged so ``-T read`` or
+``-T write`` runs one side only:
 
     GET  /items/<random id 1..LOADTEST_MAX_ID>   read    weight 80
     GET  /items?limit=10                         read    weight 10
     POST /items {"name": "lt-..."}               write   weight 10
+
+The read-your-writes users of the lag scenario live in ``readback.py`` (a locustfile of its
+own, so they never join the other scenarios' runs); they log through this module.
 
 Settings (environment; the harness sets them):
 
@@ -38,7 +42,13 @@ import uuid
 
 from locust import FastHttpUser, constant, constant_throughput, events, tag, task
 
-LOG_COLUMNS = ("start", "latency_ms", "kind", "name", "status", "served_by", "item_id", "error")
+LOG_COLUMNS = ("start", "latency_ms", "kind", "name", "status", "served_by", "item_id", "error",
+               "read_after", "worker")
+# worker: the app's X-Worker header, the pid of the gunicorn worker that answered ("" if none did).
+# read_after: on a 201, "issued" if it carried an X-Read-After token; on a read-back, "sent" (the
+# token went with it), "none-issued" (it should have, but the 201 had none) or "omitted" (a plain
+# read-back, without protection); "" otherwise.
+READ_AFTER = "X-Read-After"
 FLUSH_EVERY_S = 1.0  # the harness tails these files for its progress line
 
 
@@ -106,7 +116,11 @@ class RequestLog:
         status = getattr(response, "status_code", 0) or 0
         headers = getattr(response, "headers", None)
         served_by = (headers.get("X-Served-By") or "") if headers else ""
+        worker = (headers.get("X-Worker") or "") if headers else ""
         kind = (context or {}).get("kind") or ("write" if request_type == "POST" else "read")
+        read_after = (context or {}).get("read_after", "")
+        if status == 201 and headers and headers.get(READ_AFTER):
+            read_after = "issued"
         item_id = ""
         if status == 201:
             try:  # the acknowledged id: the harness checks afterwards that it exists everywhere
@@ -115,7 +129,7 @@ class RequestLog:
                 exception = exception or ValueError("201 without an id")
         error = "" if exception is None else f"{type(exception).__name__}: {exception}"[:200]
         self._writer.writerow((f"{start_time:.6f}", f"{response_time:.3f}", kind, name, status,
-                               served_by, item_id, error.replace("\n", " ")))
+                               served_by, item_id, error.replace("\n", " "), read_after, worker))
         now = time.monotonic()
         if now - self._flushed >= FLUSH_EVERY_S:
             self._file.flush()

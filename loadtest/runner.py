@@ -13,6 +13,7 @@ on a terminal and printed every 10 s otherwise (make, CI logs).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import signal
@@ -26,6 +27,7 @@ from .settings import REPO_ROOT
 
 LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 SHAPEFILE = REPO_ROOT / "loadtest" / "shape.py"
+READBACKFILE = REPO_ROOT / "loadtest" / "readback.py"
 # Locust's exit codes: 0 = ok, 1 = some request failed (or, with LOADTEST_ALLOW_FAILURES, an
 # exception in a task); anything else = it could not run (bad options, crashed).
 LOCUST_FAILED_REQUESTS = 1
@@ -41,12 +43,13 @@ class LocustRun:
     users: int = 8  # constant load (ignored with shape=True)
     duration_s: float = 60
     shape: bool = False  # use shape.py (its settings come from env)
+    readback: bool = False  # the read-your-writes users of readback.py instead of the mix
     tags: tuple[str, ...] = ()
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     allow_failures: bool = False  # the run expects failed requests: exit 0 anyway
 
     def command(self) -> list[str]:
-        files = [str(LOCUSTFILE)] + ([str(SHAPEFILE)] if self.shape else [])
+        files = [str(READBACKFILE if self.readback else LOCUSTFILE)] + ([str(SHAPEFILE)] if self.shape else [])
         cmd = [sys.executable, "-m", "locust", "-f", ",".join(files), "--headless",
                "--host", self.host, "--csv", str(self.run_dir / "locust"), "--csv-full-history",
                "--html", str(self.run_dir / "locust.html"), "--only-summary",
@@ -72,30 +75,32 @@ class LocustRun:
 
 
 class LogTail:
-    """Follows the per-request logs of a running Locust: rows since the last poll, and the
-    moment the first request was seen (when "load is on")."""
+    """Follows the per-request logs of running Locusts (one run directory or several): rows
+    since the last poll, and the moment the first request was seen (when "load is on")."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, *run_dirs: Path) -> None:
+        self.run_dirs = run_dirs
         self._offsets: dict[Path, int] = {}
+        self._error_at: dict[Path, int] = {}  # the error column of each log (from its header)
         self.first_request_at: float | None = None  # epoch seconds
 
     def poll(self) -> tuple[int, int]:
         """(requests, failed requests) logged since the previous call."""
         total = failed = 0
-        for path in sorted(self.run_dir.glob("requests-*.csv")):
+        for path in sorted(p for d in self.run_dirs for p in d.glob("requests-*.csv")):
             offset = self._offsets.get(path, 0)
             with open(path, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
             end = chunk.rfind(b"\n") + 1  # complete lines only; the rest comes next time
             self._offsets[path] = offset + end
-            for line in chunk[:end].splitlines():
-                if line.startswith(b"start,"):
+            for row in csv.reader(chunk[:end].decode("utf-8", "replace").splitlines()):
+                if row and row[0] == "start":  # the header: where the error text is
+                    self._error_at[path] = row.index("error")
                     continue
                 total += 1
-                # the last column is the error text: empty for a success
-                if not line.endswith(b","):
+                at = self._error_at.get(path, 7)
+                if len(row) > at and row[at]:  # empty for a success
                     failed += 1
         if total and self.first_request_at is None:
             self.first_request_at = time.time()
@@ -135,33 +140,49 @@ def run_locust(run: LocustRun, phase: Callable[[LogTail], str] | None = None,
     for the progress line (the failover schedule updates it). Locust is stopped (SIGINT, then
     SIGKILL) if this is interrupted or runs past ``timeout_s``. Pass ``tail`` to watch the
     run from another thread (the failover schedule waits for ``tail.first_request_at``)."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return run_locusts([run], phase, progress, timeout_s, tail)[0]
+
+
+def run_locusts(runs: list[LocustRun], phase: Callable[[LogTail], str] | None = None,
+                progress: Progress | None = None, timeout_s: float | None = None,
+                tail: LogTail | None = None) -> list[int]:
+    """run_locust() for several runs at once (say, both apps under one failover): all start
+    together, one progress line sums them; returns their exit codes in order."""
     progress = progress or Progress()
-    tail = tail or LogTail(run.run_dir)
+    tail = tail or LogTail(*(r.run_dir for r in runs))
+    label = " + ".join(r.label for r in runs)
     started = time.monotonic()
-    (run.run_dir / "command.txt").write_text(" ".join(run.command()) + "\n")
-    with open(run.run_dir / "locust.out", "wb") as out:
-        proc = subprocess.Popen(run.command(), cwd=REPO_ROOT, env=run.environment(),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    procs = []
     try:
+        for run in runs:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "command.txt").write_text(" ".join(run.command()) + "\n")
+            with open(run.run_dir / "locust.out", "wb") as out:
+                procs.append(subprocess.Popen(run.command(), cwd=REPO_ROOT, env=run.environment(),
+                                              stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=subprocess.STDOUT))
         last = time.monotonic()
-        while proc.poll() is None:
+        while any(proc.poll() is None for proc in procs):
             time.sleep(1.0)
             now = time.monotonic()
             count, failed = tail.poll()
             span = max(now - last, 1e-3)
             last = now
-            progress.update(run.label, phase(tail) if phase else "running", now - started,
+            progress.update(label, phase(tail) if phase else "running", now - started,
                             count / span, failed / span)
             if timeout_s is not None and now - started > timeout_s:
                 raise TimeoutError(f"locust ran longer than {timeout_s:.0f}s")
     finally:
-        if proc.poll() is None:
-            _stop(proc)
-        code = run.exit_code(proc.returncode)
-        run.cleanup()
-    progress.done(run.label, f"locust exited {code} after {time.monotonic() - started:.0f}s")
-    return code
+        codes = []
+        for run, proc in zip(runs, procs):
+            if proc.poll() is None:
+                _stop(proc)
+            codes.append(run.exit_code(proc.returncode))
+        for run in runs:
+            run.cleanup()
+    progress.done(label, f"locust exited {', '.join(map(str, codes))} after "
+                         f"{time.monotonic() - started:.0f}s")
+    return codes
 
 
 def _stop(proc: subprocess.Popen) -> None:
