@@ -6,7 +6,8 @@ Each contender does "one read query per checkout" in its own natural idiom, agai
 local PostgreSQL (a throwaway server from the local binaries unless --dsn is given), with a pool
 of 8 connections, at 1, 4, 16 and 64 threads. Cells run interleaved and repeated (--rounds);
 the table reports the median round, so every ratio compares numbers measured minutes apart at
-most on the same machine. A second table times checkout + return without a query.
+most on the same machine. A second table times checkout + return without a query (and what the
+shared health board and the session reset add to it).
 
 Results go to bench/results/<timestamp>/ (bench.csv, bench.md, bench.png) and bench/results/latest.
 """
@@ -336,6 +337,94 @@ def floor_rows(dsn: str) -> list[tuple[str, float]]:
     return rows
 
 
+def reset_rows(dsn: str) -> list[tuple[str, float]]:
+    """What the session reset costs: a `connection()` block that runs one statement, with the
+    server-side reset (the default) and without it (reset_session=False). The difference is the
+    reset's one round trip; fetchone/fetchall/execute and blocks that run nothing pay none."""
+    rows = []
+    for mode in ("threaded", "process"):
+        for reset in (True, False):
+            p = pool.Pool(dsn, mode=mode, max_size=SIZE, reset_session=reset)
+
+            def block(p: pool.Pool = p) -> None:
+                with p.connection() as conn:
+                    conn.cursor().execute("SELECT 1")
+
+            block()
+            us = min(timeit.repeat(block, number=2000, repeat=7)) / 2000 * 1e6
+            rows.append((f"pool ({mode}): a block running one statement, session reset "
+                         f"{'on (default)' if reset else 'off'}", us))
+            p.close()
+    return rows
+
+
+def board_rows(dsn: str) -> list[tuple[str, float]]:
+    """What the shared health board (pool/board.py) costs a checkout: `with p.connection()`
+    with the board on and off in each mode, measured in alternation (best of 3 x 7 runs each),
+    so the difference is the board's and not the machine's."""
+    rows = []
+    board = os.path.join(tempfile.mkdtemp(prefix="pool-bench-board-"), "board")
+    for mode in ("threaded", "process"):
+        pools = {shared: pool.Pool(dsn, mode=mode, max_size=SIZE, shared_state=shared and board)
+                 for shared in (False, True)}
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(3):
+            for shared, p in pools.items():
+
+                def bare(p: pool.Pool = p) -> None:
+                    with p.connection():
+                        pass
+
+                bare()
+                best[shared] = min(best[shared], min(timeit.repeat(bare, number=20000, repeat=7)) / 20000 * 1e6)
+        default = mode == "process"
+        for shared in (False, True):
+            rows.append((f"pool ({mode}): shared health board {'on' if shared else 'off'}"
+                         f"{' (default)' if shared == default else ''}", best[shared]))
+            pools[shared].close()
+    shutil.rmtree(os.path.dirname(board), ignore_errors=True)
+    return rows
+
+
+def watchdog_rows(dsn: str) -> list[tuple[str, float]]:
+    """What the statement deadline (query_timeout, pool/watchdog.py) costs: `p.fetchone` with it
+    on (30 s, the default) and off (None) in each mode, in alternation (best of 3 x 7 runs each):
+    the watchdog's share of a statement is a clock read and two attribute writes."""
+    rows = []
+    for mode in ("threaded", "process"):
+        pools = {on: pool.Pool(dsn, mode=mode, max_size=SIZE, query_timeout=30.0 if on else None)
+                 for on in (True, False)}
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(3):
+            for on, p in pools.items():
+
+                def one(p: pool.Pool = p) -> None:
+                    p.fetchone("SELECT 1")
+
+                one()
+                best[on] = min(best[on], min(timeit.repeat(one, number=2000, repeat=7)) / 2000 * 1e6)
+        for on in (True, False):
+            rows.append((f"pool ({mode}): `fetchone`, statement deadline "
+                         f"{'on (query_timeout=30, default)' if on else 'off (query_timeout=None)'}",
+                         best[on]))
+            pools[on].close()
+    # The same difference with the server taken out (a round trip's noise is larger than it):
+    # the wrapper every statement goes through, around a method that does nothing.
+    from pool.connection import _armed
+
+    class Stub:
+        busy_since, timed_out = 0.0, False
+
+    statement = _armed(lambda cursor: None)
+    for timeout in (30.0, None):
+        cursor = Stub()
+        cursor.connection = Stub()
+        cursor.connection.query_timeout = timeout
+        us = min(timeit.repeat(lambda: statement(cursor), number=200000, repeat=7)) / 200000 * 1e6
+        rows.append((f"the statement wrapper alone, deadline {'on' if timeout else 'off'}", us))
+    return rows
+
+
 def start_server() -> tuple[Callable[[], None], str]:
     """A throwaway primary (and its replicas, unused here) from the local binaries."""
     from native.cluster import Cluster
@@ -360,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dsn", help="use this server instead of starting one")
     ap.add_argument("--no-autocommit-peers", dest="autocommit_peers", action="store_false",
                     help="skip the peers configured for autocommit (one round trip, like ours)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the "
+                    "contenders whose name contains one (e.g. 'pool (,psycopg2')")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -373,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.autocommit_peers:
             contenders += [cls(dsn, autocommit=True) for cls in CONTENDERS
                            if cls.has_autocommit_variant]
+        if args.only:
+            wanted = [w for w in args.only.split(",") if w]
+            for c in contenders:
+                if not any(w in c.name for w in wanted):
+                    c.close()
+            contenders = [c for c in contenders if any(w in c.name for w in wanted)]
         print(f"{len(contenders)} contenders, pool size {SIZE}, threads {thread_counts}, "
               f"{args.rounds} rounds of {args.seconds:.1f}s cells", flush=True)
         rows = []
@@ -389,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" errors {r['errors']}" if r["errors"] else ""), flush=True)
         print("timing checkout + return without a query ...", flush=True)
         bare = [(c.name, time_bare(c)) for c in contenders if not c.autocommit] + floor_rows(dsn)
+        bare += board_rows(dsn)
+        print("timing fetchone with and without the statement deadline ...", flush=True)
+        bare += watchdog_rows(dsn)
+        print("timing a block with one statement, with and without the session reset ...", flush=True)
+        bare += reset_rows(dsn)
         for c in contenders:
             c.close()
     finally:

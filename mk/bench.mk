@@ -10,3 +10,7 @@ $(BENCH_STAMP): $(VENV_STAMP) $(ROOT)/requirements-bench.txt
 .PHONY: bench
 bench: $(BENCH_STAMP) ## pool vs pgdbpool, psycopg2, DBUtils, SQLAlchemy, psycopg_pool (BENCH_ARGS="--seconds 2 --rounds 3")
 	cd $(ROOT) && $(VPY) -m bench.bench $(BENCH_ARGS)
+
+.PHONY: bench-failures
+bench-failures: venv ## failure behaviour measured: stalls, a black hole, NOTIFY, refusals, terminations (~2 min)
+	cd $(ROOT) && $(VPY) -m bench.failures $(BENCH_ARGS)
