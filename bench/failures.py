@@ -29,8 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import psycopg2  # noqa: E402
-
 import pool  # noqa: E402
 from native.cluster import Cluster  # noqa: E402
 from pgutil import admin_sql, proxied, stalled  # noqa: E402  (test helpers: SIGSTOP, superuser SQL)
