@@ -16,11 +16,7 @@ import argparse
 import csv
 import datetime
 import logging
-import os
-import shutil
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pool  # noqa: E402
 from native.cluster import Cluster  # noqa: E402
-from pgutil import admin_sql, proxied, stalled  # noqa: E402  (test helpers: SIGSTOP, superuser SQL)
+from pgutil import (admin_sql, proxied, stalled, terminate_under_queue,  # noqa: E402  (test helpers)
+                    throwaway_cluster)
 from proxy import Proxy  # noqa: E402
 
 READ = "SELECT inet_server_port()"
@@ -154,29 +151,9 @@ def refused(c: Cluster, mode: str) -> dict:
 
 def terminated_under_queue(c: Cluster) -> dict:
     p = pool.Pool(c.dsn("primary"), mode="threaded", max_size=2, timeout=10, shared_state=False)
-    errors, done = [], threading.Event()
-
-    def worker() -> None:
-        while not done.is_set():
-            try:
-                with p.connection() as conn:
-                    conn.cursor().execute("SELECT pg_sleep(0.02)")
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
     try:
-        for _ in range(5):
-            time.sleep(0.3)
-            admin_sql(c, "primary", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE usename = %s AND state = 'active' AND pid <> pg_backend_pid() LIMIT 1",
-                      (c.env["APP_USER"],))
+        errors = terminate_under_queue(c, p, lambda: time.sleep(0.3))
     finally:
-        done.set()
-        for t in threads:
-            t.join()
         p.close()
     return {"scenario": "pg_terminate_backend x5 with 6 callers queued", "mode": "threaded",
             "failed_statements": len(errors),
@@ -188,13 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query-timeout", type=float, default=2.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
-    base = tempfile.mkdtemp(prefix="pool-failures-", dir="/tmp")
-    os.chmod(base, 0o755)
-    c = Cluster(os.path.join(base, "c"), ports=Cluster.free_ports(3), durable=False)
     print("starting a local primary and two replicas ...", flush=True)
-    c.start()
     rows = []
-    try:
+    with throwaway_cluster("pool-failures-") as c:
         for mode in ("threaded", "process"):
             for fn in (lambda: stalled_replica(c, mode, args.query_timeout),
                        lambda: stalled_primary(c, mode, args.query_timeout),
@@ -206,9 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         row = terminated_under_queue(c)
         print(row, flush=True)
         rows.append(row)
-    finally:
-        c.destroy()
-        shutil.rmtree(base, ignore_errors=True)
     outdir = Path(args.out) / ("failures-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     outdir.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r} - {"scenario", "mode"})

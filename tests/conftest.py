@@ -17,6 +17,7 @@ import pytest
 
 import pool
 from native.cluster import REPLICAS, Cluster, find_bindir
+from pgutil import throwaway_cluster
 
 # A password only this test session uses: tests assert it never leaks into messages or logs.
 APP_PASSWORD = f"pw-{secrets.token_hex(8)}"
@@ -44,16 +45,8 @@ def cluster():
         find_bindir()
     except Exception as exc:  # noqa: BLE001 - any reason means "no servers here"
         require(f"PostgreSQL server binaries not found: {exc}")
-    base = tempfile.mkdtemp(prefix="pool-tests-", dir="/tmp")
-    os.chmod(base, 0o755)  # the server runs as the postgres OS user when we are root
-    c = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3),
-                env={"APP_PASSWORD": APP_PASSWORD}, durable=False)
-    try:
-        c.start()
+    with throwaway_cluster("pool-tests-", env={"APP_PASSWORD": APP_PASSWORD}) as c:
         yield c
-    finally:
-        c.destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def heal(c: Cluster) -> None:

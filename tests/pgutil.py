@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -10,6 +14,20 @@ from typing import Any, Callable
 import psycopg2
 
 from native.cluster import Cluster
+
+
+@contextlib.contextmanager
+def throwaway_cluster(prefix: str, env: dict[str, str] | None = None):
+    """A primary and two replicas of their own on free loopback ports, destroyed afterwards."""
+    base = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(base, 0o755)  # the server runs as the postgres OS user when we are root
+    c = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3), env=env, durable=False)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.destroy()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def node_of(db: Cluster, endpoint_name: str | None) -> str:
@@ -96,3 +114,35 @@ def proxied(db: Cluster, node: str, proxy: Any, **kwargs: str) -> str:
     """The node's DSN through a test proxy (tests/proxy.py), with extra libpq settings."""
     dsn = db.dsn(node).replace(f"port={db.port(node)}", f"port={proxy.port}")
     return " ".join([dsn, *(f"{k}={v}" for k, v in kwargs.items())])
+
+
+def terminate_under_queue(db: Cluster, p: Any, before_each: Callable[[], Any], rounds: int = 5,
+                          callers: int = 8) -> list[BaseException]:
+    """``callers`` threads loop on 20 ms statements through ``p`` (a pool smaller than that,
+    so callers queue); ``rounds`` times, ``before_each()`` then one of their sessions on the
+    primary is terminated. Returns the errors the callers saw."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def caller() -> None:
+        while not done.is_set():
+            try:
+                with p.connection() as conn:
+                    conn.cursor().execute("SELECT pg_sleep(0.02)")
+            except Exception as exc:  # noqa: BLE001 - the caller inspects them
+                errors.append(exc)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(rounds):
+            before_each()
+            admin_sql(db, "primary", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE usename = %s AND state = 'active' AND pid <> pg_backend_pid() "
+                      "LIMIT 1", (db.env["APP_USER"],))
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    return errors

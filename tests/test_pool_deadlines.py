@@ -17,8 +17,8 @@ import psycopg2
 import pytest
 
 import pool
-from pgutil import (admin_sql, node_of, proxied, stalled, terminate_app_sessions, timed,
-                    unique_name, wait_until)
+from pgutil import (admin_sql, node_of, proxied, stalled, terminate_app_sessions,
+                    terminate_under_queue, timed, unique_name, wait_until)
 from proxy import Proxy
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
@@ -146,30 +146,12 @@ def test_one_terminated_backend_does_not_fail_the_callers_queued_behind_it(pool_
     waiter before the immediate probe could re-admit the primary. Waiters now get the same probe
     grace as new callers: only the statement on the terminated session fails."""
     p = pool_factory(mode="threaded", max_size=2, replicas=(), timeout=10)
-    errors, done = [], threading.Event()
 
-    def worker():
-        while not done.is_set():
-            try:
-                with p.connection() as conn:
-                    conn.cursor().execute("SELECT pg_sleep(0.02)")
-            except Exception as exc:  # noqa: BLE001 - inspected below
-                errors.append(exc)
+    def queued() -> None:
+        time.sleep(0.2)
+        wait_until(lambda: p.stats()["waiting"] >= 3, timeout=5, what="callers queued")
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(5):
-            time.sleep(0.2)
-            wait_until(lambda: p.stats()["waiting"] >= 3, timeout=5, what="callers queued")
-            admin_sql(db, "primary", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE usename = %s AND state = 'active' AND pid <> pg_backend_pid() "
-                      "LIMIT 1", (db.env["APP_USER"],))
-    finally:
-        done.set()
-        for t in threads:
-            t.join()
+    errors = terminate_under_queue(db, p, queued)
     unavailable = [e for e in errors if isinstance(e, pool.PoolError)]
     assert not unavailable, f"queued callers failed: {unavailable[:3]}"
     assert 1 <= len(errors) <= 5  # the terminated statements themselves, and nothing else

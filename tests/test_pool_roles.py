@@ -8,9 +8,6 @@ their own (about two seconds to start); the rest use the session's cluster and u
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 
 import psycopg2
@@ -19,7 +16,7 @@ import pytest
 import pool
 from conftest import APP_PASSWORD, heal
 from native.cluster import NODES, Cluster
-from pgutil import admin_sql, node_of, timed, unique_name, wait_until
+from pgutil import admin_sql, node_of, throwaway_cluster, timed, unique_name, wait_until
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
@@ -30,16 +27,8 @@ INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
 @pytest.fixture
 def fresh():
     """A cluster of its own, destroyed afterwards: promotion is one-way."""
-    base = tempfile.mkdtemp(prefix="pool-roles-", dir="/tmp")
-    os.chmod(base, 0o755)
-    c = Cluster(os.path.join(base, "cluster"), ports=Cluster.free_ports(3),
-                env={"APP_PASSWORD": APP_PASSWORD}, durable=False)
-    try:
-        c.start()
+    with throwaway_cluster("pool-roles-", env={"APP_PASSWORD": APP_PASSWORD}) as c:
         yield c
-    finally:
-        c.destroy()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def candidates(c: Cluster, **kwargs) -> pool.Pool:
