@@ -6,6 +6,8 @@ executes them in the master process: this module therefore imports only the stan
 trixie ships 23; requirements-app.txt pins 27). Environment:
 
     APP_BIND              listen address (default 0.0.0.0:8000; tests use 127.0.0.1:<port>)
+    APP_BIND_UNIX         also listen on this unix socket (the Docker stack's nginx reaches
+                          the sync workers there: see docker-compose.yml)
     APP_WORKERS           worker processes (default 2)
     APP_THREADS           threads per gthread worker (default 8)
     APP_TIMEOUT           seconds before a silent worker is killed (default 30)
@@ -56,6 +58,8 @@ def require_single_threaded_for_process_mode(threads: int) -> None:
 
 wsgi_app = "app.wsgi:application"  # the default; the command line may name it too
 bind = [os.environ.get("APP_BIND", "0.0.0.0:8000")]
+if os.environ.get("APP_BIND_UNIX"):  # gunicorn replaces a stale socket file left by a crash
+    bind.append("unix:" + os.environ["APP_BIND_UNIX"])
 
 # No preload: the app, and with it any pool, must come to life in the worker, after the fork.
 preload_app = False

@@ -683,6 +683,46 @@ def test_gunicorn_configs(mode: str, worker_class: str, workers: int, threads: i
     assert result.returncode == 0, result.stderr
 
 
+def test_gunicorn_process_also_serves_on_a_unix_socket(db: Cluster) -> None:
+    """APP_BIND_UNIX: the Docker stack's nginx reaches the sync workers there (no TCP
+    connection per request, so no TIME_WAIT per request in nginx's network namespace)."""
+    require_gunicorn()
+    home = Path(tempfile.mkdtemp(prefix="app-unix-"))
+    path = home / "app-process.sock"
+    port = Cluster.free_ports(1)[0]
+    env = dict(gunicorn_env(), **app_environ(db, "process"), APP_BIND=f"127.0.0.1:{port}",
+               APP_BIND_UNIX=str(path), APP_PROCESS_WORKERS="2")
+    log = home / "gunicorn.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_process.py", "app.wsgi:application"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server("process", port, process, log)
+    try:
+        wait_until_serving(server)  # over TCP, as the healthcheck and the direct port are
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(5)
+                self.sock.connect(str(path))
+
+        for _ in range(3):  # one connection per request: sync workers close after each
+            conn = UnixConnection("localhost")
+            try:
+                conn.request("GET", "/items/1")
+                resp = conn.getresponse()
+                body = json.loads(resp.read())
+            finally:
+                conn.close()
+            assert resp.status == 200 and body["id"] == 1, body
+    finally:
+        stop_server(server)
+        assert "unhandled error" not in log.read_text(), log.read_text()[-3000:]
+        shutil.rmtree(home, ignore_errors=True)
+    assert not path.exists()  # a clean stop removes the socket file
+
+
 def test_gunicorn_refuses_process_mode_under_threads() -> None:
     require_gunicorn()
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_threaded.py", "--print-config"],

@@ -3,7 +3,7 @@
 # foreground. Listens on 8001-8003 (compose publishes them on the host's 127.0.0.1); the
 # upstreams come from the environment (docker-compose.yml: the apps' fixed addresses, so nginx
 # never resolves a name, and an app container that restarts keeps its address).
-#   NGINX_UPSTREAM_THREADED / _PROCESS / _NOPOOL   address:port of each gunicorn (required)
+#   NGINX_UPSTREAM_THREADED / _PROCESS / _NOPOOL   address:port or unix:path of each gunicorn (required)
 #   NGINX_MAX_CONN_PER_CLIENT, NGINX_CLIENT_HEADER_TIMEOUT, ...   see render.sh
 set -eu
 run=/run/nginx-stack

@@ -7,7 +7,8 @@
 #
 # Required (no default, they differ per stack):
 #   NGINX_LISTEN_THREADED  NGINX_LISTEN_PROCESS  NGINX_LISTEN_NOPOOL     address:port to listen on
-#   NGINX_UPSTREAM_THREADED NGINX_UPSTREAM_PROCESS NGINX_UPSTREAM_NOPOOL  address:port of each gunicorn
+#   NGINX_UPSTREAM_THREADED NGINX_UPSTREAM_PROCESS NGINX_UPSTREAM_NOPOOL  address:port (or unix:path)
+#                                                                         of each gunicorn
 #   NGINX_RUN_DIR          pid file and temp directories (writable by nginx's user)
 #   NGINX_ERROR_LOG  NGINX_ACCESS_LOG   log files (or /dev/stderr, /dev/stdout)
 # Knobs (defaults below):
