@@ -609,12 +609,7 @@ def servers(cluster: Cluster) -> Iterator[dict[str, Server]]:
             env = dict(os.environ, **app_environ(cluster, mode), APP_BIND=f"127.0.0.1:{port}",
                        APP_WORKERS="2", APP_THREADS="4", PYTHONPATH=str(ROOT))
             del env["APP_POOL_MODE"]  # each config picks its own
-            log = logdir / f"{mode}.log"
-            with open(log, "wb") as out:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "gunicorn", "-c", f"app/gunicorn_{mode}.py", "app.wsgi:application"],
-                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            running[mode] = Server(mode, port, process, log)
+            running[mode] = spawn_gunicorn(mode, port, env, logdir / f"{mode}.log")
         for server in running.values():
             wait_until_serving(server)
         yield running
@@ -624,6 +619,15 @@ def servers(cluster: Cluster) -> Iterator[dict[str, Server]]:
         for server in running.values():
             assert "unhandled error" not in server.log.read_text(), server.log.read_text()[-3000:]
         shutil.rmtree(logdir, ignore_errors=True)
+
+
+def spawn_gunicorn(mode: str, port: int, env: dict[str, str], log: Path) -> Server:
+    """gunicorn with app/gunicorn_<mode>.py on ``port``, its output in ``log``."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", f"app/gunicorn_{mode}.py", "app.wsgi:application"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(mode, port, process, log)
 
 
 def wait_until_serving(server: Server, timeout: float = 20) -> None:
@@ -693,11 +697,7 @@ def test_gunicorn_process_also_serves_on_a_unix_socket(db: Cluster) -> None:
     env = dict(gunicorn_env(), **app_environ(db, "process"), APP_BIND=f"127.0.0.1:{port}",
                APP_BIND_UNIX=str(path), APP_PROCESS_WORKERS="2")
     log = home / "gunicorn.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_process.py", "app.wsgi:application"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server("process", port, process, log)
+    server = spawn_gunicorn("process", port, env, log)
     try:
         wait_until_serving(server)  # over TCP, as the healthcheck and the direct port are
 

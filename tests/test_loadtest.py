@@ -212,7 +212,7 @@ def native_stack(cluster, tmp_path_factory):
     """The session cluster plus the app's services on free ports; the environment that points
     the harness (and through it `python -m native`) at them."""
     from native.cluster import Cluster
-    from native.services import start_services, stop_services
+    from native.services import DIRECT_PORTS, start_services, stop_services
 
     free = Cluster.free_ports(6)
     ports = dict(zip(("app-threaded", "app-process", "app-nopool"), free[:3]))
@@ -222,7 +222,7 @@ def native_stack(cluster, tmp_path_factory):
            "REPLICA2_PORT": str(cluster.port("replica2")), "APP_PASSWORD": cluster.env["APP_PASSWORD"],
            "APP_THREADED_PORT": str(ports["app-threaded"]), "APP_PROCESS_PORT": str(ports["app-process"]),
            "APP_NOPOOL_PORT": str(ports["app-nopool"]),
-           **{f"APP_{name.split('-')[1].upper()}_DIRECT_PORT": str(port) for name, port in direct.items()},
+           **{DIRECT_PORTS[name][0]: str(port) for name, port in direct.items()},
            # small and quick: two workers per service are plenty for a smoke run
            "APP_WORKERS": "2", "APP_THREADS": "4", "APP_PROCESS_WORKERS": "4"}
     saved = {k: os.environ.get(k) for k in ("APP_WORKERS", "APP_THREADS", "APP_PROCESS_WORKERS")}
