@@ -109,9 +109,13 @@ class Housekeeping:
                     self._probe_unanswered(ep, now)
                 due = min(due, now + PROBE_STEP_INTERVAL)
                 continue
-            ep.probe = None
-            self._end_probe(ep)
-            self._probe_finished(ep, probe, now)
+            try:
+                self._probe_finished(ep, probe, now)
+            finally:
+                # Cleared only once the verdict is applied: a request (or waiter) that finds the
+                # endpoint down in between must still see a probe to wait for, not fail at once.
+                ep.probe = None
+                self._end_probe(ep)
             due = min(due, ep.retry_at if ep.state in (DOWN, REFUSED) else due)
         return due
 

@@ -158,6 +158,35 @@ def test_one_terminated_backend_does_not_fail_the_callers_queued_behind_it(pool_
     assert all(isinstance(e, psycopg2.OperationalError) for e in errors)
 
 
+def test_a_request_waiting_on_a_probe_sees_its_verdict_applied(pool_factory, db):
+    """The housekeeper cleared the endpoint's probe before applying its verdict. A request
+    waiting for that probe then saw an endpoint down with no probe to wait for and failed with
+    "primary ... is down" just as the primary was being re-admitted (a loaded CI machine lost the
+    race in the test above). Here the gap is held open: the verdict is applied 0.15 s after the
+    probe answered, well within the probe's grace."""
+    p = pool_factory(mode="threaded", max_size=2, replicas=(), timeout=5)
+    p.fetchone("SELECT 1")
+    ep = p._endpoints[0]
+    finished = p._probe_finished
+    answered = threading.Event()
+
+    def late_verdict(*args, **kwargs):  # the housekeeper descheduled between answer and verdict
+        answered.set()
+        time.sleep(0.15)
+        return finished(*args, **kwargs)
+
+    p._probe_finished = late_verdict
+    terminate_app_sessions(db, "primary")
+    with pytest.raises(psycopg2.OperationalError):
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT 1")  # the lost session: ejected, probed at once
+    ep.login_s = 0.125  # a grace of 0.5 s: the probe is young for the whole test
+    assert state(p, 0) == "down" and ep.suspect
+    assert p.fetchone("SELECT 1") == (1,)  # waits for the probe and its verdict, then writes
+    assert answered.is_set()
+    assert state(p, 0) == "up"
+
+
 def test_a_notification_on_an_idle_connection_is_not_a_disconnect(make_pool, db):
     """An idle connection that ran LISTEN becomes readable when a NOTIFY arrives; the local
     poll() check took that for a server-side close and ejected the primary."""
