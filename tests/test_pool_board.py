@@ -202,6 +202,38 @@ def test_after_a_quiet_spell_a_request_waits_for_the_probe_and_finds_the_server_
         w.close()
 
 
+def test_a_probe_in_flight_is_not_waited_for_once_another_process_confirms_the_outage(
+        db, black_holable, board_path):
+    """A statement past its deadline makes the endpoint suspect, and requests give its probe the
+    grace. When another process's slow failure confirms the outage meanwhile (the board: down,
+    one more failure, no longer suspect), this process's requests stop waiting for its own probe,
+    which is as doomed: they fail fast while it runs on in the background."""
+    p = pool.Pool(proxied(db, "primary", black_holable), mode="threaded", shared_state=board_path,
+                  connect_timeout=3, query_timeout=0.3, timeout=5)
+    try:
+        assert p.fetchone("SELECT 1") == (1,)
+        ep = p._endpoints[0]
+        ep.login_s = 0.125  # a grace of 0.5 s: the probe stays young for the whole test
+        black_holable.freeze()  # the host vanished: its live session and new ones get nothing
+        with pytest.raises(pool.QueryTimeout):
+            p.fetchone("SELECT 1")  # no answer: ejected as suspect, probed at once
+        wait_until(lambda: ep.probe is not None, timeout=2, interval=0.001, what="the probe")
+        assert ep.state == "down" and ep.suspect and ep.probe.awaited
+        other = boards.Board(board_path)  # another worker's connect to the black hole timed out
+        slot = other.slot_for(ep.config.identity)
+        entry = other.read(slot)
+        assert entry.state == boards.DOWN and entry.flags & boards.SUSPECT  # shared as suspect
+        other.write(slot, state=boards.DOWN, flags=0, failures=entry.failures + 1,
+                    retry_at=boards.monotonic() + 1.0, error="connect failed: timeout expired")
+        with pytest.raises(pool.EndpointUnavailable):
+            p.fetchone("SELECT 1")
+        assert ep.probe is not None and not ep.probe.awaited  # its own probe: still running
+        assert not ep.suspect and not ep.awaiting_probe(time.monotonic())
+    finally:
+        p.close()
+        black_holable.forward()
+
+
 @pytest.mark.parametrize("mode", ["process", "threaded"])
 def test_one_slow_statement_costs_the_other_workers_no_failed_write(db, board_path, mode):
     """A statement that runs past query_timeout on a healthy primary (a slow report, a lock
