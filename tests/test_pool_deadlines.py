@@ -176,11 +176,11 @@ def test_a_request_waiting_on_a_probe_sees_its_verdict_applied(pool_factory, db)
         return finished(*args, **kwargs)
 
     p._probe_finished = late_verdict
-    terminate_app_sessions(db, "primary")
+    ep.login_s = 0.125  # a grace of about 0.5 s: the probe is young for the whole test
     with pytest.raises(psycopg2.OperationalError):
         with p.connection() as conn:
+            terminate_app_sessions(db, "primary")
             conn.cursor().execute("SELECT 1")  # the lost session: ejected, probed at once
-    ep.login_s = 0.125  # a grace of 0.5 s: the probe is young for the whole test
     assert state(p, 0) == "down" and ep.suspect
     assert p.fetchone("SELECT 1") == (1,)  # waits for the probe and its verdict, then writes
     assert answered.is_set()
