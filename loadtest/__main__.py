@@ -100,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
                    "to replay every acknowledged write")
     g.add_argument("--network-timeout", type=float, default=10, help="client response timeout (s)")
     g.add_argument("--connect-timeout", type=float, default=3, help="client connect timeout (s)")
+    g.add_argument("--new-connections", action="store_true", help="one client connection per "
+                   "request (Connection: close); default: each user keeps its connection alive")
     out = sub.add_parser("outage", help="how one outage plays out on every app worker (loadtest/outage.py)")
     out.add_argument("--stack", choices=("docker", "local", "auto"), help="default: STACK, else detect")
     out.add_argument("--results", type=Path, default=Path(os.environ.get("LOADTEST_RESULTS") or REPO_ROOT / "results"))
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     harness = Harness(settings, stack, out, tags=tuple(args.tags), slow_ms=args.slow_ms,
                       replay_timeout_s=args.replay_timeout, progress=Progress(),
                       workers=args.distributed, client_env={"LOADTEST_NETWORK_TIMEOUT": f"{args.network_timeout:g}",
-                                  "LOADTEST_CONNECT_TIMEOUT": f"{args.connect_timeout:g}"})
+                                  "LOADTEST_CONNECT_TIMEOUT": f"{args.connect_timeout:g}",
+                                  "LOADTEST_NEW_CONNECTIONS": "1" if args.new_connections else ""})
     done: dict = {}
     error = None
     try:

@@ -22,6 +22,9 @@ Settings (environment; the harness sets them):
     LOADTEST_USER_RPS         requests/s per user; 0 (default) = closed loop, no wait
     LOADTEST_NETWORK_TIMEOUT  seconds to wait for a response (default 10)
     LOADTEST_CONNECT_TIMEOUT  seconds to wait for a TCP connection (default 3)
+    LOADTEST_NEW_CONNECTIONS  1 = one TCP connection per request (``Connection: close``), so
+                              every request is accepted anew and a gunicorn's workers share
+                              them; default: each user keeps one connection alive
     LOADTEST_ALLOW_FAILURES   1 = failed requests do not make locust exit 1 (failover runs
                               expect them); exceptions in this file still do
 
@@ -59,6 +62,7 @@ def _env_float(name: str, default: float) -> float:
 
 MAX_ID = int(_env_float("LOADTEST_MAX_ID", 10000))
 USER_RPS = _env_float("LOADTEST_USER_RPS", 0)
+NEW_CONNECTIONS = os.environ.get("LOADTEST_NEW_CONNECTIONS", "").strip() == "1"
 
 
 class ItemsUser(FastHttpUser):
@@ -70,6 +74,7 @@ class ItemsUser(FastHttpUser):
     connection_timeout = _env_float("LOADTEST_CONNECT_TIMEOUT", 3.0)
     max_retries = 0  # a retry would hide exactly the failures we are counting
     wait_time = constant_throughput(USER_RPS) if USER_RPS > 0 else constant(0)
+    default_headers = {"Connection": "close"} if NEW_CONNECTIONS else None
 
     @tag("read")
     @task(80)

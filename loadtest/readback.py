@@ -26,6 +26,7 @@ class ReadBackUser(FastHttpUser):
     send_token = False
     network_timeout = common.ItemsUser.network_timeout
     connection_timeout = common.ItemsUser.connection_timeout
+    default_headers = common.ItemsUser.default_headers
     max_retries = 0
     wait_time = constant_throughput(common.USER_RPS / 2) if common.USER_RPS > 0 else constant(0)
 
