@@ -289,13 +289,14 @@ class Endpoint:
         return self.suspect or now - self.seen_down_at >= QUIET
 
     def awaiting_probe(self, now: float) -> bool:
-        """Down, with a probe worth waiting for due or started less than its grace ago."""
+        """Down, with a probe worth waiting for due, or attended for less than its grace (time
+        the prober was off the CPU does not count: probe.py)."""
         if self.state not in (DOWN, REFUSED):
             return False
         probe = self.probe
         if probe is None:
             return self.retry_at <= now and self.worth_waiting(now)
-        return probe.awaited and probe.started + self.grace > now
+        return probe.awaited and probe.attended < self.grace
 
     def describe(self, now: float) -> str:
         """One line for error messages: the state a reader needs to act on."""

@@ -12,6 +12,11 @@ passed *while someone was waiting on it*. Time counts towards the deadline only 
 that are close together (``ATTENDED``): a process-mode worker that steps its probe at one request
 and next at another ten seconds later has not waited ten seconds for the server, and must not
 declare a healthy server dead for it.
+
+A probe's grace (how long a request waits for it, ``Endpoint.grace``) is counted the same way,
+with a tighter cap (``PROMPT``): the housekeeping thread steps a pending probe every 10 ms, so a
+longer gap means the prober was off the CPU (request threads holding the GIL, a loaded machine),
+not that the server was slow, and must not fail a request whose server had answered long ago.
 """
 
 from __future__ import annotations
@@ -26,16 +31,17 @@ from .connection import abandon, connect_failure, describe_error
 
 PENDING, OK, FAILED, REFUSED, STANDBY = "pending", "ok", "failed", "refused", "standby"
 ATTENDED = 0.1  # steps further apart than this count as this much waiting, no more
+PROMPT = 0.02  # ... and as this much of the probe's grace (two housekeeping steps)
 
 
 class Probe:
-    __slots__ = ("started", "timeout", "waited", "stepped", "status", "error", "rows", "awaited",
+    __slots__ = ("started", "timeout", "waited", "attended", "stepped", "status", "error", "rows", "awaited",
                  "leased", "_conn", "_wants", "_query", "_cur")
 
     def __init__(self, dsn: str, now: float, timeout: float, query: str | None = None) -> None:
         self.started = self.stepped = now
         self.timeout = timeout
-        self.waited = 0.0
+        self.waited = self.attended = 0.0  # seconds, towards the deadline and towards the grace
         self.status = PENDING
         self.error: str | None = None
         self.rows: list[tuple] | None = None
@@ -53,7 +59,9 @@ class Probe:
 
     def step(self, now: float) -> str:
         """Advance the handshake (and the query) as far as it goes without waiting."""
-        self.waited += min(max(0.0, now - self.stepped), ATTENDED)
+        gap = max(0.0, now - self.stepped)
+        self.waited += min(gap, ATTENDED)
+        self.attended += min(gap, PROMPT)
         self.stepped = now
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
@@ -148,7 +156,7 @@ class Monitor(Probe):
             return False
         self.status, self.error, self.rows, self._cur = PENDING, None, None, None
         self.started = self.stepped = now
-        self.waited = 0.0
+        self.waited = self.attended = 0.0
         return True
 
     def close(self) -> None:

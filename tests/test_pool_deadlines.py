@@ -187,6 +187,37 @@ def test_a_request_waiting_on_a_probe_sees_its_verdict_applied(pool_factory, db)
     assert state(p, 0) == "up"
 
 
+def test_a_probe_whose_prober_was_descheduled_still_gets_its_grace(pool_factory, db, monkeypatch):
+    """A busy app (request threads holding the GIL, a loaded machine) can keep the housekeeping
+    thread off the CPU for longer than a probe's whole grace. The grace was wall-clock time, so
+    a request waiting for the probe of a false alarm (one terminated session) failed with
+    "primary ... is down" although the server had answered: nobody had read the answer. The grace
+    now counts the time the prober attended the probe. Here the housekeeper stalls for 0.2 s, four
+    graces, right after starting the probe."""
+    import pool.modes
+    p = pool_factory(mode="threaded", max_size=2, replicas=(), timeout=5)
+    p.fetchone("SELECT 1")
+    ep = p._endpoints[0]
+    real_wait_any = pool.modes.wait_any
+    stalls = []
+
+    def descheduled(probes, timeout):
+        if not stalls:
+            stalls.append(time.monotonic())
+            time.sleep(0.2)
+        return real_wait_any(probes, timeout)
+
+    monkeypatch.setattr(pool.modes, "wait_any", descheduled)
+    ep.login_s = 0.0  # the floor grace, 50 ms, whatever logins took on this machine
+    with pytest.raises(psycopg2.OperationalError):
+        with p.connection() as conn:
+            terminate_app_sessions(db, "primary")
+            conn.cursor().execute("SELECT 1")  # the lost session: ejected, probed at once
+    assert p.fetchone("SELECT 1") == (1,)  # waits out the stall, not just 50 ms of it
+    assert stalls, "the housekeeper never waited on the probe: the test proved nothing"
+    assert state(p, 0) == "up"
+
+
 def test_a_notification_on_an_idle_connection_is_not_a_disconnect(make_pool, db):
     """An idle connection that ran LISTEN becomes readable when a NOTIFY arrives; the local
     poll() check took that for a server-side close and ejected the primary."""
