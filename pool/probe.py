@@ -187,4 +187,4 @@ def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -
         pending = [p for p in probes if p.step(now) == PENDING]
         if not pending or now >= until:
             return
-        wait_any(pending, min(min(p.remaining for p in pending), until - now, 0.05))
+        wait_any(pending, min(min(p.remaining for p in pending), until - now, PROMPT / 2))
