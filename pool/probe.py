@@ -35,8 +35,8 @@ PROMPT = 0.02  # ... and as this much of the probe's grace (two housekeeping ste
 
 
 class Probe:
-    __slots__ = ("started", "timeout", "waited", "attended", "stepped", "status", "error", "rows", "awaited",
-                 "leased", "_conn", "_wants", "_query", "_cur")
+    __slots__ = ("started", "timeout", "waited", "attended", "stepped", "status", "error", "rows",
+                 "awaited", "leased", "_conn", "_wants", "_query", "_cur")
 
     def __init__(self, dsn: str, now: float, timeout: float, query: str | None = None) -> None:
         self.started = self.stepped = now
