@@ -289,14 +289,19 @@ class Endpoint:
         return self.suspect or now - self.seen_down_at >= QUIET
 
     def awaiting_probe(self, now: float) -> bool:
-        """Down, with a probe worth waiting for due, or attended for less than its grace (time
-        the prober was off the CPU does not count: probe.py)."""
+        """Down, with a probe worth waiting for due, or running and not yet overdue."""
         if self.state not in (DOWN, REFUSED):
             return False
         probe = self.probe
         if probe is None:
             return self.retry_at <= now and self.worth_waiting(now)
-        return probe.awaited and probe.attended < self.grace
+        return probe.awaited and not self.probe_overdue(probe, now)
+
+    def probe_overdue(self, probe: Any, now: float) -> bool:
+        """Has the server left this probe unanswered for its grace (Probe.silence: time the
+        prober was off the CPU does not count), or has it run PROBE_GRACE_MAX however slowly it
+        was attended? Then nobody waits for it any longer."""
+        return probe.silence >= self.grace or now - probe.started >= PROBE_GRACE_MAX
 
     def describe(self, now: float) -> str:
         """One line for error messages: the state a reader needs to act on."""

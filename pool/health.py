@@ -190,10 +190,10 @@ class Health:
             self._refuse(ep, error)
         elif at_start or ep.state is UP:
             self._eject(ep, f"unreachable{' at start' if at_start else ''}: {error}",
-                        fast=ep.at_once(probe.attended))
+                        fast=ep.at_once(probe.silence))
         else:
             with self._lock:
-                ep.probe_failed(now, error, fast=ep.at_once(probe.attended))
+                ep.probe_failed(now, error, fast=ep.at_once(probe.silence))
                 self._serve_waiters()  # waiters given probe grace learn the verdict now
             self._share(ep)
 

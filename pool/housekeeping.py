@@ -105,7 +105,7 @@ class Housekeeping:
                 probe.leased = leased
             status = probe.step(now)
             if status == PENDING:
-                if ep.suspect and probe.attended >= ep.grace:
+                if ep.suspect and ep.probe_overdue(probe, now):
                     self._probe_unanswered(ep, now)
                 due = min(due, now + PROBE_STEP_INTERVAL)
                 continue

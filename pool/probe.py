@@ -13,10 +13,12 @@ that are close together (``ATTENDED``): a process-mode worker that steps its pro
 and next at another ten seconds later has not waited ten seconds for the server, and must not
 declare a healthy server dead for it.
 
-A probe's grace (how long a request waits for it, ``Endpoint.grace``) is counted the same way,
-with a tighter cap (``PROMPT``): the housekeeping thread steps a pending probe every 10 ms, so a
-longer gap means the prober was off the CPU (request threads holding the GIL, a loaded machine),
-not that the server was slow, and must not fail a request whose server had answered long ago.
+A probe's grace (how long a request waits for it, ``Endpoint.grace``) is spent by the server's
+silence, not by the clock (``silence``). The housekeeping thread steps a pending probe every
+10 ms; when a step comes later than ``PROMPT`` and finds the server's answer already waiting, the
+prober was off the CPU (request threads holding the GIL, a loaded machine) and the gap counts as
+``PROMPT`` only: a server that answered must not fail the request that waits for it. A gap after
+which nothing has arrived counts in full, so a stalled server still spends the grace on time.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ from .connection import abandon, connect_failure, describe_error
 
 PENDING, OK, FAILED, REFUSED, STANDBY = "pending", "ok", "failed", "refused", "standby"
 ATTENDED = 0.1  # steps further apart than this count as this much waiting, no more
-PROMPT = 0.02  # ... and as this much of the probe's grace (two housekeeping steps)
+PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the answer waiting
 
 
 class Probe:
-    __slots__ = ("started", "timeout", "waited", "attended", "stepped", "status", "error", "rows",
+    __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
                  "awaited", "leased", "_conn", "_wants", "_query", "_cur")
 
     def __init__(self, dsn: str, now: float, timeout: float, query: str | None = None) -> None:
         self.started = self.stepped = now
         self.timeout = timeout
-        self.waited = self.attended = 0.0  # seconds, towards the deadline and towards the grace
+        self.waited = self.silence = 0.0  # seconds, towards the deadline and towards the grace
         self.status = PENDING
         self.error: str | None = None
         self.rows: list[tuple] | None = None
@@ -61,7 +63,8 @@ class Probe:
         """Advance the handshake (and the query) as far as it goes without waiting."""
         gap = max(0.0, now - self.stepped)
         self.waited += min(gap, ATTENDED)
-        self.attended += min(gap, PROMPT)
+        late = gap > PROMPT and self.status == PENDING and self._ready(self._wants)
+        self.silence += PROMPT if late else gap
         self.stepped = now
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
@@ -156,7 +159,7 @@ class Monitor(Probe):
             return False
         self.status, self.error, self.rows, self._cur = PENDING, None, None, None
         self.started = self.stepped = now
-        self.waited = self.attended = 0.0
+        self.waited = self.silence = 0.0
         return True
 
     def close(self) -> None:
@@ -187,4 +190,4 @@ def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -
         pending = [p for p in probes if p.step(now) == PENDING]
         if not pending or now >= until:
             return
-        wait_any(pending, min(min(p.remaining for p in pending), until - now, PROMPT / 2))
+        wait_any(pending, min(min(p.remaining for p in pending), until - now, 0.05))

@@ -89,8 +89,8 @@ def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool
             assert isinstance(error, pool.EndpointUnavailable), error
             assert seconds < (pool.endpoint.PROBE_GRACE_MAX + 0.1 if i == 0 else 0.045), (i, seconds)
             if i == 0:  # that grace passed unanswered: down from now on, on the board too, so
-                # no other worker waits it again (probe.attended must keep up with the clock while
-                # a request waits on the probe; threaded: the housekeeper's next step says so)
+                # no other worker waits it again (the server's silence spends the grace, whoever
+                # steps the probe; threaded: the housekeeper's next step says so)
                 wait_until(lambda: not p._endpoints[0].suspect, timeout=0.1, interval=0.005,
                            what="the unanswered probe's verdict")
         assert p.fetchone(READ, readonly=True) is not None  # reads carry on
@@ -197,8 +197,8 @@ def test_a_probe_whose_prober_was_descheduled_still_gets_its_grace(pool_factory,
     thread off the CPU for longer than a probe's whole grace. The grace was wall-clock time, so
     a request waiting for the probe of a false alarm (one terminated session) failed with
     "primary ... is down" although the server had answered: nobody had read the answer. The grace
-    now counts the time the prober attended the probe. Here the housekeeper stalls for 0.2 s, four
-    graces, right after starting the probe."""
+    is now spent by the server's silence only (Probe.silence). Here the housekeeper stalls for
+    0.2 s, four graces, right after starting the probe."""
     import pool.modes
     p = pool_factory(mode="threaded", max_size=2, replicas=(), timeout=5)
     p.fetchone("SELECT 1")
