@@ -34,6 +34,7 @@ from .connection import abandon, connect_failure, describe_error
 PENDING, OK, FAILED, REFUSED, STANDBY = "pending", "ok", "failed", "refused", "standby"
 ATTENDED = 0.1  # steps further apart than this count as this much waiting, no more
 PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the answer waiting
+#                counts as this much of the server's silence: the rest was the prober's delay
 
 
 class Probe:
@@ -104,12 +105,17 @@ class Probe:
         return False
 
     def _ready(self, state: int) -> bool:
+        """Is the socket ready for what the handshake waits on? True also when the connection
+        went away meanwhile (close() from another thread): the next poll() says what happened."""
         conn = self._conn
         if conn is None:
             return False
-        fd = conn.fileno()
-        r, w, _ = select.select([fd] if state == ext.POLL_READ else [],
-                                [fd] if state == ext.POLL_WRITE else [], [], 0)
+        try:
+            fd = conn.fileno()
+            r, w, _ = select.select([fd] if state == ext.POLL_READ else [],
+                                    [fd] if state == ext.POLL_WRITE else [], [], 0)
+        except (psycopg2.Error, OSError, ValueError):
+            return True
         return bool(r or w)
 
     def fileno_and_events(self) -> tuple[int, bool]:

@@ -58,6 +58,30 @@ def _endpoint(role="replica", name="db2:5432"):
     return Endpoint(cfg, max_size=3)
 
 
+def test_a_probe_grace_is_spent_by_the_servers_silence_not_by_the_prober_being_late():
+    """Probe.silence: a gap after which nothing has arrived counts in full (a stalled server
+    spends the grace on time); a late step that finds the answer waiting counts PROMPT only."""
+    from pool.probe import PENDING, PROMPT, Probe
+    silent, answering = socket.socket(), socket.socket()
+    try:
+        for s in (silent, answering):
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+        quiet = Probe(f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=x user=x", 0.0, 5.0)
+        talky = Probe(f"host=127.0.0.1 port={answering.getsockname()[1]} dbname=x user=x", 0.0, 5.0)
+        for probe in (quiet, talky):
+            assert probe.step(0.001) == PENDING  # connected, startup sent: waits for an answer
+        peer, _ = answering.accept()
+        peer.sendall(b"E")  # an answer of sorts, waiting on the socket
+        assert quiet.step(0.3) == PENDING and quiet.silence == pytest.approx(0.3)
+        talky.step(0.3)
+        assert talky.silence == pytest.approx(0.001 + PROMPT)
+        peer.close()
+    finally:
+        silent.close()
+        answering.close()
+
+
 def test_mark_down_is_one_transition_that_invalidates_connections():
     ep = _endpoint()
     assert ep.state == UP and ep.generation == 0
