@@ -13,6 +13,9 @@ trixie ships 23; requirements-app.txt pins 27). Environment:
     APP_TIMEOUT           seconds before a silent worker is killed (default 30)
     APP_GRACEFUL_TIMEOUT  seconds a stopping worker may finish its requests (default 10; keep the
                           container's stop grace period longer)
+    APP_ACCESS_LOG        on (default) or off: gunicorn's access line per request. Behind nginx,
+                          which logs every request itself (with the server that answered), the
+                          stacks turn it off: a second line per request costs CPU for nothing
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ def env_int(name: str, default: int) -> int:
     return value
 
 
+def env_switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "off"):
+        return raw == "on"
+    raise SystemExit(f"{name}={raw!r}: say on or off")
+
+
 def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     try:
@@ -65,7 +77,7 @@ if os.environ.get("APP_BIND_UNIX"):  # gunicorn replaces a stale socket file lef
 preload_app = False
 
 # Logs to the container's stdout/stderr. The access line names the server that answered.
-accesslog = "-"
+accesslog = env_switch("APP_ACCESS_LOG", True) and "-" or None
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(M)sms served_by=%({x-served-by}o)s pid=%(p)s'
 

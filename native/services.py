@@ -25,7 +25,8 @@ gunicorn runs with the interpreter running this code (sys.executable), so call i
 project venv (`make venv`; the Makefile uses $(VPY) -m native); see app_interpreter() for the
 one exception. Each service is a detached process
 group; its pid file is <basedir>/run/<service>.pid and its log <basedir>/log/<service>.log
-(gunicorn's access and error log; nginx-access.log and nginx-error.log for nginx).
+(gunicorn's error log, and its access log only where no nginx is in front: APP_ACCESS_LOG;
+nginx-access.log and nginx-error.log for nginx).
 """
 from __future__ import annotations
 
@@ -245,7 +246,8 @@ def _healthz(port: int, timeout: float = 3.0) -> tuple[int, dict | str]:
         return 0, str(exc)
 
 
-def _service_env(cluster: Cluster, name: str, port: int, user: pwd.struct_passwd | None) -> dict:
+def _service_env(cluster: Cluster, name: str, port: int, user: pwd.struct_passwd | None,
+                 behind_nginx: bool) -> dict:
     mode = SERVICES[name][0]
     # Nothing of the caller's database/pool/app settings leaks in except the listed knobs.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "POOL_", "APP_"))}
@@ -261,6 +263,9 @@ def _service_env(cluster: Cluster, name: str, port: int, user: pwd.struct_passwd
         # same DSNs, in the order primary, replica1, replica2.
         POOL_NODES=",".join(cluster.dsn(n) for n in NODES),
         PYTHONUNBUFFERED="1",
+        # nginx logs every request (nginx-access.log, with the server that answered); a second
+        # line from gunicorn would cost each request CPU for nothing. Alone, gunicorn logs them.
+        APP_ACCESS_LOG=os.environ.get("APP_ACCESS_LOG") or ("off" if behind_nginx else "on"),
     )
     return _user_env(env, user)
 
@@ -285,7 +290,7 @@ def start_services(cluster: Cluster, ports: dict[str, int] | None = None,
         if _running_pid(cluster, name):
             log.info("%s: already running (pid file %s)", name, _pidfile(cluster, name))
             continue
-        env = {**_service_env(cluster, name, backend[name], user), **python_env}
+        env = {**_service_env(cluster, name, backend[name], user, nginx is not None), **python_env}
         started[name] = _spawn(cluster, name, [python, "-m", "gunicorn", "-c", f"app/gunicorn_{mode}.py",
                                                "app.wsgi:application"], env, user)
         log.info("%s: gunicorn (%s) on 127.0.0.1:%d, pid %d%s, log %s", name, mode, backend[name],

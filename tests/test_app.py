@@ -669,16 +669,26 @@ def gunicorn_env(**extra: str) -> dict[str, str]:
 def test_gunicorn_configs(mode: str, worker_class: str, workers: int, threads: int) -> None:
     require_gunicorn()
     config = f"app/gunicorn_{mode}.py"
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", config, "--print-config"], cwd=ROOT,
-                            env=gunicorn_env(APP_WORKERS="3", APP_THREADS="5"), capture_output=True, text=True, timeout=30)
+
+    def print_config(**env: str) -> tuple[dict[str, str], subprocess.CompletedProcess]:
+        result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", config, "--print-config"], cwd=ROOT,
+                                env=gunicorn_env(**env), capture_output=True, text=True, timeout=30)
+        settings = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+        return {k.strip(): v.strip() for k, v in settings.items()}, result
+
+    settings, result = print_config(APP_WORKERS="3", APP_THREADS="5")
     assert result.returncode == 0, result.stderr
-    settings = dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
-    settings = {k.strip(): v.strip() for k, v in settings.items()}
     assert (settings["worker_class"], settings["workers"], settings["threads"]) == (worker_class, str(workers), str(threads))
     assert settings["preload_app"] == "False" and settings["control_socket_disable"] == "True"
     assert settings["forwarder_headers"] == "[]"  # no header may set SCRIPT_NAME or PATH_INFO
     assert settings["bind"] == "['0.0.0.0:8000']" and settings["accesslog"] == "-"
     assert int(settings["timeout"]) > 5 + 2 * 2 and settings["wsgi_app"] == "app.wsgi:application"
+
+    # APP_ACCESS_LOG=off (the stacks, behind nginx, which logs every request) drops the line.
+    settings, result = print_config(APP_ACCESS_LOG="off")
+    assert result.returncode == 0 and settings["accesslog"] == "None", result.stderr
+    settings, result = print_config(APP_ACCESS_LOG="maybe")
+    assert result.returncode != 0 and "APP_ACCESS_LOG='maybe': say on or off" in result.stderr
 
     # gunicorn's master runs the config: it must not import psycopg2 or the pool.
     probe = ("import runpy, sys; runpy.run_path(%r); "

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -191,6 +192,20 @@ def test_apps_use_fixed_addresses_not_dns(stack):
     nodes = stack.compose("exec", "-T", "app-threaded", "python3", "-c",
                           "import os; print(os.environ['POOL_NODES'])").stdout.strip().split(",")
     assert [n.split()[0] for n in nodes] == [f"host={node}" for node in NODES], nodes
+
+
+def test_each_request_is_logged_once_by_nginx(stack):
+    """nginx logs every request with the server that answered; gunicorn's second line per
+    request, through Docker's log driver, is off (APP_ACCESS_LOG)."""
+    tag = f"logged-once-{time.monotonic_ns()}"
+    with urllib.request.urlopen(stack.url("threaded", f"/items/1?tag={tag}"), timeout=5) as resp:
+        assert resp.status == 200
+    deadline = time.monotonic() + 10  # nginx flushes its access log every second
+    while tag not in stack.logs("nginx", "200") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = next((l for l in stack.logs("nginx", "200").splitlines() if tag in l), None)
+    assert line and "served_by=" in line, "nginx did not log the request"
+    assert tag not in stack.logs("app-threaded", "200"), "gunicorn logs the request too"
 
 
 class TestDockerStack(stackutil.StackScenarios):

@@ -131,6 +131,25 @@ class TestNativeStack(stackutil.StackScenarios):
                 if os.geteuid() != 0:
                     assert uid_of(pid) == os.geteuid(), f"{name} process {pid} is not the caller's"
 
+    def test_each_request_is_logged_once(self, stack) -> None:
+        """Behind nginx only nginx logs the request (with the server that answered); gunicorn
+        logs it only when it answers the public port itself (APP_ACCESS_LOG)."""
+        import urllib.request
+        from native.services import _logfile
+        tag = f"logged-once-{time.monotonic_ns()}"
+        with urllib.request.urlopen(stack.url("threaded", f"/items/1?tag={tag}"), timeout=5) as resp:
+            assert resp.status == 200
+        app_log = _logfile(stack.cluster, "app-threaded")
+        proxy_log = stack.cluster.basedir / "log" / "nginx-access.log"
+        where, other = (proxy_log, app_log) if stack.proxy else (app_log, None)
+        deadline = time.monotonic() + 5  # nginx flushes its access log every second
+        while tag not in where.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        line = next((l for l in where.read_text().splitlines() if tag in l), None)
+        assert line and "served_by=" in line, f"no access line for the request in {where}"
+        if other is not None:
+            assert tag not in other.read_text(), f"{other} logs the request too (nginx logs it)"
+
     def test_make_watch_and_make_demo_smoke(self, stack, tmp_path) -> None:
         """`make watch` for 3 s and `make demo` with 2 s phases, against this stack (about 20 s):
         each ends with its summary; the demo's two outages cost no read and lose no write."""
