@@ -77,7 +77,7 @@ if os.environ.get("APP_BIND_UNIX"):  # gunicorn replaces a stale socket file lef
 preload_app = False
 
 # Logs to the container's stdout/stderr. The access line names the server that answered.
-accesslog = env_switch("APP_ACCESS_LOG", True) and "-" or None
+accesslog = "-" if env_switch("APP_ACCESS_LOG", True) else None
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(M)sms served_by=%({x-served-by}o)s pid=%(p)s'
 
