@@ -24,7 +24,7 @@ def median_cells(rows: list[dict]) -> dict[tuple[str, int], dict]:
 
 
 def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[int],
-                 names: list[str], base: Path) -> Path:
+                 names: list[str], base: Path, placement: str = "not pinned") -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = base / stamp
     outdir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +38,7 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
         w.writerow(["what", "microseconds"])
         w.writerows(bare)
     cells = median_cells(rows)
-    (outdir / "bench.md").write_text(markdown(cells, names, bare, threads, rows))
+    (outdir / "bench.md").write_text(markdown(cells, names, bare, threads, rows, placement))
     plot(cells, names, threads, outdir / "bench.png")
     latest = base / "latest"
     if latest.is_symlink() or latest.exists():
@@ -48,14 +48,14 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
 
 
 def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threads: list[int],
-             rows: list[dict]) -> str:
+             rows: list[dict], placement: str = "not pinned") -> str:
     rounds = max(r["round"] for r in rows)
     natural = [n for n in names if "+autocommit" not in n]
     autocommit = [n for n in names if n.startswith("pool (")] + [n for n in names if "+autocommit" in n]
     lines = [
         f"Median of {rounds} interleaved rounds, pool size 8 "
         f"({platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs). Cells: queries/s, then p50 / p99 latency in ms.", ""]
+        f"{os.cpu_count()} CPUs; {placement}). Cells: queries/s, then p50 / p99 latency in ms.", ""]
     lines += table(cells, natural, threads, "Each pool in its natural idiom (the defaults: "
                    "peers run BEGIN, the query and ROLLBACK or COMMIT; pgdbpool pings, then queries)")
     if len(autocommit) > 2:
