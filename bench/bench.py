@@ -1,10 +1,10 @@
 """Side-by-side benchmark: this project's pool against its peers, in one process, one run.
 
-    python -m bench.bench [--seconds 2] [--rounds 3] [--threads 1,4,16,64] [--dsn DSN]
+    python -m bench.bench [--seconds 2] [--rounds 3] [--threads 1,4,16,64] [--dsn DSN] [--no-pin]
 
 Each contender does "one read query per checkout" in its own natural idiom, against the same
-local PostgreSQL (a throwaway server from the local binaries unless --dsn is given), with a pool
-of 8 connections, at 1, 4, 16 and 64 threads. Cells run interleaved and repeated (--rounds);
+local PostgreSQL (a throwaway server from the local binaries unless --dsn is given, run on CPUs
+of its own: pin_apart), with a pool of 8 connections, at 1, 4, 16 and 64 threads. Cells run interleaved and repeated (--rounds);
 the table reports the median round, so every ratio compares numbers measured minutes apart at
 most on the same machine. A second table times checkout + return without a query (and what the
 shared health board and the session reset add to it).
