@@ -19,9 +19,10 @@ import os, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
 from bench.bench import pin_apart
 parent = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
-time.sleep(0.2)  # let it fork its child
 from native.cluster import _descendants
-kids = _descendants(parent.pid)
+deadline = time.monotonic() + 10
+while not (kids := _descendants(parent.pid)) and time.monotonic() < deadline:
+    time.sleep(0.01)  # until it has forked its child
 try:
     placement = pin_apart([parent.pid, None])
     print(placement)
