@@ -50,8 +50,11 @@ class Contender:
     def __init__(self, dsn: str, autocommit: bool = False) -> None:
         self.dsn = dsn
         self.autocommit = autocommit
-        if autocommit:
-            self.name += " +autocommit"
+        self.name = self.label(autocommit)
+
+    @classmethod
+    def label(cls, autocommit: bool) -> str:
+        return cls.name + " +autocommit" * autocommit
 
     def query(self, item_id: int) -> Any:
         raise NotImplementedError
@@ -291,10 +294,20 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
             "errors": sum(errors)}
 
 
-def time_bare(c: Contender, number: int = 20000, repeat: int = 7) -> float:
-    """Best-of-`repeat` microseconds for one checkout + return with no query (1 thread)."""
+# --quick scales every timing loop down (a smoke run: the code paths, not the figures).
+SCALE = 1.0
+
+
+def best_us(fn: Callable[[], Any], number: int) -> float:
+    """Microseconds per call of `fn`, the best of 7 runs of `number` calls (times SCALE)."""
+    number = max(1, int(number * SCALE))
+    return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
+
+
+def time_bare(c: Contender) -> float:
+    """Best-of-7 microseconds for one checkout + return with no query (1 thread)."""
     c.bare()
-    return min(timeit.repeat(c.bare, number=number, repeat=repeat)) / number * 1e6
+    return best_us(c.bare, 20000)
 
 
 class _EmptyHandle:
@@ -323,7 +336,7 @@ def floor_rows(dsn: str) -> list[tuple[str, float]]:
             pass
 
     rows.append(("CPython floor: empty `with` + handle object",
-                 min(timeit.repeat(empty, number=50000, repeat=7)) / 50000 * 1e6))
+                 best_us(empty, 50000)))
     for mode in ("threaded", "process"):
         p = pool.Pool(dsn, mode=mode, max_size=SIZE)
 
@@ -332,7 +345,7 @@ def floor_rows(dsn: str) -> list[tuple[str, float]]:
 
         bookkeeping()
         rows.append((f"pool ({mode}): checkout + return bookkeeping, no handle",
-                     min(timeit.repeat(bookkeeping, number=50000, repeat=7)) / 50000 * 1e6))
+                     best_us(bookkeeping, 50000)))
         p.close()
     return rows
 
@@ -351,7 +364,7 @@ def reset_rows(dsn: str) -> list[tuple[str, float]]:
                     conn.cursor().execute("SELECT 1")
 
             block()
-            us = min(timeit.repeat(block, number=2000, repeat=7)) / 2000 * 1e6
+            us = best_us(block, 2000)
             rows.append((f"pool ({mode}): a block running one statement, session reset "
                          f"{'on (default)' if reset else 'off'}", us))
             p.close()
@@ -376,7 +389,7 @@ def board_rows(dsn: str) -> list[tuple[str, float]]:
                         pass
 
                 bare()
-                best[shared] = min(best[shared], min(timeit.repeat(bare, number=20000, repeat=7)) / 20000 * 1e6)
+                best[shared] = min(best[shared], best_us(bare, 20000))
         default = mode == "process"
         for shared in (False, True):
             rows.append((f"pool ({mode}): shared health board {'on' if shared else 'off'}"
@@ -402,7 +415,7 @@ def watchdog_rows(dsn: str) -> list[tuple[str, float]]:
                     p.fetchone("SELECT 1")
 
                 one()
-                best[on] = min(best[on], min(timeit.repeat(one, number=2000, repeat=7)) / 2000 * 1e6)
+                best[on] = min(best[on], best_us(one, 2000))
         for on in (True, False):
             rows.append((f"pool ({mode}): `fetchone`, statement deadline "
                          f"{'on (query_timeout=30, default)' if on else 'off (query_timeout=None)'}",
@@ -420,7 +433,7 @@ def watchdog_rows(dsn: str) -> list[tuple[str, float]]:
         cursor = Stub()
         cursor.connection = Stub()
         cursor.connection.query_timeout = timeout
-        us = min(timeit.repeat(lambda: statement(cursor), number=200000, repeat=7)) / 200000 * 1e6
+        us = best_us(lambda: statement(cursor), 200000)
         rows.append((f"the statement wrapper alone, deadline {'on' if timeout else 'off'}", us))
     return rows
 
@@ -493,8 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="leave the server and this process wherever the kernel puts them "
                     "(by default they get separate CPUs: see pin_apart)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: timing loops a hundredth as long (the figures mean little)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    global SCALE
+    SCALE = 0.01 if args.quick else 1.0
     thread_counts = [int(t) for t in args.threads.split(",")]
 
     stop = None
@@ -504,16 +521,15 @@ def main(argv: list[str] | None = None) -> int:
         stop, dsn, placement = start_server(args.pin)
     print(f"CPUs: {placement}", flush=True)
     try:
-        contenders = [cls(dsn) for cls in CONTENDERS]
+        # Chosen by name before any is made: a contender left out opens no connection and
+        # needs none of its packages (`--only "pool (threaded),pool (process)"` runs with the
+        # test requirements alone).
+        kinds = [(cls, False) for cls in CONTENDERS]
         if args.autocommit_peers:
-            contenders += [cls(dsn, autocommit=True) for cls in CONTENDERS
-                           if cls.has_autocommit_variant]
-        if args.only:
-            wanted = [w for w in args.only.split(",") if w]
-            for c in contenders:
-                if not any(w in c.name for w in wanted):
-                    c.close()
-            contenders = [c for c in contenders if any(w in c.name for w in wanted)]
+            kinds += [(cls, True) for cls in CONTENDERS if cls.has_autocommit_variant]
+        wanted = [w for w in args.only.split(",") if w]
+        contenders = [cls(dsn, autocommit) for cls, autocommit in kinds
+                      if not wanted or any(w in cls.label(autocommit) for w in wanted)]
         print(f"{len(contenders)} contenders, pool size {SIZE}, threads {thread_counts}, "
               f"{args.rounds} rounds of {args.seconds:.1f}s cells", flush=True)
         rows = []

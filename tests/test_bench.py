@@ -1,16 +1,22 @@
-"""bench/bench.py's CPU placement: the server and the benchmark on separate CPUs.
+"""bench/bench.py: its CPU placement (the server and the benchmark on separate CPUs), and a
+cut-down `make bench` run end to end, so the benchmark cannot break unnoticed.
 
-Run in a child interpreter, so pinning never touches the test process. A `sleep` with a child of
-its own stands in for a postmaster and a backend it forked.
+Both run in a child interpreter, so pinning never touches the test process. In the first, a
+`sleep` with a child of its own stands in for a postmaster and a backend it forked. The second
+needs the PostgreSQL server binaries (a skip without them, a failure under CI).
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import require
+from native.cluster import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,3 +56,30 @@ def test_pin_apart_splits_the_cpus_between_server_and_client() -> None:
     assert out[2] == str(server)
     kids = ast.literal_eval(out[3])
     assert kids and all(k == server for k in kids)  # a backend forked before the pinning, too
+
+
+def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
+    """`python -m bench.bench` as `make bench` runs it, cut down: its own server, the pool's two
+    modes (the peers' packages are not test requirements), every timing table, the report."""
+    try:
+        find_bindir()
+    except Exception as exc:  # noqa: BLE001 - any reason means "no servers here"
+        require(f"PostgreSQL server binaries not found: {exc}")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench", "--quick", "--seconds", "0.2", "--rounds", "2",
+         "--threads", "1,4", "--only", "pool (threaded),pool (process)", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    latest = tmp_path / "latest"
+    rows = list(csv.DictReader(open(latest / "bench.csv")))
+    # threaded at 1 and 4 threads, process at 1 (one thread per process), two rounds each
+    assert sorted((r["contender"], r["threads"]) for r in rows) == sorted(
+        [("pool (threaded)", "1"), ("pool (threaded)", "4"), ("pool (process)", "1")] * 2)
+    assert all(int(r["ops"]) > 0 and r["errors"] == "0" for r in rows)
+    md = (latest / "bench.md").read_text()
+    placement = ("client on CPU" if len(os.sched_getaffinity(0)) > 1 else "not pinned")
+    assert placement in md.splitlines()[0]
+    for what in ("CPython floor", "shared health board on", "statement deadline off",
+                 "session reset on (default)"):
+        assert what in md
+    assert (latest / "bench.png").stat().st_size > 0
