@@ -71,7 +71,7 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     latest = tmp_path / "latest"
-    rows = list(csv.DictReader(open(latest / "bench.csv")))
+    rows = list(csv.DictReader((latest / "bench.csv").read_text().splitlines()))
     # threaded at 1 and 4 threads, process at 1 (one thread per process), two rounds each
     assert sorted((r["contender"], r["threads"]) for r in rows) == sorted(
         [("pool (threaded)", "1"), ("pool (threaded)", "4"), ("pool (process)", "1")] * 2)
