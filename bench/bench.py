@@ -447,19 +447,17 @@ def start_server(pin: bool = True) -> tuple[Callable[[], None], str, str]:
     cluster = Cluster(os.path.join(base, "c"), ports=Cluster.free_ports(3), durable=False)
     print("starting a local PostgreSQL ...", flush=True)
     cluster.start()
+    restore = os.sched_getaffinity(0) if pin and hasattr(os, "sched_getaffinity") else None
     placement = (pin_apart([cluster.pid(node) for node in cluster.nodes]) if pin
                  else "not pinned (--no-pin)")
 
     def stop() -> None:
-        if _server_cpus:
-            os.sched_setaffinity(0, os.sched_getaffinity(0) | _server_cpus)
+        if restore is not None:
+            os.sched_setaffinity(0, restore)
         cluster.destroy()
         shutil.rmtree(base, ignore_errors=True)
 
     return stop, cluster.dsn("primary"), placement
-
-
-_server_cpus: set[int] = set()
 
 
 def pin_apart(postmasters: list[int | None]) -> str:
@@ -486,7 +484,6 @@ def pin_apart(postmasters: list[int | None]) -> str:
                 except OSError:  # a process that just exited
                     pass
     os.sched_setaffinity(0, client)
-    _server_cpus.update(server)
     return f"client on CPU {_cpu_list(client)}, server on CPU {_cpu_list(server)}"
 
 
