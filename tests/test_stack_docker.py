@@ -27,6 +27,7 @@ import pytest
 
 from native.cluster import Cluster, load_env
 import stackutil
+from pgutil import wait_until
 from stackutil import NODES
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -200,9 +201,9 @@ def test_each_request_is_logged_once_by_nginx(stack):
     tag = f"logged-once-{time.monotonic_ns()}"
     with urllib.request.urlopen(stack.url("threaded", f"/items/1?tag={tag}"), timeout=5) as resp:
         assert resp.status == 200
-    deadline = time.monotonic() + 10  # nginx flushes its access log every second
-    while tag not in stack.logs("nginx", "200") and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # nginx flushes its access log every second
+    wait_until(lambda: tag in stack.logs("nginx", "200"), timeout=10, interval=0.2,
+               what="nginx's access line for the request")
     line = next((l for l in stack.logs("nginx", "200").splitlines() if tag in l), None)
     assert line and "served_by=" in line, "nginx did not log the request"
     assert tag not in stack.logs("app-threaded", "200"), "gunicorn logs the request too"

@@ -23,6 +23,7 @@ import pytest
 
 import stackutil
 from native.cluster import Cluster, find_bindir
+from pgutil import wait_until
 from stackutil import NODES
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -142,9 +143,9 @@ class TestNativeStack(stackutil.StackScenarios):
         app_log = _logfile(stack.cluster, "app-threaded")
         proxy_log = stack.cluster.basedir / "log" / "nginx-access.log"
         where, other = (proxy_log, app_log) if stack.proxy else (app_log, None)
-        deadline = time.monotonic() + 5  # nginx flushes its access log every second
-        while tag not in where.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # nginx flushes its access log every second
+        wait_until(lambda: tag in where.read_text(), timeout=5, interval=0.1,
+                   what=f"an access line for the request in {where}")
         line = next((l for l in where.read_text().splitlines() if tag in l), None)
         assert line and "served_by=" in line, f"no access line for the request in {where}"
         if other is not None:
