@@ -274,10 +274,12 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
     for t in pool_threads:
         t.start()
     time.sleep(warmup)
+    ipis = client_ipis()
     window.append(time.perf_counter_ns())
     time.sleep(seconds)
     stop.set()
     end = time.perf_counter_ns()
+    ipis = client_ipis() - ipis if ipis is not None else None
     for t in pool_threads:
         t.join()
     lat = sorted(x for part in results for x in part)
@@ -291,7 +293,26 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
             # Request percentiles hide starvation (a starved thread contributes few requests):
             # the least-served thread's share of the most-served one's shows it. 1.0 = fair.
             "fairness": min(per_thread) / max(per_thread) if max(per_thread) else nan,
+            "client_ipis_per_query": ipis / len(lat) if ipis is not None and lat else nan,
             "errors": sum(errors)}
+
+
+def client_ipis() -> int | None:
+    """Rescheduling and function-call interrupts received so far by this process's CPUs (the
+    client's, once pinned). On one machine the server's CPU sends one whenever a reply wakes a
+    client thread that must preempt the running one, or that sleeps on an idle CPU; in a VM each
+    costs the sender an exit to the hypervisor. Separate machines would not charge the server
+    for them, so the figure shows how much of a cell's cost is the benchmark's topology. None
+    where /proc/interrupts does not say."""
+    try:
+        with open("/proc/interrupts") as f:
+            lines = f.read().splitlines()
+        mine = os.sched_getaffinity(0)
+        cols = [i for i, name in enumerate(lines[0].split()) if int(name[3:]) in mine]
+        rows = [f for f in map(str.split, lines[1:]) if f and f[0] in ("RES:", "CAL:")]
+        return sum(int(f[1 + i]) for f in rows for i in cols) if len(rows) == 2 else None
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux on x86, say
+        return None
 
 
 # --quick scales every timing loop down (a smoke run: the code paths, not the figures).
@@ -504,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="leave the server and this process wherever the kernel puts them "
                     "(by default they get separate CPUs: see pin_apart)")
+    ap.add_argument("--sched-batch", action="store_true",
+                    help="run the client threads under SCHED_BATCH (no wake-up preemption): "
+                    "a diagnosis of what waking client threads costs the server's CPU, not a "
+                    "setting to compare pools by")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: timing loops a hundredth as long (the figures mean little)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -517,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     placement = "not pinned (--dsn)"
     if not dsn:
         stop, dsn, placement = start_server(args.pin)
+    if args.sched_batch:  # after the server started (it must not inherit it); threads do
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        placement += "; client threads SCHED_BATCH"
     print(f"CPUs: {placement}", flush=True)
     try:
         # Chosen by name before any is made: a contender left out opens no connection and

@@ -30,7 +30,8 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "contender", "threads", "ops", "ops_per_s",
-                                          "p50_ms", "p99_ms", "max_ms", "fairness", "errors"])
+                                          "p50_ms", "p99_ms", "max_ms", "fairness",
+                                          "client_ipis_per_query", "errors"])
         w.writeheader()
         w.writerows(rows)
     with open(outdir / "checkout.csv", "w", newline="") as f:
@@ -63,9 +64,12 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
                        "trip per query for everyone, so only the pools' own overhead differs")
     most = max(threads)
     lines += [f"Fairness at {most} threads: the least-served thread's requests as a share of the "
-              "most-served one's (1.00: every thread got its turn), and the slowest request.", "",
-              "| contender | fairness | max latency ms |", "|---|---|---|"]
-    lines += [f"| {n} | {cells[(n, most)]['fairness']:.2f} | {cells[(n, most)]['max_ms']:.1f} |"
+              "most-served one's (1.00: every thread got its turn), the slowest request, and the "
+              "interrupts the client's CPU received per query (`client_ipis` in bench.py: on one "
+              "machine, each is the server's CPU waking a client thread the hard way).", "",
+              "| contender | fairness | max latency ms | interrupts / query |", "|---|---|---|---|"]
+    lines += [f"| {n} | {cells[(n, most)]['fairness']:.2f} | {cells[(n, most)]['max_ms']:.1f} | "
+              f"{cells[(n, most)]['client_ipis_per_query']:.2f} |"
               for n in names if (n, most) in cells]
     lines += ["", "Checkout + return without a query (and, last, a block running one statement, "
               "with and without the session reset), one thread, best of 7 (microseconds):", "",

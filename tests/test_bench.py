@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from conftest import require
+from bench.bench import client_ipis
 from native.cluster import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,10 +77,12 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert sorted((r["contender"], r["threads"]) for r in rows) == sorted(
         [("pool (threaded)", "1"), ("pool (threaded)", "4"), ("pool (process)", "1")] * 2)
     assert all(int(r["ops"]) > 0 and r["errors"] == "0" for r in rows)
+    if client_ipis() is not None:  # counted where /proc/interrupts has them (Linux, x86)
+        assert all(float(r["client_ipis_per_query"]) >= 0 for r in rows)
     md = (latest / "bench.md").read_text()
     placement = ("client on CPU" if len(os.sched_getaffinity(0)) > 1 else "not pinned")
     assert placement in md.splitlines()[0]
     for what in ("CPython floor", "shared health board on", "statement deadline off",
-                 "session reset on (default)"):
+                 "session reset on (default)", "interrupts / query"):
         assert what in md
     assert (latest / "bench.png").stat().st_size > 0
