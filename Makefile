@@ -7,6 +7,9 @@ ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 PYTHON ?= python3
 VENV := $(ROOT)/.venv
 VPY := $(VENV)/bin/python
+# Defined here, not in mk/test.mk: mk/bench.mk sorts first, and a prerequisite is expanded as its
+# rule is read, so there it would be empty and `make bench` would skip creating the venv.
+VENV_STAMP := $(VENV)/.installed-$(shell cat $(ROOT)/requirements-test.txt | cksum | cut -d' ' -f1)
 
 # Local defaults (ports, credentials, sizing) shared with docker compose. The environment wins:
 # a plain `include .env` would make the file's values beat it (so `PRIMARY_PORT=25432 make up`

@@ -1,7 +1,5 @@
 ##@ Tests
 
-VENV_STAMP := $(VENV)/.installed-$(shell cat $(ROOT)/requirements-test.txt | cksum | cut -d' ' -f1)
-
 $(VENV_STAMP): $(ROOT)/requirements-test.txt
 	@echo "==> creating $(VENV) with the pinned test requirements"
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)

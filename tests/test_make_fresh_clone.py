@@ -1,0 +1,45 @@
+"""On a fresh clone, every make target that runs the project's Python creates the venv first.
+
+The README's commands (`make test`, `make bench`, `make up`, the load tests) are the first thing
+a new user types, before any `.venv` exists. Each is dry-run (`make -n`) in a copy of the
+Makefile and mk/ without a venv: the recipe that creates the venv must come before the first
+command that runs `.venv/bin/python`. The stack's other targets (kill, start, stall, ...) act on
+a stack `make up` started, so the venv is there by then, and are not listed.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIRST_COMMANDS = ["test", "test-fast", "bench", "bench-failures", "loadtest", "loadtest-scaling",
+                  "loadtest-lag", "loadtest-outage", "watch", "demo", "slowloris"]
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("fresh")
+    shutil.copy(ROOT / "Makefile", copy)
+    shutil.copy(ROOT / ".env", copy)
+    shutil.copytree(ROOT / "mk", copy / "mk")
+    for req in ROOT.glob("requirements*.txt"):
+        shutil.copy(req, copy)
+    return copy
+
+
+@pytest.mark.parametrize("target", FIRST_COMMANDS)
+def test_target_creates_the_venv_before_running_its_python(fresh_copy: Path, target: str) -> None:
+    proc = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=fresh_copy,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    venv_python = str(fresh_copy / ".venv" / "bin" / "python")
+    runs = [i for i, line in enumerate(lines) if venv_python in line and "-m venv" not in line]
+    creates = [i for i, line in enumerate(lines) if "-m venv" in line]
+    assert runs, f"make -n {target} never runs the venv's python:\n{proc.stdout}"
+    assert creates and creates[0] < runs[0], (
+        f"make {target} runs {venv_python} before creating the venv:\n{proc.stdout}")
