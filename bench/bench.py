@@ -274,12 +274,13 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
     for t in pool_threads:
         t.start()
     time.sleep(warmup)
-    ipis = client_ipis()
+    ipis, steal = client_ipis(), cpu_steal()
     window.append(time.perf_counter_ns())
     time.sleep(seconds)
     stop.set()
     end = time.perf_counter_ns()
     ipis = client_ipis() - ipis if ipis is not None else None
+    steal = [b - a for a, b in zip(steal, cpu_steal())] if steal is not None else None
     for t in pool_threads:
         t.join()
     lat = sorted(x for part in results for x in part)
@@ -294,7 +295,20 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
             # the least-served thread's share of the most-served one's shows it. 1.0 = fair.
             "fairness": min(per_thread) / max(per_thread) if max(per_thread) else nan,
             "client_ipis_per_query": ipis / len(lat) if ipis is not None and lat else nan,
+            "steal_pct": 100 * steal[0] / steal[1] if steal and steal[1] else nan,
             "errors": sum(errors)}
+
+
+def cpu_steal() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of every CPU so far, from /proc/stat: steal is time the
+    hypervisor ran something else while this VM had work. A cell with much of it measured the
+    neighbours' load as well as the pools. None where /proc/stat does not say."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[7], sum(ticks[:8])  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def client_ipis() -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
 import platform
 from pathlib import Path
@@ -31,7 +32,7 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
     with open(outdir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "contender", "threads", "ops", "ops_per_s",
                                           "p50_ms", "p99_ms", "max_ms", "fairness",
-                                          "client_ipis_per_query", "errors"])
+                                          "client_ipis_per_query", "steal_pct", "errors"])
         w.writeheader()
         w.writerows(rows)
     with open(outdir / "checkout.csv", "w", newline="") as f:
@@ -57,11 +58,12 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
         f"Median of {rounds} interleaved rounds, pool size 8 "
         f"({platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; {placement}). Cells: queries/s, then p50 / p99 latency in ms.", ""]
-    lines += table(cells, natural, threads, "Each pool in its natural idiom (the defaults: "
+    lines += steal_note(rows)
+    lines += table(cells, rows, natural, threads, "Each pool in its natural idiom (the defaults: "
                    "peers run BEGIN, the query and ROLLBACK or COMMIT; pgdbpool pings, then queries)")
     if len(autocommit) > 2:
-        lines += table(cells, autocommit, threads, "Peers configured for autocommit: one round "
-                       "trip per query for everyone, so only the pools' own overhead differs")
+        lines += table(cells, rows, autocommit, threads, "Peers configured for autocommit: one "
+                       "round trip per query for everyone, so only the pools' own overhead differs")
     most = max(threads)
     lines += [f"Fairness at {most} threads: the least-served thread's requests as a share of the "
               "most-served one's (1.00: every thread got its turn), the slowest request, and the "
@@ -78,7 +80,32 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
     return "\n".join(lines) + "\n"
 
 
-def table(cells: dict, names: list[str], threads: list[int], title: str) -> list[str]:
+# Above this share of a cell's CPU time taken by the hypervisor, the run is called noisy.
+NOISY_STEAL_PCT = 5.0
+
+
+def steal_note(rows: list[dict]) -> list[str]:
+    """One line on CPU steal (bench.cpu_steal) over the cells; a warning naming the worst ones
+    when some exceed NOISY_STEAL_PCT, since then rounds differ by the neighbours' load."""
+    steal = sorted((r["steal_pct"], r["round"], r["contender"], r["threads"]) for r in rows
+                   if not math.isnan(r.get("steal_pct", math.nan)))
+    if not steal:
+        return []
+    line = (f"CPU steal (the hypervisor running something else, from /proc/stat): "
+            f"{steal[len(steal) // 2][0]:.1f}% of a cell's CPU time at the median, "
+            f"{steal[-1][0]:.1f}% at most.")
+    noisy = [s for s in steal if s[0] > NOISY_STEAL_PCT]
+    if noisy:
+        worst = "; ".join(f"round {rnd} {name} at {n} threads {pct:.0f}%"
+                          for pct, rnd, name, n in noisy[::-1][:3])
+        line += (f" **Noisy run:** {len(noisy)} of {len(steal)} cells lost more than "
+                 f"{NOISY_STEAL_PCT:.0f}% ({worst}); their rounds measured the neighbours too, "
+                 "so compare ratios only with a quieter run.")
+    return [line, ""]
+
+
+def table(cells: dict, rows: list[dict], names: list[str], threads: list[int],
+          title: str) -> list[str]:
     lines = [f"**{title}**", "",
              "| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
              "|---|" + "---|" * len(threads)]
@@ -97,7 +124,22 @@ def table(cells: dict, names: list[str], threads: list[int], title: str) -> list
                  if not m.startswith("pool (") and (m, n) in cells]
         ratio.append(f"{ours / max(peers):.2f}x" if peers else "n/a")  # (--only left no peer)
     lines.append(f"| **{OURS} / best peer** | " + " | ".join(ratio) + " |")
+    spans = [round_ratios(rows, names, n) for n in threads]
+    if any(len(s) > 1 for s in spans):  # how far one round's ratio strays from the median's
+        lines.append("| the same ratio, lowest and highest round | " + " | ".join(
+            f"{min(s):.2f}x to {max(s):.2f}x" if s else "n/a" for s in spans) + " |")
     return lines + [""]
+
+
+def round_ratios(rows: list[dict], names: list[str], threads: int) -> list[float]:
+    """Ours over the best peer within each round (cells minutes apart at most), at `threads`."""
+    got = {(r["round"], r["contender"]): r["ops_per_s"] for r in rows if r["threads"] == threads}
+    out = []
+    for rnd in sorted({rnd for rnd, _ in got}):
+        peers = [got[(rnd, m)] for m in names if not m.startswith("pool (") and (rnd, m) in got]
+        if peers and (rnd, OURS) in got:
+            out.append(got[(rnd, OURS)] / max(peers))
+    return out
 
 
 def plot(cells: dict, names: list[str], threads: list[int], path: Path) -> None:

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from conftest import require
-from bench.bench import client_ipis
+from bench.bench import client_ipis, cpu_steal
+from bench.report import NOISY_STEAL_PCT, median_cells, steal_note, table
 from native.cluster import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,9 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert all(int(r["ops"]) > 0 and r["errors"] == "0" for r in rows)
     if client_ipis() is not None:  # counted where /proc/interrupts has them (Linux, x86)
         assert all(float(r["client_ipis_per_query"]) >= 0 for r in rows)
+    if cpu_steal() is not None:  # Linux
+        assert all(0 <= float(r["steal_pct"]) <= 100 for r in rows)
+        assert "CPU steal" in (latest / "bench.md").read_text()
     md = (latest / "bench.md").read_text()
     placement = ("client on CPU" if len(os.sched_getaffinity(0)) > 1 else "not pinned")
     assert placement in md.splitlines()[0]
@@ -86,3 +90,33 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
                  "session reset on (default)", "interrupts / query"):
         assert what in md
     assert (latest / "bench.png").stat().st_size > 0
+
+
+def test_steal_note_calls_a_run_noisy_only_past_the_threshold() -> None:
+    def row(rnd: int, steal: float) -> dict:
+        return {"round": rnd, "contender": "pool (threaded)", "threads": 64, "steal_pct": steal}
+
+    quiet = [row(1, 0.0), row(2, 0.4), row(3, NOISY_STEAL_PCT)]
+    assert "0.4% of a cell's CPU time at the median" in steal_note(quiet)[0]
+    assert "Noisy" not in steal_note(quiet)[0]
+    noisy = steal_note([*quiet, row(4, 31.0)])[0]
+    assert "**Noisy run:** 1 of 4 cells" in noisy
+    assert "round 4 pool (threaded) at 64 threads 31%" in noisy
+    assert steal_note([{"round": 1, "contender": "x", "threads": 1, "steal_pct": float("nan")}]) == []
+
+
+def test_the_ratio_row_shows_its_spread_over_rounds() -> None:
+    def row(rnd: int, name: str, ops: float) -> dict:
+        return {"round": rnd, "contender": name, "threads": 16, "ops_per_s": ops, "p50_ms": 0.1,
+                "p99_ms": 0.2, "errors": 0}
+
+    peer = "psycopg2 ThreadedConnectionPool +autocommit"
+    rows = [row(1, "pool (threaded)", 900), row(1, peer, 1000),
+            row(2, "pool (threaded)", 1200), row(2, peer, 1000),
+            row(3, "pool (threaded)", 1000), row(3, peer, 1000)]
+    lines = table(median_cells(rows), rows, ["pool (threaded)", peer], [16], "t")
+    assert "| **pool (threaded) / best peer** | 1.00x |" in lines
+    assert "| the same ratio, lowest and highest round | 0.90x to 1.20x |" in lines
+    one = [r for r in rows if r["round"] == 1]
+    assert not any("lowest and highest" in line for line in table(
+        median_cells(one), one, ["pool (threaded)", peer], [16], "t"))
