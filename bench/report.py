@@ -96,7 +96,7 @@ def steal_note(rows: list[dict]) -> list[str]:
             f"{steal[-1][0]:.1f}% at most.")
     noisy = [s for s in steal if s[0] > NOISY_STEAL_PCT]
     if noisy:
-        worst = "; ".join(f"round {rnd} {name} at {n} threads {pct:.0f}%"
+        worst = "; ".join(f"round {rnd} {name} at {n} thread{'s' if n > 1 else ''} {pct:.0f}%"
                           for pct, rnd, name, n in noisy[::-1][:3])
         line += (f" **Noisy run:** {len(noisy)} of {len(steal)} cells lost more than "
                  f"{NOISY_STEAL_PCT:.0f}% ({worst}); their rounds measured the neighbours too, "
