@@ -117,26 +117,26 @@ def table(cells: dict, rows: list[dict], names: list[str], threads: list[int],
                         f"{c['ops_per_s']:,.0f} ({c['p50_ms']:.2f} / {c['p99_ms']:.2f})"
                         + (f", {c['errors']} errors" if c["errors"] else ""))
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    peer_names = [m for m in names if not m.startswith("pool (")]
     ratio = []
     for n in threads:
         ours = cells[(OURS, n)]["ops_per_s"]
-        peers = [cells[(m, n)]["ops_per_s"] for m in names
-                 if not m.startswith("pool (") and (m, n) in cells]
+        peers = [cells[(m, n)]["ops_per_s"] for m in peer_names if (m, n) in cells]
         ratio.append(f"{ours / max(peers):.2f}x" if peers else "n/a")  # (--only left no peer)
     lines.append(f"| **{OURS} / best peer** | " + " | ".join(ratio) + " |")
-    spans = [round_ratios(rows, names, n) for n in threads]
+    spans = [round_ratios(rows, peer_names, n) for n in threads]
     if any(len(s) > 1 for s in spans):  # how far one round's ratio strays from the median's
         lines.append("| the same ratio, lowest and highest round | " + " | ".join(
             f"{min(s):.2f}x to {max(s):.2f}x" if s else "n/a" for s in spans) + " |")
     return lines + [""]
 
 
-def round_ratios(rows: list[dict], names: list[str], threads: int) -> list[float]:
-    """Ours over the best peer within each round (cells minutes apart at most), at `threads`."""
+def round_ratios(rows: list[dict], peer_names: list[str], threads: int) -> list[float]:
+    """Ours over the best of `peer_names` within each round (cells minutes apart at most)."""
     got = {(r["round"], r["contender"]): r["ops_per_s"] for r in rows if r["threads"] == threads}
     out = []
     for rnd in sorted({rnd for rnd, _ in got}):
-        peers = [got[(rnd, m)] for m in names if not m.startswith("pool (") and (rnd, m) in got]
+        peers = [got[(rnd, m)] for m in peer_names if (rnd, m) in got]
         if peers and (rnd, OURS) in got:
             out.append(got[(rnd, OURS)] / max(peers))
     return out

@@ -80,10 +80,10 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert all(int(r["ops"]) > 0 and r["errors"] == "0" for r in rows)
     if client_ipis() is not None:  # counted where /proc/interrupts has them (Linux, x86)
         assert all(float(r["client_ipis_per_query"]) >= 0 for r in rows)
+    md = (latest / "bench.md").read_text()
     if cpu_steal() is not None:  # Linux
         assert all(0 <= float(r["steal_pct"]) <= 100 for r in rows)
-        assert "CPU steal" in (latest / "bench.md").read_text()
-    md = (latest / "bench.md").read_text()
+        assert "CPU steal" in md
     placement = ("client on CPU" if len(os.sched_getaffinity(0)) > 1 else "not pinned")
     assert placement in md.splitlines()[0]
     for what in ("CPython floor", "shared health board on", "statement deadline off",
