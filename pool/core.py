@@ -23,7 +23,8 @@ Checkout path::
                                                             a ping if idle very long)
 
 Return path: a loan that made no cursor and changed no setting goes straight back (``_checkin``);
-anything else takes ``_checkin_slow`` (returns.py).
+anything else takes ``_checkin_slow`` (returns.py). An idle connection may be in autocommit, left
+so by fetchone & co (statements.py); a block's loan always starts with it off (``_lend``).
 
 Asynchronous exceptions (a signal handler's timeout, ^C) may land between any two bytecodes. Every
 step that moves a connection or a slot catches ``BaseException`` and puts things back, and what no
@@ -613,7 +614,8 @@ class Checkout:
         self._timeout = timeout
         self._query_timeout = query_timeout
         self._after = after
-        self._special = query_timeout is not _DEFAULT  # the loan needs Pool._lend
+        self._special = query_timeout is not _DEFAULT  # the loan needs Pool._lend (as does one
+        #                                               that fetchone & co left in autocommit)
         self._rec: PooledConnection | None = None
 
     def __enter__(self) -> Any:
@@ -624,7 +626,7 @@ class Checkout:
             rec = pool._checkout(self._readonly, self._timeout)
         else:
             rec = pool._checkout_after(self._after)
-        if self._special or self._readonly and rec.endpoint.role == PRIMARY:
+        if self._special or rec.raw.autocommit or self._readonly and rec.endpoint.role == PRIMARY:
             try:
                 pool._lend(rec, self._readonly, self._query_timeout)
             except BaseException as exc:

@@ -197,10 +197,13 @@ class Returns:
                             probe_now=True, share=False)
 
     def _lend(self, rec: PooledConnection, readonly: bool, query_timeout: Any) -> Any:
-        """Prepare a connection for a ``with`` block. A read-only block on the primary (the
+        """Prepare a connection for a ``with`` block: autocommit off (a block is one transaction),
+        its own statement deadline if it has one. A read-only block on the primary (the
         fallback) makes the whole session read-only, so that switching psycopg2's settings
         (autocommit, readonly) inside the block cannot make it write."""
         raw = rec.raw
+        if raw.autocommit:  # left on by fetchone & co (statements.py): a block is a transaction
+            set_autocommit(raw, False)
         if query_timeout is not _DEFAULT:
             raw.query_timeout = query_timeout
             raw.dirty |= SETTING  # restored on return

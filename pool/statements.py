@@ -6,6 +6,12 @@ which PostgreSQL executes as one implicit transaction; replicas' sessions are re
 default, and a read that falls back to the primary runs in BEGIN READ ONLY. A read whose
 connection is lost (or whose statement passes ``query_timeout``) is retried once elsewhere; a
 write never is. ``_checkout_after`` is read-your-writes (lag.py).
+
+The connection is left in autocommit afterwards, so a run of these calls switches it once, not
+twice a call: psycopg2's switch is cheap on the wire (it sends nothing) but not in the process,
+since each one lets go of the GIL twice, and under load every letting go can hand the GIL to
+another thread and cost two context switches. A ``with pool.connection()`` block switches
+autocommit back off when it borrows such a connection (core.py, ``Checkout``).
 """
 
 from __future__ import annotations
@@ -52,9 +58,11 @@ class Statements:
             raw = rec.raw
             fallback = readonly and rec.endpoint.role == PRIMARY
             try:
-                if fallback:
+                if fallback:  # BEGIN READ ONLY: a transaction, so autocommit must be off
+                    if raw.autocommit:
+                        set_autocommit(raw, False)
                     set_readonly(raw, True)
-                else:
+                elif not raw.autocommit:  # off only after a block or a reset: on, and it stays on
                     set_autocommit(raw, True)
                 raw.busy_since = rec.last_used  # the watchdog's clock for this statement
                 cur = rec.cursor or rec.new_cursor()  # the pool's own, reused: not the borrower's
@@ -65,8 +73,6 @@ class Statements:
                 if fallback:
                     raw.commit()
                     set_readonly(raw, None)
-                else:
-                    set_autocommit(raw, False)
                 raw.busy_since = 0.0
             except BaseException as exc:
                 raw.busy_since = 0.0
@@ -118,7 +124,8 @@ class Statements:
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int | None:
         raw = rec.raw
-        set_autocommit(raw, True)
+        if not raw.autocommit:  # left on: whoever uses the connection next sets what it needs
+            set_autocommit(raw, True)
         raw.busy_since = monotonic()
         cur = base_cursor(raw)
         try:
@@ -127,7 +134,6 @@ class Statements:
         finally:
             cur.close()
             raw.busy_since = 0.0
-            set_autocommit(raw, False)
         ep = rec.endpoint
         if replay is not None and replay > (ep.replay_lsn or 0):
             ep.replay_lsn = replay  # what the next read with a token can count on

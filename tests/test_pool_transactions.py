@@ -127,6 +127,56 @@ def test_fetch_helpers_and_execute(make_pool, db):
     assert p.fetchone("SELECT 1 WHERE false", readonly=True) is None
 
 
+def test_helpers_switch_autocommit_once_per_run_not_twice_per_call(make_pool, monkeypatch):
+    """fetchone & co run in autocommit and leave the connection so: psycopg2's switch sends
+    nothing, but lets go of the GIL twice, which under load can cost two context switches.
+    A run of helper calls switches once; the block that borrows the connection next, once."""
+    switches = []
+    real = pool.session.set_autocommit
+    for module in ("pool.statements", "pool.returns"):
+        monkeypatch.setattr(f"{module}.set_autocommit",
+                            lambda raw, on: (switches.append(on), real(raw, on))[1])
+    p = make_pool(max_size=1)
+    with p.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    switches.clear()
+    for _ in range(10):
+        assert p.fetchone("SELECT 1") == (1,)
+        assert p.fetchall("SELECT 1") == [(1,)]
+        p.execute("SELECT 1")
+    assert switches == [True]
+    with p.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+    assert switches == [True, False]
+
+
+def test_a_block_after_a_helper_is_one_transaction_and_a_helper_after_a_block_runs_alone(
+        make_pool, db):
+    """One connection taking turns: a helper leaves it in autocommit, and the next block still
+    gets a transaction (rolled back on an error); a helper after a block sends no BEGIN; a read
+    that falls back to the primary still runs in BEGIN READ ONLY."""
+    p = make_pool(max_size=1, replicas=())
+    name = unique_name()
+    for _ in range(2):  # the second turn starts from the state the first one left
+        assert p.fetchone("SELECT 1") == (1,)
+        with pytest.raises(RuntimeError, match="undo"):
+            with p.connection() as conn:
+                assert conn.autocommit is False
+                conn.cursor().execute(INSERT, (name,))
+                raise RuntimeError("undo")
+        assert count_items(db, "primary", name) == 0
+        with p.connection() as conn:  # an empty block lends it as it is: autocommit off
+            assert conn.autocommit is False
+        # No BEGIN went before it: its transaction started with the statement.
+        assert p.fetchone("SELECT now() = statement_timestamp()") == (True,)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            p.fetchone(INSERT, (name,), readonly=True)  # the fallback, from autocommit
+        assert p.fetchone("SELECT now() = statement_timestamp()") == (True,)
+        assert p.fetchone("SELECT 1", readonly=True) == (1,)
+    assert count_items(db, "primary", name) == 0
+    assert p.stats()["endpoints"][0]["discards"] == 0
+
+
 def test_a_statement_error_is_raised_not_retried(make_pool):
     p = make_pool()
     with pytest.raises(psycopg2.errors.UndefinedTable):
