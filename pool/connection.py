@@ -4,7 +4,8 @@ Two classes, kept apart as SQLAlchemy keeps its connection record and its checko
 
 - ``PoolConnection`` is the psycopg2 connection the borrower gets: psycopg2's own class with
   two additions, both invisible to well-behaved code. It notes when a loan makes a cursor or
-  changes a setting (``dirty``: only then does the loan need a reset), and it times every
+  changes a setting, by any of psycopg2's spellings (``dirty``: only then does the loan need a
+  reset), and it times every
   statement it sends (``execute``, ``executemany``, ``callproc``, ``copy_*``, ``commit``,
   ``rollback``) so the watchdog (watchdog.py) can end one that waits on the server longer than
   ``query_timeout``. A statement ended that way raises ``pool.QueryTimeout``.
@@ -124,6 +125,18 @@ class PoolConnection(ext.connection):
             kwargs["cursor_factory"] = armed_cursor_class(
                 kwargs.get("cursor_factory") or ext.connection.cursor_factory.__get__(self) or ext.cursor)
         return super().cursor(*args, **kwargs)
+
+    def set_isolation_level(self, level: Any) -> None:  # psycopg2's older spelling; 0 = autocommit
+        self.dirty |= SETTING
+        super().set_isolation_level(level)
+
+    def set_client_encoding(self, encoding: str) -> None:
+        self.dirty |= SETTING
+        super().set_client_encoding(encoding)
+
+    def reset(self) -> None:  # undoes what configure() set, too: the reset puts it back
+        self.dirty |= SETTING | RAN
+        super().reset()
 
     def set_session(self, *args: Any, **kwargs: Any) -> None:
         readonly = args[1] if len(args) > 1 else kwargs.get("readonly", True)

@@ -73,6 +73,7 @@ class Returns:
                 reset_server(raw, rec.baseline)
             elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
                 reset_server(raw, None)
+            del raw.notifies[:]  # what a LISTEN in the block received (the reset ended it)
             if self.options.reset is not None:
                 self.options.reset(raw)
                 if raw.info.transaction_status != _TX_IDLE:

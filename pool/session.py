@@ -4,7 +4,8 @@ A session carries two kinds of state, and each is put back the cheapest way that
 
 - psycopg2's client-side settings (``autocommit``, ``isolation_level``, ``readonly``,
   ``deferrable``, ``cursor_factory``) are restored locally, with no round trip, to what they were
-  after ``configure()`` ran: the connection's *baseline*.
+  after ``configure()`` ran: the connection's *baseline*. The client encoding, which psycopg2
+  keeps on both sides, costs a round trip, and only after a loan changed it.
 - Server-side state (any ``SET``, temp tables, advisory locks, prepared statements, ``WITH HOLD``
   cursors, ``LISTEN``) is reset by one multi-statement query, ``RESET_SQL``, sent after the block's
   transaction has ended, and followed by the ``SET``\\ s that ``configure()`` made, so what the hook
@@ -49,6 +50,7 @@ _get_isolation = _BASE.isolation_level.__get__
 _get_deferrable = _BASE.deferrable.__get__
 _get_factory = _BASE.cursor_factory.__get__
 _set_factory = _BASE.cursor_factory.__set__
+_set_encoding = _BASE.set_client_encoding
 _set_session = _BASE.set_session
 base_cursor = _BASE.cursor
 
@@ -61,6 +63,7 @@ class Baseline:
     deferrable: Any = None
     cursor_factory: Any = None
     restore_sql: str = RESET_SQL  # RESET_SQL plus configure()'s own SETs
+    encoding: str = ""  # psycopg2's (and the server's) client encoding
 
     @classmethod
     def capture(cls, raw: Any, configured: bool) -> "Baseline":
@@ -80,15 +83,18 @@ class Baseline:
                 calls = ", ".join(f"set_config({_literal(raw, n)}, {_literal(raw, v)}, false)"
                                   for n, v in pairs)
                 sql += f"; SELECT {calls}"
-        return cls(_get_isolation(raw), _get_deferrable(raw), _get_factory(raw), sql)
+        return cls(_get_isolation(raw), _get_deferrable(raw), _get_factory(raw), sql, raw.encoding)
 
     def restore_client(self, raw: Any) -> None:
-        """Put psycopg2's settings back, locally (no round trip). The pool's loans start in
-        non-autocommit mode with psycopg2's per-transaction ``readonly`` unset."""
+        """Put psycopg2's settings back, locally (no round trip, unless the loan changed the
+        client encoding). The pool's loans start in non-autocommit mode with psycopg2's
+        per-transaction ``readonly`` unset."""
         _set_session(raw, isolation_level=_default(self.isolation_level), readonly="DEFAULT",
                      deferrable=_default(self.deferrable), autocommit=False)
         if _get_factory(raw) is not self.cursor_factory:
             _set_factory(raw, self.cursor_factory)
+        if self.encoding and raw.encoding != self.encoding:
+            _set_encoding(raw, self.encoding)
 
 
 def reset_server(raw: Any, baseline: Baseline | None) -> None:

@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -177,9 +178,9 @@ class Leak:
     """One kind of session state: how a borrower leaves it behind, how the next one sees it."""
 
     leave: str | None  # SQL a borrower runs (None: a psycopg2 setting, see `setting`)
-    probe: str  # SQL that shows the state; must return `clean` on a fresh session
-    clean: object
-    setting: tuple[str, object] | None = None
+    probe: str | Callable[[Any], object]  # SQL (or a look at the connection) that shows the
+    clean: object                         # state; must give `clean` on a fresh session
+    setting: tuple[str, object] | Callable[[Any], object] | None = None  # attribute, or a call
 
 
 LEAKS = {
@@ -199,7 +200,22 @@ LEAKS = {
                       ("isolation_level", ext.ISOLATION_LEVEL_SERIALIZABLE)),
     "deferrable": Leak(None, "SHOW transaction_deferrable", "off", ("deferrable", True)),
     "cursor_factory": Leak(None, "SELECT 1", (1,), ("cursor_factory", psycopg2.extras.RealDictCursor)),
+    # psycopg2's other spellings of a setting, which once went unnoticed (no reset at all):
+    "set_isolation_level": Leak(None, "SHOW transaction_isolation", "read committed",
+                                lambda c: c.set_isolation_level(ext.ISOLATION_LEVEL_SERIALIZABLE)),
+    # ...its 0 being autocommit: the next block must still be a transaction (BEGIN went first)
+    "set_isolation_level_autocommit": Leak(None, "SELECT now() = statement_timestamp()", False,
+                                           lambda c: c.set_isolation_level(0)),
+    "client_encoding": Leak(None, lambda c: (c.encoding, _sql(c, "SHOW client_encoding")),
+                            ("UTF8", "UTF8"), lambda c: c.set_client_encoding("LATIN1")),
+    "notifies": Leak("LISTEN leaked; NOTIFY leaked, 'for me only'", lambda c: c.notifies, []),
 }
+
+
+def _sql(conn, sql):
+    cur = conn.cursor()
+    cur.execute(sql)
+    return cur.fetchone()[0]
 
 
 def superuser_pool(make_pool, db, **kwargs):
@@ -218,22 +234,26 @@ def test_no_session_state_reaches_the_next_borrower(make_pool, db, kind):
         with p.connection() as conn:
             clean = leak.clean
             if clean is None:
-                cur = conn.cursor()
-                cur.execute(leak.probe)
-                clean = cur.fetchone()[0]
+                clean = _sql(conn, leak.probe)
             backend = conn.get_backend_pid()
-            if leak.setting:
+            if callable(leak.setting):
+                leak.setting(conn)
+            elif leak.setting:
                 setattr(conn, *leak.setting)
             else:
                 conn.cursor().execute(leak.leave)
         with p.connection() as conn:
             assert conn.get_backend_pid() == backend  # reset, not discarded
-            cur = conn.cursor()
-            cur.execute(leak.probe)
-            row = cur.fetchone()
-            assert (tuple(row) if kind == "cursor_factory" else row[0]) == clean
+            if callable(leak.probe):
+                assert leak.probe(conn) == clean
+            else:
+                cur = conn.cursor()
+                cur.execute(leak.probe)
+                row = cur.fetchone()
+                assert (tuple(row) if kind == "cursor_factory" else row[0]) == clean
             for name in ("isolation_level", "deferrable", "cursor_factory", "readonly"):
                 assert getattr(conn, name) is None, name
+            assert conn.autocommit is False
         if kind == "cursor_factory":
             assert p.fetchone("SELECT 1") == (1,)  # a tuple, not a dict row
     finally:
