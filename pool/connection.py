@@ -173,7 +173,7 @@ class PooledConnection:
     """A server connection plus the facts the pool checks on every checkout, all O(1)."""
 
     __slots__ = ("raw", "endpoint", "key", "generation", "pid", "expires", "last_used",
-                 "readonly", "baseline", "cursor", "_poller", "__weakref__")
+                 "readonly", "baseline", "cursor", "maybe_autocommit", "_poller", "__weakref__")
 
     def __init__(self, raw: PoolConnection, endpoint: Any, baseline: Baseline, now: float,
                  max_lifetime: float) -> None:
@@ -187,6 +187,11 @@ class PooledConnection:
         self.readonly: bool | None = None  # psycopg2's per-transaction flag, as last set by us
         self.baseline = baseline
         self.cursor: Any = None  # the pool's own cursor for fetchone/fetchall/execute, reused
+        # psycopg2's autocommit may be on: fetchone & co leave it so (statements.py), and a block
+        # then switches it off (Pool._lend). Only ever False when it is off for sure, so a loan
+        # for a block that finds False needs no look at psycopg2 (a slot read: the hot path).
+        # True to begin with: configure() may have switched it on.
+        self.maybe_autocommit = True
         # Registered once: checking for a server-side close is then a single poll() syscall.
         self._poller = select.poll()
         self._poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)

@@ -626,7 +626,7 @@ class Checkout:
             rec = pool._checkout(self._readonly, self._timeout)
         else:
             rec = pool._checkout_after(self._after)
-        if self._special or rec.raw.autocommit or self._readonly and rec.endpoint.role == PRIMARY:
+        if self._special or rec.maybe_autocommit or self._readonly and rec.endpoint.role == PRIMARY:
             try:
                 pool._lend(rec, self._readonly, self._query_timeout)
             except BaseException as exc:

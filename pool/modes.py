@@ -93,7 +93,7 @@ class _Loan(Checkout):
                 rec = idle[-1]
                 if rec.generation == ep.generation and now - rec.last_used <= pool._check_after \
                         and now < rec.expires and (ep.role == REPLICA or not self._readonly) \
-                        and not rec.raw.autocommit:  # (fetchone & co leave it on: _lend)
+                        and not rec.maybe_autocommit:  # (fetchone & co leave it on: _lend)
                     idle.pop()
                     if rr is not None:
                         rr.next += 1

@@ -73,6 +73,7 @@ class Returns:
                 reset_server(raw, rec.baseline)
             elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
                 reset_server(raw, None)
+            rec.maybe_autocommit = False  # restore_client and reset_server leave it off
             del raw.notifies[:]  # what a LISTEN in the block received (the reset ended it)
             if self.options.reset is not None:
                 self.options.reset(raw)
@@ -203,8 +204,10 @@ class Returns:
         fallback) makes the whole session read-only, so that switching psycopg2's settings
         (autocommit, readonly) inside the block cannot make it write."""
         raw = rec.raw
-        if raw.autocommit:  # left on by fetchone & co (statements.py): a block is a transaction
-            set_autocommit(raw, False)
+        if rec.maybe_autocommit:  # fetchone & co leave it on (statements.py); a block is a
+            if raw.autocommit:    # transaction
+                set_autocommit(raw, False)
+            rec.maybe_autocommit = False
         if query_timeout is not _DEFAULT:
             raw.query_timeout = query_timeout
             raw.dirty |= SETTING  # restored on return

@@ -63,6 +63,7 @@ class Statements:
                         set_autocommit(raw, False)
                     set_readonly(raw, True)
                 elif not raw.autocommit:  # off only after a block or a reset: on, and it stays on
+                    rec.maybe_autocommit = True  # first: an interrupt in between errs safe
                     set_autocommit(raw, True)
                 raw.busy_since = rec.last_used  # the watchdog's clock for this statement
                 cur = rec.cursor or rec.new_cursor()  # the pool's own, reused: not the borrower's
@@ -125,6 +126,7 @@ class Statements:
     def _replay_position(rec: PooledConnection) -> int | None:
         raw = rec.raw
         if not raw.autocommit:  # left on: whoever uses the connection next sets what it needs
+            rec.maybe_autocommit = True
             set_autocommit(raw, True)
         raw.busy_since = monotonic()
         cur = base_cursor(raw)

@@ -275,9 +275,9 @@ def test_checkout_and_return_make_a_pinned_number_of_calls(make_pool, mode, read
         balance = ["__call__"] if readonly else []
         assert calls == ["connection", "__init__", "__enter__", "_checkout", "_take",
                          "_take_locked", *balance, "__exit__", "_checkin", "_put", "_put_locked"]
-    # Bytecode instructions executed in pool/ (CPython 3.11; measured 164/180 and 274/301, four
-    # of them the look at autocommit that fetchone & co may have left on), with a little room,
-    # so that no check or store creeps onto the hot path unnoticed.
+    # Bytecode instructions executed in pool/ (CPython 3.11; measured 163/179 and 273/300, three
+    # of them the look at whether fetchone & co may have left autocommit on), with a little
+    # room, so that no check or store creeps onto the hot path unnoticed.
     limit = {("process", False): 169, ("process", True): 186,
              ("threaded", False): 280, ("threaded", True): 307}[mode, readonly]
     assert opcodes <= limit, opcodes
