@@ -4,10 +4,12 @@
 
 Each contender does "one read query per checkout" in its own natural idiom, against the same
 local PostgreSQL (a throwaway server from the local binaries unless --dsn is given, run on CPUs
-of its own: pin_apart), with a pool of 8 connections, at 1, 4, 16 and 64 threads. Cells run interleaved and repeated (--rounds);
-the table reports the median round, so every ratio compares numbers measured minutes apart at
-most on the same machine. A second table times checkout + return without a query (and what the
-shared health board and the session reset add to it).
+of its own: pin_apart), with a pool of 8 connections, at 1, 4, 16 and 64 threads. Cells run in
+rounds (--rounds); within a round, the contenders at one thread count run back to back
+(schedule), and a ratio is the median over the rounds of ours over the best peer in that round,
+cells seconds apart. Each cell also records the client's CPU time per query and how busy the
+client's and the server's CPUs were. A second table times checkout + return without a query
+(and what the shared health board and the session reset add to it).
 
 Results go to bench/results/<timestamp>/ (bench.csv, bench.md, bench.png) and bench/results/latest.
 """
@@ -248,8 +250,14 @@ CONTENDERS: list[type[Contender]] = [OurThreaded, OurProcess, Pgdbpool, Psycopg2
                                      DBUtilsPooledDB, SQLAlchemyQueuePool, PsycopgPool]
 
 
-def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) -> dict:
-    """Hammer one contender from `threads` threads; count what finishes inside the window."""
+def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3,
+             server_cpus: set[int] | None = None) -> dict:
+    """Hammer one contender from `threads` threads; count what finishes inside the window.
+
+    Beside throughput and latency: the process's CPU time per query (`client_cpu_us`: what the
+    pool costs the worker that runs it, kernel time included, whatever the server's speed), and
+    how busy the client's and the server's CPUs were (`client_busy_pct`, `server_busy_pct`):
+    where one of them was saturated, it, not the pool, set the throughput."""
     stop = threading.Event()
     window: list[float] = []
     results: list[list[int]] = [[] for _ in range(threads)]
@@ -274,13 +282,16 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
     for t in pool_threads:
         t.start()
     time.sleep(warmup)
-    ipis, steal = client_ipis(), cpu_steal()
+    ipis, steal, ticks = client_ipis(), cpu_steal(), cpu_ticks()
+    cpu = time.process_time()
     window.append(time.perf_counter_ns())
     time.sleep(seconds)
     stop.set()
     end = time.perf_counter_ns()
+    cpu = time.process_time() - cpu
     ipis = client_ipis() - ipis if ipis is not None else None
     steal = [b - a for a, b in zip(steal, cpu_steal())] if steal is not None else None
+    busy = busy_pct(ticks, cpu_ticks())
     for t in pool_threads:
         t.join()
     lat = sorted(x for part in results for x in part)
@@ -296,7 +307,60 @@ def run_cell(c: Contender, threads: int, seconds: float, warmup: float = 0.3) ->
             "fairness": min(per_thread) / max(per_thread) if max(per_thread) else nan,
             "client_ipis_per_query": ipis / len(lat) if ipis is not None and lat else nan,
             "steal_pct": 100 * steal[0] / steal[1] if steal and steal[1] else nan,
+            "client_cpu_us": cpu / len(lat) * 1e6 if lat else nan,
+            "client_busy_pct": busy(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else nan,
+            "server_busy_pct": busy(server_cpus) if server_cpus else nan,
             "errors": sum(errors)}
+
+
+def cpu_ticks() -> dict[int, tuple[int, int]] | None:
+    """Per CPU, (busy, total) clock ticks so far, from /proc/stat (busy: all but idle and
+    iowait). None where /proc/stat does not say."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        out = {}
+        for f in lines:
+            ticks = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+            out[int(f[0][3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+        return out
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_pct(before: dict[int, tuple[int, int]] | None,
+             after: dict[int, tuple[int, int]] | None) -> Callable[[Any], float]:
+    """A function of a set of CPUs: how busy they were between two cpu_ticks() readings, in %
+    (NaN where unknown)."""
+
+    def of(cpus: Any) -> float:
+        if before is None or after is None:
+            return float("nan")
+        busy = sum(after[c][0] - before[c][0] for c in cpus if c in before and c in after)
+        total = sum(after[c][1] - before[c][1] for c in cpus if c in before and c in after)
+        return 100 * busy / total if total else float("nan")
+
+    return of
+
+
+def schedule(contenders: list[Any], thread_counts: list[int],
+             rounds: int) -> list[tuple[int, int, Any]]:
+    """The cells in the order they run, as (round, threads, contender): each round takes the
+    thread counts in a shuffled order, and at each count runs every contender back to back, in
+    a shuffled order too. So the cells a ratio compares are seconds apart, not minutes: on a
+    virtual machine whose speed drifts by tens of percent over seconds, a contender's cell
+    minutes away from its rival's measured the host's drift as much as the pools. Process mode
+    runs at one thread only (one thread per process)."""
+    out = []
+    for rnd in range(1, rounds + 1):
+        rng = random.Random(rnd)  # no contender always runs first, or last
+        counts = thread_counts[:]
+        rng.shuffle(counts)
+        for n in counts:
+            block = [c for c in contenders if n == 1 or not c.single_threaded]
+            rng.shuffle(block)
+            out += [(rnd, n, c) for c in block]
+    return out
 
 
 def cpu_steal() -> tuple[int, int] | None:
@@ -473,9 +537,10 @@ def watchdog_rows(dsn: str) -> list[tuple[str, float]]:
     return rows
 
 
-def start_server(pin: bool = True) -> tuple[Callable[[], None], str, str]:
+def start_server(pin: bool = True) -> tuple[Callable[[], None], str, str, set[int] | None]:
     """A throwaway primary (and its replicas, unused here) from the local binaries; with `pin`,
-    the server on one half of the CPUs and this process on the other (see pin_apart)."""
+    the server on one half of the CPUs and this process on the other (see pin_apart). Returns
+    stop(), the DSN, the placement in words and the server's CPUs (None if they are shared)."""
     from native.cluster import Cluster
     base = tempfile.mkdtemp(prefix="pool-bench-", dir="/tmp")
     os.chmod(base, 0o755)
@@ -483,8 +548,13 @@ def start_server(pin: bool = True) -> tuple[Callable[[], None], str, str]:
     print("starting a local PostgreSQL ...", flush=True)
     cluster.start()
     restore = os.sched_getaffinity(0) if pin and hasattr(os, "sched_getaffinity") else None
-    placement = (pin_apart([cluster.pid(node) for node in cluster.nodes]) if pin
-                 else "not pinned (--no-pin)")
+    postmasters = [cluster.pid(node) for node in cluster.nodes]
+    placement = pin_apart(postmasters) if pin else "not pinned (--no-pin)"
+    server_cpus = None
+    if restore is not None and postmasters[0] is not None:
+        server_cpus = set(os.sched_getaffinity(postmasters[0]))
+        if server_cpus & os.sched_getaffinity(0):  # one CPU: nothing was split
+            server_cpus = None
 
     def stop() -> None:
         if restore is not None:
@@ -492,7 +562,7 @@ def start_server(pin: bool = True) -> tuple[Callable[[], None], str, str]:
         cluster.destroy()
         shutil.rmtree(base, ignore_errors=True)
 
-    return stop, cluster.dsn("primary"), placement
+    return stop, cluster.dsn("primary"), placement, server_cpus
 
 
 def pin_apart(postmasters: list[int | None]) -> str:
@@ -551,11 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     SCALE = 0.01 if args.quick else 1.0
     thread_counts = [int(t) for t in args.threads.split(",")]
 
-    stop = None
+    stop = server_cpus = None
     dsn = args.dsn
     placement = "not pinned (--dsn)"
     if not dsn:
-        stop, dsn, placement = start_server(args.pin)
+        stop, dsn, placement, server_cpus = start_server(args.pin)
     if args.sched_batch:  # after the server started (it must not inherit it); threads do
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         placement += "; client threads SCHED_BATCH"
@@ -573,17 +643,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(contenders)} contenders, pool size {SIZE}, threads {thread_counts}, "
               f"{args.rounds} rounds of {args.seconds:.1f}s cells", flush=True)
         rows = []
-        cells = [(c, n) for n in thread_counts for c in contenders if n == 1 or not c.single_threaded]
-        for rnd in range(args.rounds):
-            order = cells[:]
-            random.Random(rnd).shuffle(order)  # no contender always runs first, or last
-            for k, (c, n) in enumerate(order):
-                r = run_cell(c, n, args.seconds)
-                rows.append({"round": rnd + 1, "contender": c.name, "threads": n, **r})
-                print(f"  round {rnd + 1}/{args.rounds} cell {k + 1}/{len(order)}: "
-                      f"{c.name:32s} {n:3d} threads {r['ops_per_s']:9.0f} ops/s "
-                      f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms"
-                      + (f" errors {r['errors']}" if r["errors"] else ""), flush=True)
+        order = schedule(contenders, thread_counts, args.rounds)
+        for k, (rnd, n, c) in enumerate(order):
+            r = run_cell(c, n, args.seconds, server_cpus=server_cpus)
+            rows.append({"round": rnd, "contender": c.name, "threads": n, **r})
+            print(f"  cell {k + 1}/{len(order)} (round {rnd}): "
+                  f"{c.name:32s} {n:3d} threads {r['ops_per_s']:9.0f} ops/s "
+                  f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms "
+                  f"client {r['client_cpu_us']:.1f} µs/query"
+                  + (f" errors {r['errors']}" if r["errors"] else ""), flush=True)
         print("timing checkout + return without a query ...", flush=True)
         bare = [(c.name, time_bare(c)) for c in contenders if not c.autocommit] + floor_rows(dsn)
         bare += board_rows(dsn)

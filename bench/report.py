@@ -7,7 +7,9 @@ import datetime
 import math
 import os
 import platform
+import statistics
 from pathlib import Path
+from typing import Any
 
 OURS = "pool (threaded)"
 
@@ -32,7 +34,8 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
     with open(outdir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "contender", "threads", "ops", "ops_per_s",
                                           "p50_ms", "p99_ms", "max_ms", "fairness",
-                                          "client_ipis_per_query", "steal_pct", "errors"])
+                                          "client_ipis_per_query", "steal_pct", "client_cpu_us",
+                                          "client_busy_pct", "server_busy_pct", "errors"])
         w.writeheader()
         w.writerows(rows)
     with open(outdir / "checkout.csv", "w", newline="") as f:
@@ -55,15 +58,18 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
     natural = [n for n in names if "+autocommit" not in n]
     autocommit = [n for n in names if n.startswith("pool (")] + [n for n in names if "+autocommit" in n]
     lines = [
-        f"Median of {rounds} interleaved rounds, pool size 8 "
+        f"Median of {rounds} rounds, pool size 8 "
         f"({platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs; {placement}). Cells: queries/s, then p50 / p99 latency in ms.", ""]
+        f"{os.cpu_count()} CPUs; {placement}). Cells: queries/s, then p50 / p99 latency in ms, "
+        f"of each contender's median round. Within a round the contenders at one thread count "
+        f"ran back to back, and a ratio is the median over the rounds of that round's ratio.", ""]
     lines += steal_note(rows)
     lines += table(cells, rows, natural, threads, "Each pool in its natural idiom (the defaults: "
                    "peers run BEGIN, the query and ROLLBACK or COMMIT; pgdbpool pings, then queries)")
     if len(autocommit) > 2:
         lines += table(cells, rows, autocommit, threads, "Peers configured for autocommit: one "
                        "round trip per query for everyone, so only the pools' own overhead differs")
+    lines += cpu_table(cells, autocommit if len(autocommit) > 2 else names, threads)
     most = max(threads)
     lines += [f"Fairness at {most} threads: the least-served thread's requests as a share of the "
               "most-served one's (1.00: every thread got its turn), the slowest request, and the "
@@ -118,21 +124,51 @@ def table(cells: dict, rows: list[dict], names: list[str], threads: list[int],
                         + (f", {c['errors']} errors" if c["errors"] else ""))
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
     peer_names = [m for m in names if not m.startswith("pool (")]
-    ratio = []
-    for n in threads:
-        ours = cells[(OURS, n)]["ops_per_s"]
-        peers = [cells[(m, n)]["ops_per_s"] for m in peer_names if (m, n) in cells]
-        ratio.append(f"{ours / max(peers):.2f}x" if peers else "n/a")  # (--only left no peer)
-    lines.append(f"| **{OURS} / best peer** | " + " | ".join(ratio) + " |")
     spans = [round_ratios(rows, peer_names, n) for n in threads]
+    # The median over rounds of each round's ratio: its cells ran back to back (bench.schedule),
+    # so the host's drift, which moves both, cancels; a ratio of medians would mix rounds.
+    lines.append(f"| **{OURS} / best peer** | " + " | ".join(
+        f"{statistics.median(s):.2f}x" if s else "n/a" for s in spans) + " |")  # (n/a: --only)
     if any(len(s) > 1 for s in spans):  # how far one round's ratio strays from the median's
         lines.append("| the same ratio, lowest and highest round | " + " | ".join(
             f"{min(s):.2f}x to {max(s):.2f}x" if s else "n/a" for s in spans) + " |")
     return lines + [""]
 
 
+def cpu_table(cells: dict, names: list[str], threads: list[int]) -> list[str]:
+    """Per cell (the median round): the client's CPU time per query, and how busy the client's
+    and the server's CPUs were. Throughput cannot rank pools where the server's CPU is the one
+    that ran out: then every contender gets what the server can give, give or take how it
+    wakes the client (bench.client_ipis); the CPU time per query still can."""
+    if not any(math.isfinite(c.get("client_cpu_us", math.nan)) for c in cells.values()):
+        return []
+    lines = ["**What a query cost the client, and which CPU ran out.** The benchmark process's "
+             "CPU time per query (its threads', kernel time included: what the pool costs the "
+             "worker that runs it), then how busy the client's and the server's CPUs were "
+             "(client / server). Where the server's CPU was saturated, it set the throughput for "
+             "every contender alike, and the ratios above compare the rest: how each client "
+             "woke it and was woken.", "",
+             "| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
+             "|---|" + "---|" * len(threads)]
+    for name in names:
+        cols = []
+        for n in threads:
+            c = cells.get((name, n))
+            if c is None:
+                cols.append("n/a")
+                continue
+            busy = f"{_pct(c.get('client_busy_pct'))} / {_pct(c.get('server_busy_pct'))}"
+            cols.append(f"{c['client_cpu_us']:.1f} µs ({busy})")
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
+def _pct(value: Any) -> str:
+    return f"{float(value):.0f}%" if value is not None and math.isfinite(float(value)) else "?"
+
+
 def round_ratios(rows: list[dict], peer_names: list[str], threads: int) -> list[float]:
-    """Ours over the best of `peer_names` within each round (cells minutes apart at most)."""
+    """Ours over the best of `peer_names` within each round (cells seconds apart)."""
     got = {(r["round"], r["contender"]): r["ops_per_s"] for r in rows if r["threads"] == threads}
     out = []
     for rnd in sorted({rnd for rnd, _ in got}):

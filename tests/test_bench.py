@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from conftest import require
-from bench.bench import client_ipis, cpu_steal
-from bench.report import NOISY_STEAL_PCT, median_cells, steal_note, table
+from bench.bench import busy_pct, client_ipis, cpu_steal, cpu_ticks, schedule
+from bench.report import NOISY_STEAL_PCT, cpu_table, median_cells, steal_note, table
 from native.cluster import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +78,11 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert sorted((r["contender"], r["threads"]) for r in rows) == sorted(
         [("pool (threaded)", "1"), ("pool (threaded)", "4"), ("pool (process)", "1")] * 2)
     assert all(int(r["ops"]) > 0 and r["errors"] == "0" for r in rows)
+    assert all(float(r["client_cpu_us"]) > 0 for r in rows)
+    if cpu_ticks() is not None:
+        assert all(0 <= float(r["client_busy_pct"]) <= 100 for r in rows)
+        if len(os.sched_getaffinity(0)) > 1:  # pinned apart: the server's CPUs are known
+            assert all(0 <= float(r["server_busy_pct"]) <= 100 for r in rows)
     if client_ipis() is not None:  # counted where /proc/interrupts has them (Linux, x86)
         assert all(float(r["client_ipis_per_query"]) >= 0 for r in rows)
     md = (latest / "bench.md").read_text()
@@ -87,7 +92,7 @@ def test_make_bench_runs_end_to_end(tmp_path: Path) -> None:
     placement = ("client on CPU" if len(os.sched_getaffinity(0)) > 1 else "not pinned")
     assert placement in md.splitlines()[0]
     for what in ("CPython floor", "shared health board on", "statement deadline off",
-                 "session reset on (default)", "interrupts / query"):
+                 "session reset on (default)", "interrupts / query", "which CPU ran out"):
         assert what in md
     assert (latest / "bench.png").stat().st_size > 0
 
@@ -120,3 +125,51 @@ def test_the_ratio_row_shows_its_spread_over_rounds() -> None:
     one = [r for r in rows if r["round"] == 1]
     assert not any("lowest and highest" in line for line in table(
         median_cells(one), one, ["pool (threaded)", peer], [16], "t"))
+
+
+class _Fake:
+    def __init__(self, name: str, single_threaded: bool = False) -> None:
+        self.name, self.single_threaded = name, single_threaded
+
+
+def test_schedule_runs_the_contenders_at_one_thread_count_back_to_back() -> None:
+    """A ratio compares cells seconds apart: every (round, thread count) is one unbroken run of
+    all its contenders; process mode only at one thread; nobody always first."""
+    cs = [_Fake("a"), _Fake("b"), _Fake("c"), _Fake("process", single_threaded=True)]
+    order = schedule(cs, [1, 4, 16, 64], 3)
+    assert len(order) == 3 * (4 + 3 * 3)
+    blocks = []
+    for rnd, n, c in order:
+        if not blocks or blocks[-1][:2] != (rnd, n):
+            blocks.append((rnd, n, []))
+        blocks[-1][2].append(c.name)
+    assert sorted((rnd, n) for rnd, n, _ in blocks) == [(r, n) for r in (1, 2, 3) for n in (1, 4, 16, 64)]
+    for rnd, n, names in blocks:
+        assert sorted(names) == (["a", "b", "c", "process"] if n == 1 else ["a", "b", "c"])
+    assert len({names[0] for _, n, names in blocks if n > 1}) > 1
+    assert [rnd for rnd, _, _ in order] == sorted(rnd for rnd, _, _ in order)
+    assert order == schedule(cs, [1, 4, 16, 64], 3)  # the same run every time
+
+
+def test_busy_shares_come_from_each_side_s_own_cpus() -> None:
+    before = {0: (100, 1000), 1: (500, 1000)}
+    after = {0: (150, 1100), 1: (599, 1100)}
+    busy = busy_pct(before, after)
+    assert busy({0}) == 50.0
+    assert busy({1}) == 99.0
+    assert busy({0, 1}) == 74.5
+    assert busy({7}) != busy({7})  # NaN: a CPU /proc/stat does not list
+    assert busy_pct(None, after)({0}) != busy_pct(None, after)({0})
+
+
+def test_the_cpu_table_says_what_a_query_cost_the_client_and_which_cpu_ran_out() -> None:
+    def cell(us: float, client: float, server: float) -> dict:
+        return {"client_cpu_us": us, "client_busy_pct": client, "server_busy_pct": server}
+
+    cells = {("pool (threaded)", 4): cell(27.25, 68.0, 98.4),
+             ("peer", 4): cell(30.5, 80.0, float("nan"))}
+    lines = cpu_table(cells, ["pool (threaded)", "peer", "absent"], [4])
+    assert "| pool (threaded) | 27.2 µs (68% / 98%) |" in lines
+    assert "| peer | 30.5 µs (80% / ?) |" in lines
+    assert "| absent | n/a |" in lines
+    assert cpu_table({("x", 1): {"ops_per_s": 1.0}}, ["x"], [1]) == []  # an older CSV: no table
