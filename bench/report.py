@@ -9,7 +9,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 OURS = "pool (threaded)"
 
@@ -110,19 +110,22 @@ def steal_note(rows: list[dict]) -> list[str]:
     return [line, ""]
 
 
+def grid(cells: dict, names: list[str], threads: list[int],
+         show: Callable[[dict | None], str]) -> list[str]:
+    """A markdown table: a row per contender, a column per thread count, `show(cell)` in each
+    (the cell is None where that contender did not run)."""
+    return (["| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
+             "|---|" + "---|" * len(threads)]
+            + [f"| {name} | " + " | ".join(show(cells.get((name, n))) for n in threads) + " |"
+               for name in names])
+
+
 def table(cells: dict, rows: list[dict], names: list[str], threads: list[int],
           title: str) -> list[str]:
-    lines = [f"**{title}**", "",
-             "| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
-             "|---|" + "---|" * len(threads)]
-    for name in names:
-        cols = []
-        for n in threads:
-            c = cells.get((name, n))
-            cols.append("n/a (one thread per process)" if c is None else
-                        f"{c['ops_per_s']:,.0f} ({c['p50_ms']:.2f} / {c['p99_ms']:.2f})"
-                        + (f", {c['errors']} errors" if c["errors"] else ""))
-        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    lines = [f"**{title}**", ""] + grid(cells, names, threads, lambda c: (
+        "n/a (one thread per process)" if c is None else
+        f"{c['ops_per_s']:,.0f} ({c['p50_ms']:.2f} / {c['p99_ms']:.2f})"
+        + (f", {c['errors']} errors" if c["errors"] else "")))
     peer_names = [m for m in names if not m.startswith("pool (")]
     spans = [round_ratios(rows, peer_names, n) for n in threads]
     # The median over rounds of each round's ratio: its cells ran back to back (bench.schedule),
@@ -147,20 +150,10 @@ def cpu_table(cells: dict, names: list[str], threads: list[int]) -> list[str]:
              "worker that runs it), then how busy the client's and the server's CPUs were "
              "(client / server). Where the server's CPU was saturated, it set the throughput for "
              "every contender alike, and the ratios above compare the rest: how each client "
-             "woke it and was woken.", "",
-             "| contender | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}" for n in threads) + " |",
-             "|---|" + "---|" * len(threads)]
-    for name in names:
-        cols = []
-        for n in threads:
-            c = cells.get((name, n))
-            if c is None:
-                cols.append("n/a")
-                continue
-            busy = f"{_pct(c.get('client_busy_pct'))} / {_pct(c.get('server_busy_pct'))}"
-            cols.append(f"{c['client_cpu_us']:.1f} µs ({busy})")
-        lines.append(f"| {name} | " + " | ".join(cols) + " |")
-    return lines + [""]
+             "woke it and was woken.", ""]
+    return lines + grid(cells, names, threads, lambda c: "n/a" if c is None else (
+        f"{c['client_cpu_us']:.1f} µs "
+        f"({_pct(c.get('client_busy_pct'))} / {_pct(c.get('server_busy_pct'))})")) + [""]
 
 
 def _pct(value: Any) -> str:
