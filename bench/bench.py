@@ -592,6 +592,36 @@ def pin_apart(postmasters: list[int | None]) -> str:
     return f"client on CPU {_cpu_list(client)}, server on CPU {_cpu_list(server)}"
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def halt_polling() -> int | None:
+    """How long an idle CPU of this virtual machine polls for work before it halts (Linux's
+    haltpoll cpuidle driver, in KVM guests), or None where there is no such setting.
+
+    It decides what a wake-up costs here. Waking a halted virtual CPU takes an interrupt, which
+    costs the waking CPU an exit to the hypervisor; a polling one needs none. On one machine the
+    server's CPU wakes a client thread with every reply, so with polling off (0, as on the
+    machine this project is built on) a client that leaves its CPU idle between queries makes
+    the server pay for it, and a client that keeps its CPU busy, even with wasted work, costs
+    the server less. The kernel's default is 200,000 ns."""
+    try:
+        with open(HALT_POLL) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def set_halt_polling(ns: int) -> int:
+    """Set guest_halt_poll_ns (root only); return the value it had."""
+    before = halt_polling()
+    if before is None:
+        raise SystemExit(f"--halt-poll: no {HALT_POLL} here (not a KVM guest with haltpoll)")
+    with open(HALT_POLL, "w") as f:
+        f.write(str(ns))
+    return before
+
+
 def _cpu_list(cpus: set[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
@@ -613,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the client threads under SCHED_BATCH (no wake-up preemption): "
                     "a diagnosis of what waking client threads costs the server's CPU, not a "
                     "setting to compare pools by")
+    ap.add_argument("--halt-poll", type=int, metavar="NS",
+                    help="set the virtual machine's idle polling (guest_halt_poll_ns, see "
+                    "halt_polling) to NS nanoseconds for the run, and put it back after: a "
+                    "diagnosis of what waking an idle CPU costs here, like --sched-batch")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: timing loops a hundredth as long (the figures mean little)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -629,6 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sched_batch:  # after the server started (it must not inherit it); threads do
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         placement += "; client threads SCHED_BATCH"
+    restore_polling = None
+    if args.halt_poll is not None:
+        restore_polling = set_halt_polling(args.halt_poll)
+    polling = halt_polling()
+    if polling is not None:
+        placement += f"; idle CPUs poll for {polling:,} ns before they halt (guest_halt_poll_ns)"
     print(f"CPUs: {placement}", flush=True)
     try:
         # Chosen by name before any is made: a contender left out opens no connection and
@@ -664,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stop:
             stop()
+        if restore_polling is not None:
+            set_halt_polling(restore_polling)
 
     from bench.report import write_report
     outdir = write_report(rows, bare, thread_counts, [c.name for c in contenders], Path(args.out),

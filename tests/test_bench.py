@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from conftest import require
-from bench.bench import busy_pct, client_ipis, cpu_steal, cpu_ticks, schedule
+import bench.bench
+from bench.bench import (busy_pct, client_ipis, cpu_steal, cpu_ticks, halt_polling, schedule,
+                         set_halt_polling)
 from bench.report import NOISY_STEAL_PCT, cpu_table, median_cells, steal_note, table
 from native.cluster import find_bindir
 
@@ -173,3 +175,17 @@ def test_the_cpu_table_says_what_a_query_cost_the_client_and_which_cpu_ran_out()
     assert "| peer | 30.5 µs (80% / ?) |" in lines
     assert "| absent | n/a |" in lines
     assert cpu_table({("x", 1): {"ops_per_s": 1.0}}, ["x"], [1]) == []  # an older CSV: no table
+
+
+def test_halt_polling_is_read_and_put_back(tmp_path: Path, monkeypatch) -> None:
+    """--halt-poll sets the VM's idle polling for a run and restores it (here on a stand-in
+    file: the real one is the machine's, and root's)."""
+    knob = tmp_path / "guest_halt_poll_ns"
+    monkeypatch.setattr(bench.bench, "HALT_POLL", str(knob))
+    assert halt_polling() is None  # no such setting: nothing said, nothing set
+    knob.write_text("0\n")
+    assert halt_polling() == 0
+    assert set_halt_polling(200000) == 0
+    assert halt_polling() == 200000
+    assert set_halt_polling(0) == 200000
+    assert knob.read_text() == "0"
