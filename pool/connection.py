@@ -190,7 +190,8 @@ class PooledConnection:
         # psycopg2's autocommit may be on: fetchone & co leave it so (statements.py), and a block
         # then switches it off (Pool._lend). Only ever False when it is off for sure, so a loan
         # for a block that finds False needs no look at psycopg2 (a slot read: the hot path).
-        # True to begin with: configure() may have switched it on.
+        # True to begin with, and after the reset= hook: configure() or the hook may have
+        # switched it on (a borrower's own switch marks the loan, and the reset undoes it).
         self.maybe_autocommit = True
         # Registered once: checking for a server-side close is then a single poll() syscall.
         self._poller = select.poll()

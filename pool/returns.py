@@ -77,6 +77,7 @@ class Returns:
             del raw.notifies[:]  # what a LISTEN in the block received (the reset ended it)
             if self.options.reset is not None:
                 self.options.reset(raw)
+                rec.maybe_autocommit = True  # the hook may have switched it on: a block looks
                 if raw.info.transaction_status != _TX_IDLE:
                     raise _Broken
             raw.dirty = 0

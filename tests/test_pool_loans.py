@@ -272,6 +272,27 @@ def test_reset_session_off_keeps_server_state_but_still_restores_psycopg2_settin
         assert conn.isolation_level is None
 
 
+def test_a_reset_hook_that_leaves_autocommit_on_does_not_make_the_next_block_autocommit(make_pool, db):
+    """The hook runs last, on a clean session, and may use autocommit to leave it idle; the next
+    block is still one transaction (an INSERT before an exception is rolled back)."""
+    def reset(conn):
+        conn.autocommit = True
+        conn.cursor().execute("SELECT set_config('app.user', '', false)")
+
+    p = make_pool(max_size=1, replicas=(), reset=reset)
+    name = unique_name()
+    for _ in range(2):
+        with p.connection() as conn:  # ran a statement: the slow return, so the hook runs
+            conn.cursor().execute("SELECT 1")
+        with pytest.raises(RuntimeError, match="undo"):
+            with p.connection() as conn:
+                assert conn.autocommit is False
+                conn.cursor().execute(INSERT, (name,))
+                raise RuntimeError("undo")
+        assert count_items(db, "primary", name) == 0
+        assert p.fetchone("SELECT now() = statement_timestamp()") == (True,)  # a helper: alone
+
+
 def test_configure_settings_survive_the_reset_and_the_reset_hook_runs_last(make_pool, db):
     """Order on return: end the transaction, restore psycopg2's settings, reset the server
     session back to what configure() left, then the user's reset hook."""
