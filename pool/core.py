@@ -49,7 +49,7 @@ from .balance import make_balancer
 from . import lag, monitor
 from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, node_configs,
                      options_from_env)
-from .connection import PooledConnection, connect
+from .connection import RAN, PooledConnection, connect
 from .endpoint import Endpoint, Reservation
 from .errors import EndpointUnavailable, PoolError
 from .health import Health
@@ -492,9 +492,18 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                  readonly: bool = False) -> None:
         # The generation check sends to the slow path both a connection made before its
         # endpoint's last failure and one lent before a fork() (the child bumps generations).
-        if not (exc is None and not rec.raw.dirty and rec.generation == rec.endpoint.generation
-                and self._put(rec)):
-            self._checkin_slow(rec, exc, readonly)
+        raw = rec.raw
+        if exc is None and not raw.dirty and rec.generation == rec.endpoint.generation:
+            if not raw.get_transaction_status():  # TRANSACTION_STATUS_IDLE is 0
+                if self._put(rec):
+                    return
+            else:
+                # The server's word covers what `dirty` cannot see: statements sent by a cursor
+                # made from psycopg2's class directly (RealDictCursor(conn)), or a BEGIN in a
+                # helper's SQL. The slow path ends the transaction by the server's account and,
+                # since anything may have run, resets the session.
+                raw.dirty |= RAN
+        self._checkin_slow(rec, exc, readonly)
 
     def _put_locked(self, rec: PooledConnection) -> bool:
         """Lock held. Make an idle connection available; False if the pool is closed."""

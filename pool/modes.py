@@ -106,8 +106,9 @@ class _Loan(Checkout):
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         rec = self._rec
-        if exc is None and not rec.raw.dirty and rec.generation == rec.endpoint.generation \
-                and not self._pool._closed:
+        raw = rec.raw  # (no transaction open, by the server's account: see Pool._checkin)
+        if exc is None and not raw.dirty and not raw.get_transaction_status() \
+                and rec.generation == rec.endpoint.generation and not self._pool._closed:
             rec.endpoint.idle.append(rec)
             self._rec = None
         else:

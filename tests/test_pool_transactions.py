@@ -9,6 +9,7 @@ import collections
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extras
 import pytest
 
 import pool
@@ -175,6 +176,50 @@ def test_a_block_after_a_helper_is_one_transaction_and_a_helper_after_a_block_ru
         assert p.fetchone("SELECT 1", readonly=True) == (1,)
     assert count_items(db, "primary", name) == 0
     assert p.stats()["endpoints"][0]["discards"] == 0
+
+
+def test_a_cursor_made_from_psycopg2s_own_class_is_still_committed_and_reset(make_pool, db):
+    """RealDictCursor(conn) does not go through conn.cursor(), so the loan looks untouched. The
+    server's transaction status still sends it the slow way: committed on a normal exit,
+    rolled back on an error, and the session reset (nothing it SET reaches the next loan)."""
+    p = make_pool(max_size=1, replicas=())
+    name = unique_name()
+    with p.connection() as conn:
+        cur = psycopg2.extras.RealDictCursor(conn)
+        cur.execute(INSERT, (name,))
+        cur.execute("SET search_path = pg_catalog")
+    assert count_items(db, "primary", name) == 1
+    with pytest.raises(RuntimeError, match="undo"):
+        with p.connection() as conn:
+            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            psycopg2.extras.RealDictCursor(conn).execute(INSERT, (name,))
+            raise RuntimeError("undo")
+    assert count_items(db, "primary", name) == 1
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone()[0] == '"$user", public'
+
+
+def test_a_helper_whose_sql_opens_a_transaction_leaves_none_open(make_pool, db):
+    """execute("BEGIN; ...") commits, as execute() promises, instead of handing the next
+    borrower an open transaction; a read that froze a snapshot on a replica does not keep it."""
+    p = make_pool(max_size=1, replicas=("replica1",))
+    name = unique_name()
+    p.execute("BEGIN; INSERT INTO items (name) VALUES (%s)", (name,))
+    assert count_items(db, "primary", name) == 1
+    with pytest.raises(RuntimeError, match="its own"):
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+            raise RuntimeError("a block of its own, rolled back alone")
+    assert count_items(db, "primary", name) == 1
+    assert p.fetchone("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1", readonly=True) == (1,)
+    later = unique_name()
+    p.execute(INSERT, (later,))
+    token = p.write_token()
+    assert p.fetchone("SELECT count(*) FROM items WHERE name = %s", (later,), readonly=True,
+                      after=token) == (1,)
+    assert p.stats()["endpoints"][1]["discards"] == 0
 
 
 def test_a_statement_error_is_raised_not_retried(make_pool):
