@@ -197,14 +197,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                  after: str | None = None) -> tuple | None:
         """Run one statement and return its first row (or None). Reads are retried once;
         ``after=token`` reads from a server that has the writes the token stands for."""
-        if after is not None:
+        if after is not None and readonly:  # (a write goes to the primary, which has it all)
             return self._run(sql, params, readonly, _fetchone, lag.parse_token(after))
         return self._run(sql, params, readonly, _fetchone)
 
     def fetchall(self, sql: str, params: Any = None, readonly: bool = False,
                  after: str | None = None) -> list[tuple]:
         """Run one statement and return all its rows. Reads are retried once."""
-        if after is not None:
+        if after is not None and readonly:
             return self._run(sql, params, readonly, _fetchall, lag.parse_token(after))
         return self._run(sql, params, readonly, _fetchall)
 

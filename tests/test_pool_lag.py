@@ -129,6 +129,17 @@ def test_a_read_with_a_write_token_sees_the_write(make_pool, db):
     assert p.fetchone(SELECT, (item_id,), readonly=True, after=None) in ((name,), None)
 
 
+def test_a_write_with_a_token_goes_to_the_primary(make_pool, db):
+    """after= is about reads; on a write it changes nothing (the primary has every write). It
+    once sent the write to a replica, which refused it."""
+    p = make_pool()
+    token = p.write_token()
+    assert p.fetchone(INSERT, (unique_name(),), after=token) is not None
+    assert node_of(db, p.last_endpoint) == "primary"
+    assert p.fetchall(INSERT, (unique_name(),), after=token)
+    assert node_of(db, p.last_endpoint) == "primary"
+
+
 def test_a_token_from_one_process_is_honoured_in_another(make_pool, db):
     p = make_pool()
     name = unique_name("ryw-x")
