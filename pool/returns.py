@@ -40,6 +40,16 @@ class _Broken(Exception):
     """Internal: the connection cannot go back to the pool."""
 
 
+def _empty(raw: Any, name: str) -> None:
+    """Empty psycopg2's notices or notifies: a list, or what the borrower put there instead
+    (psycopg2 suggests a deque with a maxlen); anything without clear() becomes a list again."""
+    box = getattr(raw, name)
+    if hasattr(box, "clear"):
+        box.clear()
+    else:
+        setattr(raw, name, [])
+
+
 
 class Returns:
     """Mixed into Pool: the return path, and preparing a loan that is not the plain case."""
@@ -68,13 +78,13 @@ class Returns:
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
             raw.query_timeout = self.options.query_timeout
-            del raw.notices[:]
+            _empty(raw, "notices")
             if dirty & RAN and self.options.reset_session:
                 reset_server(raw, rec.baseline)
             elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
                 reset_server(raw, None)
             rec.maybe_autocommit = False  # restore_client and reset_server leave it off
-            del raw.notifies[:]  # what a LISTEN in the block received (the reset ended it)
+            _empty(raw, "notifies")  # what a LISTEN in the block received (the reset ended it)
             if self.options.reset is not None:
                 self.options.reset(raw)
                 rec.maybe_autocommit = True  # the hook may have switched it on: a block looks

@@ -6,10 +6,12 @@ A session carries two kinds of state, and each is put back the cheapest way that
   ``deferrable``, ``cursor_factory``) are restored locally, with no round trip, to what they were
   after ``configure()`` ran: the connection's *baseline*. The client encoding, which psycopg2
   keeps on both sides, costs a round trip, and only after a loan changed it.
-- Server-side state (any ``SET``, temp tables, advisory locks, prepared statements, ``WITH HOLD``
-  cursors, ``LISTEN``) is reset by one multi-statement query, ``RESET_SQL``, sent after the block's
-  transaction has ended, and followed by the ``SET``\\ s that ``configure()`` made, so what the hook
-  set survives while what the borrower set does not. (``DISCARD ALL`` would do the same in one
+- Server-side state (any ``SET``, ``SET ROLE``, temp tables, advisory locks, prepared
+  statements, ``WITH HOLD`` cursors, ``LISTEN``) is reset by one multi-statement query,
+  ``RESET_SQL``, sent after the block's transaction has ended, and followed by the ``SET``\\ s
+  (and the role) that ``configure()`` set, so what the hook set survives while what the
+  borrower set does not. ``RESET ALL`` leaves the role alone, hence ``SET SESSION AUTHORIZATION
+  DEFAULT`` first, as ``DISCARD ALL`` does. (``DISCARD ALL`` would do the same in one
   word, but it also undoes ``configure()`` and cannot run inside the implicit transaction of a
   multi-statement query.)
 
@@ -33,12 +35,14 @@ from typing import Any
 import psycopg2.extensions as ext
 from psycopg2 import sql
 
-RESET_SQL = ("RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; "
-             "DEALLOCATE ALL; DISCARD TEMP; DISCARD SEQUENCES")
+RESET_SQL = ("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SELECT pg_advisory_unlock_all(); "
+             "CLOSE ALL; UNLISTEN *; DEALLOCATE ALL; DISCARD TEMP; DISCARD SEQUENCES")
 
 # The settings a session got from SET (not from the server's configuration or the startup
-# packet, which RESET ALL keeps), as text set_config() accepts back verbatim.
+# packet, which RESET ALL keeps), as text set_config() accepts back verbatim. The role is not
+# among them (pg_settings hides it): it is read on its own.
 _SESSION_GUCS = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'"
+_WHO = "SELECT session_user, current_user"
 
 # psycopg2's own descriptors: the pool sets these without marking the loan dirty.
 _BASE = ext.connection
@@ -64,6 +68,7 @@ class Baseline:
     cursor_factory: Any = None
     restore_sql: str = RESET_SQL  # RESET_SQL plus configure()'s own SETs
     encoding: str = ""  # psycopg2's (and the server's) client encoding
+    typecasters: tuple[dict, dict] = ({}, {})  # what configure() registered on the connection
 
     @classmethod
     def capture(cls, raw: Any, configured: bool) -> "Baseline":
@@ -75,6 +80,8 @@ class Baseline:
             try:
                 cur.execute(_SESSION_GUCS)
                 pairs = cur.fetchall()
+                cur.execute(_WHO)
+                session_user, current_user = cur.fetchone()
             finally:
                 cur.close()
             if raw.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
@@ -83,7 +90,12 @@ class Baseline:
                 calls = ", ".join(f"set_config({_literal(raw, n)}, {_literal(raw, v)}, false)"
                                   for n, v in pairs)
                 sql += f"; SELECT {calls}"
-        return cls(_get_isolation(raw), _get_deferrable(raw), _get_factory(raw), sql, raw.encoding)
+            if session_user != raw.info.user:  # SET SESSION AUTHORIZATION (a superuser's)
+                sql += f"; SET SESSION AUTHORIZATION {_ident(raw, session_user)}"
+            if current_user != session_user:  # SET ROLE
+                sql += f"; SET ROLE {_ident(raw, current_user)}"
+        return cls(_get_isolation(raw), _get_deferrable(raw), _get_factory(raw), sql, raw.encoding,
+                   (dict(raw.string_types), dict(raw.binary_types)))
 
     def restore_client(self, raw: Any) -> None:
         """Put psycopg2's settings back, locally (no round trip, unless the loan changed the
@@ -95,6 +107,10 @@ class Baseline:
             _set_factory(raw, self.cursor_factory)
         if self.encoding and raw.encoding != self.encoding:
             _set_encoding(raw, self.encoding)
+        for now, then in zip((raw.string_types, raw.binary_types), self.typecasters):
+            if now != then:  # psycopg2.extensions.register_type(..., conn) in the block
+                now.clear()
+                now.update(then)
 
 
 def reset_server(raw: Any, baseline: Baseline | None) -> None:
@@ -115,3 +131,7 @@ def _default(value: Any) -> Any:
 
 def _literal(raw: Any, text: str) -> str:
     return sql.Literal(text).as_string(raw)
+
+
+def _ident(raw: Any, name: str) -> str:
+    return sql.Identifier(name).as_string(raw)

@@ -4,6 +4,7 @@ carried to the next borrower, misuse made loud. Against real servers, in both mo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import random
@@ -209,6 +210,16 @@ LEAKS = {
     "client_encoding": Leak(None, lambda c: (c.encoding, _sql(c, "SHOW client_encoding")),
                             ("UTF8", "UTF8"), lambda c: c.set_client_encoding("LATIN1")),
     "notifies": Leak("LISTEN leaked; NOTIFY leaked, 'for me only'", lambda c: c.notifies, []),
+    # RESET ALL leaves the role and the session user alone (found by a red-team run):
+    "role": Leak("SET ROLE app", "SELECT current_user", "postgres"),
+    "session_authorization": Leak("SET SESSION AUTHORIZATION app", "SELECT session_user", "postgres"),
+    # a typecaster registered on the connection (then used), and psycopg2's suggested deque
+    "typecaster": Leak(None, "SELECT 1", 1, lambda c: (
+        ext.register_type(ext.new_type((23,), "INT4_AS_TEXT", lambda v, cur: f"text {v}"), c),
+        _sql(c, "SELECT 1"))),
+    "notices_deque": Leak(None, lambda c: len(c.notices), 0, lambda c: (
+        setattr(c, "notices", collections.deque(maxlen=5)),
+        c.cursor().execute("DO $$BEGIN RAISE NOTICE 'left behind'; END$$"))),
 }
 
 
@@ -299,7 +310,7 @@ def test_configure_settings_survive_the_reset_and_the_reset_hook_runs_last(make_
     seen = []
 
     def configure(conn):
-        conn.cursor().execute("SET statement_timeout = '7s'")
+        conn.cursor().execute("SET statement_timeout = '7s'; SET ROLE app")
 
     def reset(conn):
         cur = conn.cursor()
@@ -308,16 +319,21 @@ def test_configure_settings_survive_the_reset_and_the_reset_hook_runs_last(make_
         cur.execute("SET application_name = 'after-reset'")
         conn.commit()
 
-    p = make_pool(max_size=1, replicas=(), configure=configure, reset=reset)
-    with p.connection() as conn:
-        cur = conn.cursor()
-        cur.execute("SET statement_timeout = '1s'")
-        cur.execute("SET search_path = pg_catalog")
-    with p.connection() as conn:
-        cur = conn.cursor()
-        cur.execute("SELECT current_setting('statement_timeout'), current_setting('application_name')")
-        assert cur.fetchone() == ("7s", "after-reset")
-    assert seen[0] == '"$user", public'
+    p = superuser_pool(make_pool, db, configure=configure, reset=reset)
+    try:
+        with p.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SET statement_timeout = '1s'")
+            cur.execute("SET search_path = pg_catalog")
+            cur.execute("RESET ROLE")
+        with p.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT current_setting('statement_timeout'), "
+                        "current_setting('application_name'), current_user")
+            assert cur.fetchone() == ("7s", "after-reset", "app")  # configure()'s role, too
+        assert seen[0] == '"$user", public'
+    finally:
+        p.close()
 
 
 def test_the_reset_costs_no_round_trip_on_helpers_or_empty_blocks(make_pool, db, monkeypatch):
