@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.report import write_report
     outdir = write_report(rows, bare, thread_counts, [c.name for c in contenders], Path(args.out),
-                          placement)
+                          placement, polling)
     print((outdir / "bench.md").read_text())
     print(f"results in {outdir}")
     return 0

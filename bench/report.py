@@ -27,7 +27,8 @@ def median_cells(rows: list[dict]) -> dict[tuple[str, int], dict]:
 
 
 def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[int],
-                 names: list[str], base: Path, placement: str = "not pinned") -> Path:
+                 names: list[str], base: Path, placement: str = "not pinned",
+                 halt_poll_ns: int | None = None) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = base / stamp
     outdir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,8 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
         w.writerow(["what", "microseconds"])
         w.writerows(bare)
     cells = median_cells(rows)
-    (outdir / "bench.md").write_text(markdown(cells, names, bare, threads, rows, placement))
+    (outdir / "bench.md").write_text(markdown(cells, names, bare, threads, rows, placement,
+                                              halt_poll_ns))
     plot(cells, names, threads, outdir / "bench.png")
     latest = base / "latest"
     if latest.is_symlink() or latest.exists():
@@ -53,7 +55,8 @@ def write_report(rows: list[dict], bare: list[tuple[str, float]], threads: list[
 
 
 def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threads: list[int],
-             rows: list[dict], placement: str = "not pinned") -> str:
+             rows: list[dict], placement: str = "not pinned",
+             halt_poll_ns: int | None = None) -> str:
     rounds = max(r["round"] for r in rows)
     natural = [n for n in names if "+autocommit" not in n]
     autocommit = [n for n in names if n.startswith("pool (")] + [n for n in names if "+autocommit" in n]
@@ -64,6 +67,7 @@ def markdown(cells: dict, names: list[str], bare: list[tuple[str, float]], threa
         f"of each contender's median round. Within a round the contenders at one thread count "
         f"ran back to back, and a ratio is the median over the rounds of that round's ratio.", ""]
     lines += steal_note(rows)
+    lines += polling_note(halt_poll_ns)
     lines += table(cells, rows, natural, threads, "Each pool in its natural idiom (the defaults: "
                    "peers run BEGIN, the query and ROLLBACK or COMMIT; pgdbpool pings, then queries)")
     if len(autocommit) > 2:
@@ -118,6 +122,21 @@ def grid(cells: dict, names: list[str], threads: list[int],
              "|---|" + "---|" * len(threads)]
             + [f"| {name} | " + " | ".join(show(cells.get((name, n))) for n in threads) + " |"
                for name in names])
+
+
+def polling_note(halt_poll_ns: int | None) -> list[str]:
+    """A warning where idle CPUs halt at once (bench.halt_polling): then waking one costs the
+    waker an exit to the hypervisor, and on one machine the server's CPU pays it for every
+    reply that finds the client's CPU idle."""
+    if halt_poll_ns != 0:
+        return []
+    return ["**Idle CPUs halt here without polling** (guest_halt_poll_ns = 0). On one machine the "
+            "server's CPU wakes a client thread with every reply, and waking a halted CPU costs "
+            "it an exit to the hypervisor. So from 4 threads up, where the server's CPU is "
+            "saturated, throughput favours the client that leaves its CPU idle least, wasted "
+            "work included, over the cheapest one; the CPU time per query below still ranks "
+            "them by cost. `make bench BENCH_ARGS=\"--halt-poll 200000\"` (the kernel's default) "
+            "measures without that toll.", ""]
 
 
 def table(cells: dict, rows: list[dict], names: list[str], threads: list[int],

@@ -19,7 +19,8 @@ from conftest import require
 import bench.bench
 from bench.bench import (busy_pct, client_ipis, cpu_steal, cpu_ticks, halt_polling, schedule,
                          set_halt_polling)
-from bench.report import NOISY_STEAL_PCT, cpu_table, median_cells, steal_note, table
+from bench.report import (NOISY_STEAL_PCT, cpu_table, median_cells, polling_note, steal_note,
+                          table)
 from native.cluster import find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,3 +190,9 @@ def test_halt_polling_is_read_and_put_back(tmp_path: Path, monkeypatch) -> None:
     assert halt_polling() == 200000
     assert set_halt_polling(0) == 200000
     assert knob.read_text() == "0"
+
+
+def test_a_run_where_idle_cpus_halt_at_once_says_what_that_does_to_the_ratios() -> None:
+    assert polling_note(None) == [] and polling_note(200000) == []
+    note = polling_note(0)[0]
+    assert "without polling" in note and "--halt-poll 200000" in note
