@@ -77,6 +77,24 @@ def count_items(db: Cluster, node: str, name: str) -> int:
     return admin_sql(db, node, "SELECT count(*) FROM items WHERE name = %s", (name,))[0][0]
 
 
+def assert_a_block_is_one_transaction(db: Cluster, p: Any) -> None:
+    """A write block of pool `p` starts with autocommit off, and an exception in it rolls back
+    the INSERT it made (on the primary of `db`)."""
+    name = unique_name()
+    try:
+        with p.connection() as conn:
+            assert conn.autocommit is False
+            conn.cursor().execute("INSERT INTO items (name) VALUES (%s)", (name,))
+            raise _Undo()
+    except _Undo:
+        pass
+    assert count_items(db, "primary", name) == 0
+
+
+class _Undo(Exception):
+    pass
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
                what: str = "condition") -> float:
     """Poll until predicate() is truthy; return the seconds it took. Fails after timeout."""

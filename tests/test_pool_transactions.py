@@ -13,7 +13,8 @@ import psycopg2.extras
 import pytest
 
 import pool
-from pgutil import admin_sql, count_items, node_of, terminate_app_sessions, unique_name
+from pgutil import (admin_sql, assert_a_block_is_one_transaction, count_items, node_of,
+                    terminate_app_sessions, unique_name)
 
 pytestmark = pytest.mark.db
 
@@ -160,12 +161,7 @@ def test_a_block_after_a_helper_is_one_transaction_and_a_helper_after_a_block_ru
     name = unique_name()
     for _ in range(2):  # the second turn starts from the state the first one left
         assert p.fetchone("SELECT 1") == (1,)
-        with pytest.raises(RuntimeError, match="undo"):
-            with p.connection() as conn:
-                assert conn.autocommit is False
-                conn.cursor().execute(INSERT, (name,))
-                raise RuntimeError("undo")
-        assert count_items(db, "primary", name) == 0
+        assert_a_block_is_one_transaction(db, p)
         with p.connection() as conn:  # an empty block lends it as it is: autocommit off
             assert conn.autocommit is False
         # No BEGIN went before it: its transaction started with the statement.
