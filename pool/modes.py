@@ -86,14 +86,15 @@ class _Loan(Checkout):
                 eps = pool._readable
                 rr = pool._balance
                 ep = eps[rr.next % len(eps)]
+                if ep.role != REPLICA:  # a read the primary lends is made read-only: _lend
+                    ep = None
             else:
                 ep = None
             idle = ep.idle if ep is not None else None
             if idle:
                 rec = idle[-1]
                 if rec.generation == ep.generation and now - rec.last_used <= pool._check_after \
-                        and now < rec.expires and (ep.role == REPLICA or not self._readonly) \
-                        and not rec.maybe_autocommit:  # (fetchone & co leave it on: _lend)
+                        and now < rec.expires and not rec.maybe_autocommit:  # (helpers: _lend)
                     idle.pop()
                     if rr is not None:
                         rr.next += 1
@@ -107,9 +108,10 @@ class _Loan(Checkout):
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         rec = self._rec
         raw = rec.raw  # (no transaction open, by the server's account: see Pool._checkin)
+        ep = rec.endpoint
         if exc is None and not raw.dirty and not raw.get_transaction_status() \
-                and rec.generation == rec.endpoint.generation and not self._pool._closed:
-            rec.endpoint.idle.append(rec)
+                and rec.generation == ep.generation and not self._pool._closed:
+            ep.idle.append(rec)
             self._rec = None
         else:
             Checkout.__exit__(self, exc_type, exc, tb)
