@@ -220,8 +220,9 @@ def plot(cells: dict, names: list[str], threads: list[int], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax2.set_yscale("log")
-    ax1.legend(fontsize=7, loc="best")
+    handles, labels = ax1.get_legend_handles_labels()  # below both plots: over one, it hid lines
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("One read query per checkout (solid: natural idiom, dashed: peers in autocommit)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
