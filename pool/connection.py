@@ -5,10 +5,10 @@ Two classes, kept apart as SQLAlchemy keeps its connection record and its checko
 - ``PoolConnection`` is the psycopg2 connection the borrower gets: psycopg2's own class with
   two additions, both invisible to well-behaved code. It notes when a loan makes a cursor or
   changes a setting, by any of psycopg2's spellings (``dirty``: only then does the loan need a
-  reset), and it times every
-  statement it sends (``execute``, ``executemany``, ``callproc``, ``copy_*``, ``commit``,
-  ``rollback``) so the watchdog (watchdog.py) can end one that waits on the server longer than
-  ``query_timeout``. A statement ended that way raises ``pool.QueryTimeout``.
+  reset), and it times every statement it sends (``execute``, ``executemany``, ``callproc``,
+  ``copy_*``, ``commit``, ``rollback``) so the watchdog (watchdog.py) can end one that waits on
+  the server longer than ``query_timeout``. A statement ended that way raises
+  ``pool.QueryTimeout``.
 - ``PooledConnection`` is the pool's record of it: endpoint, slot, generation, owner pid, expiry,
   last use, and a registered ``poll()`` for a local liveness check. The borrower never sees it.
 """

@@ -22,9 +22,10 @@ Checkout path::
                                            └─ idle a while: _is_usable (local socket check,
                                                             a ping if idle very long)
 
-Return path: a loan that made no cursor and changed no setting goes straight back (``_checkin``);
-anything else takes ``_checkin_slow`` (returns.py). An idle connection may be in autocommit, left
-so by fetchone & co (statements.py); a block's loan always starts with it off (``_lend``).
+Return path: a loan that made no cursor, changed no setting and, by libpq's account, left no
+transaction open goes straight back (``_checkin``); anything else takes ``_checkin_slow``
+(returns.py). An idle connection may be in autocommit, left so by fetchone & co (statements.py);
+a block's loan always starts with it off (``_lend``).
 
 Asynchronous exceptions (a signal handler's timeout, ^C) may land between any two bytecodes. Every
 step that moves a connection or a slot catches ``BaseException`` and puts things back, and what no
