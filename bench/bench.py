@@ -1,6 +1,7 @@
 """Side-by-side benchmark: this project's pool against its peers, in one process, one run.
 
     python -m bench.bench [--seconds 2] [--rounds 3] [--threads 1,4,16,64] [--dsn DSN] [--no-pin]
+                          [--halt-poll NS] [--sched-batch]   (the last two: diagnoses, see --help)
 
 Each contender does "one read query per checkout" in its own natural idiom, against the same
 local PostgreSQL (a throwaway server from the local binaries unless --dsn is given, run on CPUs
