@@ -71,6 +71,7 @@ _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_INERROR = ext.TRANSACTION_STATUS_INERROR
 _STATUS_BEGIN = ext.STATUS_BEGIN
+_STATUS_READY = ext.STATUS_READY
 from .config import DEFAULT as _DEFAULT  # noqa: E402  ("the pool's own setting")
 ISSUED = object()  # a reusable Checkout handed out by connection() and not yet entered
 BOARD_EVERY = 0.001  # seconds between a checkout's looks at the shared board
@@ -495,14 +496,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         # endpoint's last failure and one lent before a fork() (the child bumps generations).
         raw = rec.raw
         if exc is None and not raw.dirty and rec.generation == rec.endpoint.generation:
-            if not raw.get_transaction_status():  # TRANSACTION_STATUS_IDLE is 0
+            if raw.status == _STATUS_READY and not raw.get_transaction_status():  # (IDLE is 0)
                 if self._put(rec):
                     return
             else:
-                # The server's word covers what `dirty` cannot see: statements sent by a cursor
-                # made from psycopg2's class directly (RealDictCursor(conn)), or a BEGIN in a
-                # helper's SQL. The slow path ends the transaction by the server's account and,
-                # since anything may have run, resets the session.
+                # psycopg2's word and the server's cover what `dirty` cannot see: statements sent
+                # by a cursor made from psycopg2's class directly (RealDictCursor(conn)), with a
+                # COMMIT of their own or not, or a BEGIN in a helper's SQL. The slow path ends the
+                # transaction on both sides and, since anything may have run, resets the session.
                 raw.dirty |= RAN
         self._checkin_slow(rec, exc, readonly)
 

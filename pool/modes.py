@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -25,7 +26,7 @@ from typing import Any
 from .config import MODES, REPLICA
 from .balance import RoundRobin
 from .connection import PooledConnection
-from .core import _DEFAULT, ISSUED, Checkout, Pool
+from .core import _DEFAULT, _STATUS_READY, ISSUED, Checkout, Pool
 from .endpoint import PROBE_GRACE, PROBE_GRACE_MAX, UP, Reservation
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .housekeeping import log_failure
@@ -106,15 +107,18 @@ class _Loan(Checkout):
         return Checkout.__enter__(self)
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        rec = self._rec
-        raw = rec.raw  # (no transaction open, by the server's account: see Pool._checkin)
+        # The handle lets go first: an interrupt from here on leaves the connection to the
+        # slot's weak reference, not to a handle the pool keeps (ProcessPool.connection).
+        rec, self._rec = self._rec, None
+        raw = rec.raw
         ep = rec.endpoint
-        if exc is None and not raw.dirty and not raw.get_transaction_status() \
+        # psycopg2's word that no transaction is open is enough for a block (its autocommit is
+        # off unless the block switched it, which marks it dirty); Pool._checkin asks libpq too.
+        if exc is None and not raw.dirty and raw.status == _STATUS_READY \
                 and rec.generation == ep.generation and not self._pool._closed:
             ep.idle.append(rec)
-            self._rec = None
         else:
-            Checkout.__exit__(self, exc_type, exc, tb)
+            self._pool._checkin(rec, exc, self._readonly)
 
 
 class ProcessPool(Pool):
@@ -132,17 +136,40 @@ class ProcessPool(Pool):
         self._local = _Last()  # one thread: no thread-local needed
         self._hk_due = 0.0
         self._owner = get_ident()
+        self._new_handles()
+        self._round_robin = isinstance(self._balance, RoundRobin)
+
+    def _new_handles(self) -> None:
         # connection() with no options returns one of these when it is free: no allocation.
         self._handles = (_Loan(self, False, None, _DEFAULT), _Loan(self, True, None, _DEFAULT))
-        self._round_robin = isinstance(self._balance, RoundRobin)
+        self._unheld = self._references(False)  # nobody but the pool holds them yet
+
+    def _references(self, readonly: bool) -> int:
+        handle = self._handles[readonly]  # (the same steps as connection(), so the same count)
+        return sys.getrefcount(handle)
 
     def connection(self, readonly: bool = False, timeout: float | None = None,
                    query_timeout: Any = _DEFAULT, after: str | None = None) -> Checkout:
         handle = self._handles[readonly]
-        if handle._rec is None and timeout is None and query_timeout is _DEFAULT and after is None:
-            handle._rec = ISSUED  # free again on leaving its block; until then, others get new ones
-            return handle  # one thread: nobody else can be using it
+        if handle._rec is None:
+            if timeout is None and query_timeout is _DEFAULT and after is None:
+                handle._rec = ISSUED  # free again on leaving its block; until then, others get
+                return handle         # new ones (one thread: nobody else can be using it)
+        elif sys.getrefcount(handle) <= self._unheld:
+            self._reclaim(handle)  # taken, yet nobody holds it, not even a `with`: see below
         return Pool.connection(self, readonly, timeout, query_timeout, after)
+
+    def _reclaim(self, handle: _Loan) -> None:
+        """An asynchronous exception (a signal handler's timeout) that lands as a block's
+        __exit__ starts, or between connection() and the `with`, leaves the reusable handle
+        taken for good, and with it the connection it lent: unlike a Checkout, which nobody
+        keeps, the pool holds its handles. A handle is in use only while a `with` (or the
+        caller) holds it, so one that only the pool holds is given back: its connection rolled
+        back and reset, as after any exception in a block."""
+        rec, handle._rec = handle._rec, None
+        if rec.__class__ is PooledConnection:
+            self._checkin_slow(rec, PoolError("an interrupt left this loan unfinished"),
+                               handle._readonly)
 
 
     def _check_owner(self) -> None:
@@ -224,7 +251,7 @@ class ProcessPool(Pool):
         self._local = _Last()
         self._hk_due = self._due = 0.0
         self._owner = get_ident()
-        self._handles = (_Loan(self, False, None, _DEFAULT), _Loan(self, True, None, _DEFAULT))
+        self._new_handles()
 
 
 class _Waiter:

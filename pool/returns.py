@@ -26,7 +26,7 @@ from .config import PRIMARY
 from .connection import RAN, READ_ONLY_SET, SETTING, PooledConnection, describe_error, is_disconnect
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError
-from .session import base_cursor, reset_server, set_autocommit, set_readonly
+from .session import base_cursor, get_autocommit, reset_server, set_autocommit, set_readonly
 
 log = logging.getLogger("pool")
 
@@ -75,6 +75,8 @@ class Returns:
             if raw.closed or raw.info.transaction_status != _TX_IDLE:
                 raise _Broken
             dirty, raw.dirty = raw.dirty, 0
+            if dirty & SETTING and get_autocommit(raw):  # the borrower's own autocommit: what a
+                dirty |= RAN  # cursor made from psycopg2's class ran under it left no trace
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
             raw.query_timeout = self.options.query_timeout
@@ -125,9 +127,9 @@ class Returns:
                     f"yet committed was lost", ep.name)
             return None
         tx = raw.info.transaction_status
-        if tx == _TX_IDLE:
-            return None
         ours = raw.status == _STATUS_BEGIN  # psycopg2 opened it, and will close it
+        if tx == _TX_IDLE and not ours:
+            return None
         error: BaseException | None = None
         try:
             if exc is not None or tx == _TX_INERROR:
@@ -139,7 +141,7 @@ class Returns:
                 if rec.endpoint.role == PRIMARY:  # only a primary could have taken a write
                     error = self._readonly_violation(raw)
                 self._finish(raw, ours, "ROLLBACK")
-            elif tx == _TX_INTRANS:
+            elif tx == _TX_INTRANS or ours:  # (ours, the server idle: SQL ended it; tell psycopg2)
                 self._finish(raw, ours, "COMMIT")
         except psycopg2.Error as e:
             if exc is None and error is None:

@@ -197,6 +197,22 @@ def test_a_cursor_made_from_psycopg2s_own_class_is_still_committed_and_reset(mak
         assert cur.fetchone()[0] == '"$user", public'
 
 
+def test_a_commit_sent_through_psycopg2s_own_cursor_class_leaves_nothing_behind(make_pool, db):
+    """psycopg2's word counts as well as the server's: after its own COMMIT the server is idle
+    while psycopg2 still thinks a transaction is open. The next block must still get a
+    transaction (its INSERT rolled back with it), none of the block's SET, and a helper must work."""
+    p = make_pool(max_size=1, replicas=())
+    with p.connection() as conn:
+        psycopg2.extensions.cursor(conn).execute("SET search_path = pg_catalog; COMMIT")
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        assert cur.fetchone()[0] == '"$user", public'
+    assert_a_block_is_one_transaction(db, p)
+    assert p.fetchone("SELECT 1") == (1,)
+    assert p.execute(INSERT, (unique_name(),)) == 1
+
+
 def test_a_helper_whose_sql_opens_a_transaction_leaves_none_open(make_pool, db):
     """execute("BEGIN; ...") commits, as execute() promises, instead of handing the next
     borrower an open transaction; a read that froze a snapshot on a replica does not keep it."""
