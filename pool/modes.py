@@ -164,12 +164,12 @@ class ProcessPool(Pool):
         __exit__ starts, or between connection() and the `with`, leaves the reusable handle
         taken for good, and with it the connection it lent: unlike a Checkout, which nobody
         keeps, the pool holds its handles. A handle is in use only while a `with` (or the
-        caller) holds it, so one that only the pool holds is given back: its connection rolled
-        back and reset, as after any exception in a block."""
+        caller) holds it, so one that only the pool holds is freed. Its connection is closed,
+        not lent again: code that called __enter__() by hand and kept only the connection may
+        still be using it, and a closed connection tells it so, where a shared one would not."""
         rec, handle._rec = handle._rec, None
         if rec.__class__ is PooledConnection:
-            self._checkin_slow(rec, PoolError("an interrupt left this loan unfinished"),
-                               handle._readonly)
+            self._discard(rec)
 
 
     def _check_owner(self) -> None:

@@ -169,6 +169,14 @@ def test_process_mode_gets_back_a_handle_dropped_before_its_block(pool_factory):
         inner = p.connection()  # taken by an open block: a handle of its own, nothing reclaimed
         assert inner is not held
     assert settled(p)["in_use"] == 0
+    del held, inner  # (a variable holding the handle keeps it the caller's)
+    # Entered by hand, keeping only the connection (a misuse): taking the handle back closes
+    # that connection rather than lend it to someone else while it may still be in use.
+    conn = p.connection().__enter__()
+    backend = conn.get_backend_pid()
+    with p.connection() as other:
+        assert other.get_backend_pid() != backend
+    assert conn.closed
 
 
 def test_a_waiter_interrupted_in_the_queue_leaves_it_and_takes_nothing_with_it(pool_factory, alarm):
