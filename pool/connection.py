@@ -25,7 +25,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .errors import PoolError, QueryTimeout
-from .session import Baseline, base_cursor, set_autocommit
+from .session import Baseline, base_cursor, own_statement, set_autocommit
 
 monotonic = time.monotonic
 
@@ -231,18 +231,14 @@ class PooledConnection:
         for connections idle long enough that silence proves little."""
         raw = self.raw
         saved, raw.query_timeout = raw.query_timeout, timeout
-        raw.busy_since = monotonic()
         try:
             set_autocommit(raw, True)
-            cur = base_cursor(raw)
-            cur.execute("SELECT 1")
-            cur.close()
+            own_statement(raw, "SELECT 1")
             set_autocommit(raw, False)
             return True
         except psycopg2.Error:
             return False
         finally:
-            raw.busy_since = 0.0
             raw.query_timeout = saved
 
     def close(self) -> None:

@@ -50,7 +50,7 @@ from .balance import make_balancer
 from . import lag, monitor
 from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, node_configs,
                      options_from_env)
-from .connection import RAN, PooledConnection, connect
+from .connection import RAN, PooledConnection, connect, describe_error
 from .endpoint import Endpoint, Reservation
 from .errors import EndpointUnavailable, PoolError
 from .health import Health
@@ -413,13 +413,13 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
     def _open(self, res: Reservation) -> PooledConnection | None:
         """Connect in a slot _take reserved. None if the endpoint failed (and was ejected).
 
-        Only a failed connect is evidence against the server. An error from the user's
+        Only a failed connect, or a statement setting the connection up that got no answer
+        within query_timeout, is evidence against the server. Any other error from the user's
         configure() closes that one connection and reaches the caller; the endpoint stays up.
         """
         ep = res.endpoint
         opts = self.options
         self._start_housekeeping()  # connections now exist: they will need looking after
-        WATCHDOG.watch(self)
         try:
             started = monotonic()
             if opts.precheck_connect:
@@ -434,21 +434,32 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 raise  # not the server's fault: a bad option, ^C
             self._connect_failed(ep, exc, fast=ep.at_once(monotonic() - started))
             return None
+        WATCHDOG.watch(self, raw)  # configure() and the baseline may wait for the server
         try:
-            if opts.configure is not None:
-                opts.configure(raw)
-                if raw.get_transaction_status() != _TX_IDLE:
-                    raw.commit()  # what configure did is part of the session from now on
-            baseline = Baseline.capture(raw, opts.configure is not None)
-            raw.dirty = 0
-            rec = PooledConnection(raw, ep, baseline, monotonic(), opts.max_lifetime)
-        except BaseException:
-            raw.close()
-            self._release(res)
-            raise
-        with self._lock:
-            ep.adopt(res, rec)
-            ep.connects += 1
+            try:
+                if opts.configure is not None:
+                    opts.configure(raw)
+                    if raw.get_transaction_status() != _TX_IDLE:
+                        raw.commit()  # what configure did is part of the session from now on
+                baseline = Baseline.capture(raw, opts.configure is not None)
+                raw.dirty = 0
+                rec = PooledConnection(raw, ep, baseline, monotonic(), opts.max_lifetime)
+            except BaseException as exc:
+                raw.close()
+                self._release(res)
+                if not raw.timed_out:
+                    raise  # configure()'s own error: the caller's to see, not the server's fault
+                with self._lock:
+                    ep.query_timeouts += 1
+                self._eject(ep, f"no answer within query_timeout={opts.query_timeout:g}s while "
+                                f"setting up a new connection ({self._redact(describe_error(exc))})",
+                           probe_now=True)
+                return None
+            with self._lock:
+                ep.adopt(res, rec)
+                ep.connects += 1
+        finally:
+            WATCHDOG.settled(raw)  # adopted, so the scan of the pool finds it; or closed
         log.debug("opened a connection to %s %s (size %d)", ep.role, ep.name, ep.size)
         return rec
 
@@ -642,6 +653,8 @@ class Checkout:
                 pool._lend(rec, self._readonly, self._query_timeout)
             except BaseException as exc:
                 pool._checkin_slow(rec, exc)
+                if rec.raw.timed_out:  # the pool's read-only SET got no answer
+                    raise rec.raw.timeout_error() from exc
                 raise
         self._rec = rec
         return rec.raw

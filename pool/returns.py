@@ -26,7 +26,7 @@ from .config import PRIMARY
 from .connection import RAN, READ_ONLY_SET, SETTING, PooledConnection, describe_error, is_disconnect
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError
-from .session import base_cursor, get_autocommit, reset_server, set_autocommit, set_readonly
+from .session import get_autocommit, own_statement, reset_server, set_autocommit, set_readonly
 
 log = logging.getLogger("pool")
 
@@ -154,23 +154,15 @@ class Returns:
         if ours:
             (raw.commit if command == "COMMIT" else raw.rollback)()
         else:  # a BEGIN psycopg2 never saw (autocommit was on): end it in SQL
-            cur = base_cursor(raw)
-            try:
-                cur.execute(command)
-            finally:
-                cur.close()
+            own_statement(raw, command)
 
     @staticmethod
     def _readonly_violation(raw: Any) -> BaseException | None:
         """A read-only loan on the primary (the fallback) ends with a transaction open: did it
         write, by SQL of its own (BEGIN READ WRITE, SET transaction_read_only)? One round trip,
         on the fallback only; the write is rolled back and the caller told."""
-        cur = base_cursor(raw)
-        try:
-            cur.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-            wrote = cur.fetchone()[0]
-        finally:
-            cur.close()
+        ((wrote,),) = own_statement(raw, "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
+                                    fetch=True)
         if wrote:
             return PoolError("a readonly=True block wrote on the primary (it made its transaction "
                              "read-write); the transaction was rolled back, not committed")
@@ -227,13 +219,9 @@ class Returns:
         if readonly and rec.endpoint.role == PRIMARY:
             raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
             raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
-            set_autocommit(raw, True)
-            cur = base_cursor(raw)
-            try:
-                cur.execute("SET SESSION default_transaction_read_only = on")
-            finally:
-                cur.close()
-                set_autocommit(raw, False)
+            set_autocommit(raw, True)  # (if the SET fails, the return path sets it back)
+            own_statement(raw, "SET SESSION default_transaction_read_only = on")
+            set_autocommit(raw, False)
             set_readonly(raw, True)
         return raw
 

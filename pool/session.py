@@ -30,6 +30,7 @@ therefore sees a clean session and may add to it (and must leave the connection 
 from __future__ import annotations
 
 import dataclasses
+from time import monotonic
 from typing import Any
 
 import psycopg2.extensions as ext
@@ -59,6 +60,27 @@ _set_session = _BASE.set_session
 base_cursor = _BASE.cursor
 
 
+def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | None:
+    """Run one of the pool's own statements: on psycopg2's plain cursor, so the loan is not
+    marked as having run anything, yet under the watchdog's deadline like a borrower's."""
+    cur = base_cursor(raw)
+    try:
+        timed_call(raw, cur.execute, query)
+        return cur.fetchall() if fetch else None
+    finally:
+        cur.close()
+
+
+def timed_call(raw: Any, method: Any, *args: Any) -> Any:
+    """``method(*args)``, a call that waits for ``raw``'s server, with ``busy_since`` set: the
+    watchdog (watchdog.py) ends it if the server does not answer within ``query_timeout``."""
+    raw.busy_since = monotonic()
+    try:
+        return method(*args)
+    finally:
+        raw.busy_since = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """A connection's settings right after ``configure()``: what every loan starts from."""
@@ -76,14 +98,8 @@ class Baseline:
         hook ran (without one, nothing was SET)."""
         sql = RESET_SQL
         if configured:
-            cur = base_cursor(raw)
-            try:
-                cur.execute(_SESSION_GUCS)
-                pairs = cur.fetchall()
-                cur.execute(_WHO)
-                session_user, current_user = cur.fetchone()
-            finally:
-                cur.close()
+            pairs = own_statement(raw, _SESSION_GUCS, fetch=True)
+            ((session_user, current_user),) = own_statement(raw, _WHO, fetch=True)
             if raw.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
                 raw.rollback()
             if pairs:
@@ -106,7 +122,7 @@ class Baseline:
         if _get_factory(raw) is not self.cursor_factory:
             _set_factory(raw, self.cursor_factory)
         if self.encoding and raw.encoding != self.encoding:
-            _set_encoding(raw, self.encoding)
+            timed_call(raw, _set_encoding, raw, self.encoding)  # a round trip
         for now, then in zip((raw.string_types, raw.binary_types), self.typecasters):
             if now != then:  # psycopg2.extensions.register_type(..., conn) in the block
                 now.clear()
@@ -117,12 +133,8 @@ def reset_server(raw: Any, baseline: Baseline | None) -> None:
     """Reset the server-side session (the connection must be idle: no transaction open).
     Without a baseline (``reset_session=False``) only undo the pool's own read-only SET."""
     set_autocommit(raw, True)  # one implicit transaction for the whole string, no BEGIN
-    cur = base_cursor(raw)
-    try:
-        cur.execute(baseline.restore_sql if baseline else "RESET default_transaction_read_only")
-    finally:
-        cur.close()
-        set_autocommit(raw, False)
+    own_statement(raw, baseline.restore_sql if baseline else "RESET default_transaction_read_only")
+    set_autocommit(raw, False)  # (after a failure the connection is discarded)
 
 
 def _default(value: Any) -> Any:

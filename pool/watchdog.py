@@ -14,9 +14,10 @@ Process mode promises "no lock, no thread", and this is the one exception, becau
 can interrupt a blocked libpq call in a single-threaded worker: a signal does not (libpq retries
 ``poll()`` on EINTR, so a Python handler never runs), and psycopg2's wait callback is process-wide
 and disables COPY. The thread keeps the pool's promise in spirit: it takes no pool lock and
-changes no pool state; it reads two attributes per connection and may shut a socket. It exists
-only while some pool in the process has a ``query_timeout`` and an open connection, and is started
-again, lazily, in a forked child.
+changes no pool state; it reads two attributes per connection and may shut a socket. It watches
+a new connection from before ``configure()`` runs on it, leaves after ``IDLE_EXIT`` with no open
+connection in the process (looking once more, under its lock, as it goes), and is started again,
+lazily, when a connection opens, in a forked child too.
 """
 
 from __future__ import annotations
@@ -44,43 +45,77 @@ class Watchdog:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._leaving: threading.Thread | None = None  # a thread that gave up, on its way out
+        self._settling: set[Any] = set()  # connections being set up, not yet in a pool
         self.kills = 0  # statements ended, for tests and stats
 
-    def watch(self, pool: Any) -> None:
-        """Called when a pool opens a connection: make sure the thread runs in this process."""
+    def watch(self, pool: Any, raw: Any) -> None:
+        """Called when a pool has a new connection, before anything runs on it: watch it while
+        the pool sets it up (``configure()``, the baseline), and the pool's connections from then
+        on (``settled()``), and make sure a thread in this process does.
+
+        The unlocked fast path is safe because a thread about to exit first clears ``_thread``
+        and then, under the lock, looks once more (``_leave``): a caller that still saw the
+        thread had already registered its connection, so that last look finds it."""
+        self._settling.add(raw)
         thread = self._thread
         if thread is not None and self._pid == os.getpid() and thread.is_alive() and pool in self._pools:
             return
         with self._lock:
             self._pools.add(pool)
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                if self._leaving is not None and self._pid == os.getpid():
+                    self._leaving.join(1.0)  # it holds no lock and only has to return
                 self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._main, name="pool-watchdog", daemon=True)
-                self._thread.start()
+                # Registered before it starts: an interrupt (a SIGALRM request timeout) inside
+                # start() can leave a thread running that is_alive() does not yet admit to, so
+                # the next call starts another; the first sees it is no longer _thread, and goes.
+                self._thread = thread = threading.Thread(target=self._main, name="pool-watchdog",
+                                                         daemon=True)
+                thread.start()
+
+    def settled(self, raw: Any) -> None:
+        """The pool adopted ``raw`` (its own scan finds it now) or gave up on it."""
+        self._settling.discard(raw)
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # a lock held by another thread at fork() stays held
-        self._thread = None
+        self._thread = self._leaving = None
+        self._settling = set()
 
     def _main(self) -> None:
+        me = threading.current_thread()
         idle_since = monotonic()
-        while True:
+        while self._thread is me:
             time.sleep(TICK)
             now = monotonic()
-            watched = self._scan(now)
-            if watched:
+            if self._scan(now):
                 idle_since = now
-            elif now - idle_since > IDLE_EXIT:
-                with self._lock:
-                    if self._thread is threading.current_thread():
-                        self._thread = None
+            elif now - idle_since > IDLE_EXIT and self._leave(now):
                 return
+
+    def _leave(self, now: float) -> bool:
+        """Stop being the watchdog unless a connection appeared since the last scan. Clearing
+        ``_thread`` before the last look closes the race with ``watch()``'s unlocked fast path."""
+        me = threading.current_thread()
+        with self._lock:
+            if self._thread is not me:
+                return True
+            self._thread = None
+            if self._scan(now):
+                self._thread = me  # nobody started another: watch() needs the lock for that
+                return False
+            self._leaving = me
+            return True
 
     def _scan(self, now: float) -> int:
         """One look at every connection of every pool. A function of its own so that its locals
         die when it returns: a loop variable left holding a connection between ticks would keep
         alive one that a loan dropped, and its slot would never be freed (endpoint.py)."""
         watched = 0
+        for raw in list(self._settling):
+            watched += 1
+            self._check(raw, now)
         for pool in list(self._pools):
             for ep in pool._endpoints:
                 for rec in ep.connections():
@@ -95,8 +130,8 @@ class Watchdog:
         # The statement may have finished since the read above; shutting down a socket that is
         # idle or busy with the next statement would break that one. Re-read just before acting
         # (the window left is a few bytecodes, and its worst case is one spurious QueryTimeout).
-        if raw.busy_since != started or raw.closed:
-            return
+        if raw.busy_since != started or raw.closed or raw.timed_out:
+            return  # (timed_out: seen twice, being adopted)
         raw.timed_out = True
         try:
             sock = socket.socket(fileno=os.dup(raw.fileno()))

@@ -9,6 +9,7 @@ ejection": the latency targets are measured by `make bench-failures`, not by a t
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -96,6 +97,80 @@ def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool
         assert p.fetchone(READ, readonly=True) is not None  # reads carry on
     wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
                interval=0.05, what="writes after SIGCONT")
+
+
+def test_a_connection_opened_as_the_idle_watchdog_leaves_is_still_watched(make_pool, db,
+                                                                           monkeypatch):
+    """The watchdog thread ends after IDLE_EXIT with nothing to watch, and the pool used to
+    call on it before connecting: a thread that looked during the connect (here a slow
+    configure()) found nothing, left, and the connection it was called for ran unwatched, so a
+    statement on a stalled server blocked until SIGCONT. Now the pool calls after adopting the
+    connection, and a leaving thread looks once more under the lock."""
+    monkeypatch.setattr(pool.watchdog, "IDLE_EXIT", 0.05)
+    gc.collect()  # pools of earlier tests, so that their connections stop holding a thread
+    wait_until(lambda: "pool-watchdog" not in [t.name for t in threading.enumerate()],
+               timeout=5, interval=0.02, what="an idle watchdog to leave")
+    p = make_pool(replicas=[], query_timeout=1.0, min_size=0,
+                  configure=lambda raw: time.sleep(0.3))  # six ticks with nothing to watch
+    assert p.fetchone("SELECT 1") == (1,)
+    outcome = []
+    with stalled(db, "primary"):
+        worker = threading.Thread(target=lambda: outcome.append(timed(lambda: p.fetchone(READ))))
+        worker.start()
+        worker.join(1.0 + 2.0)
+        assert outcome, "a statement on the stalled primary outlived query_timeout by 2 s"
+    seconds, _, error = outcome[0]
+    assert isinstance(error, pool.QueryTimeout), error
+    worker.join(5)
+
+
+def bounded(fn, limit):
+    """fn() in a thread: its (seconds, result, error), or an assertion error if it is still
+    blocked after ``limit`` seconds (the caller's finally resumes the server, and it returns)."""
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(timed(fn)), daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert outcome, f"still blocked after {limit:g} s on a stalled server"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("where", ["reset", "read-only SET", "configure", "baseline"])
+def test_the_pools_own_statements_are_bounded_too(make_pool, db, where):
+    """The pool sends statements of its own: the session reset after a block, the read-only SET
+    of a read on the primary, and, before a new connection was adopted, configure()'s and the
+    baseline's. They went through psycopg2's plain cursor, which the watchdog did not time, and
+    a new connection was not yet watched: a server that stalled just then held the caller
+    until SIGCONT. Now each fails at query_timeout, and the endpoint is ejected."""
+    stall = lambda *_: db.stall("primary")  # noqa: E731
+    configure = {"configure": lambda raw: (stall(), raw.cursor().execute("SELECT 1")),
+                 "baseline": stall}.get(where)  # with a configure(), the baseline is read back
+    p = make_pool(replicas=[], query_timeout=1.0, connect_timeout=0.5, configure=configure)
+
+    def work():
+        if where == "reset":  # ran a statement, committed, and the server stalled: the block's
+            with p.connection() as conn:  # end has no transaction to close, only the reset
+                conn.cursor().execute("SET work_mem = '8MB'")
+                conn.commit()
+                stall()
+        elif where == "read-only SET":  # a read that falls back to the primary
+            p.fetchone("SELECT 1")  # a pooled connection, so the checkout needs no connect
+            stall()
+            with p.connection(readonly=True) as conn:
+                conn.cursor().execute("SELECT 1")
+        else:
+            p.fetchone("SELECT 1")
+
+    try:
+        seconds, _, error = bounded(work, 1.0 + 2.0)
+    finally:
+        db.resume("primary")
+    if where == "reset":  # the block's work was committed: the reset's failure is the pool's
+        assert error is None, error
+    else:
+        assert isinstance(error, (pool.QueryTimeout, pool.EndpointUnavailable)), error
+    assert seconds < 1.0 + 0.5
+    assert state(p, 0) == "down" or p.stats()["query_timeouts"] == 1, p.stats()
 
 
 def test_statements_in_a_block_get_the_deadline_unless_the_block_opts_out(make_pool, db):

@@ -95,6 +95,30 @@ def test_process_mode_starts_no_thread_but_the_process_wide_watchdog(db):
         p.close()
 
 
+def test_a_watchdog_that_is_no_longer_the_registered_one_leaves(db):
+    """A SIGALRM request timeout inside Thread.start() can leave a watchdog running before
+    is_alive() admits it, so the next watch() starts another. Both used to run for as long as
+    any connection stayed open (and a pool of the next test saw two). The one no longer
+    registered now leaves within a tick."""
+    wd = pool.watchdog.WATCHDOG
+    p = pool.Pool(db.dsn("primary"), mode="process", min_size=1)
+    try:
+        p.fetchone("SELECT 1")
+        first = wd._thread
+        assert first is not None and first.is_alive()
+        with wd._lock:
+            wd._thread = threading.Thread(target=lambda: None)  # what is_alive() said of it
+        with p.connection() as a, p.connection() as b:  # a second connection: watch() again
+            a.cursor().execute("SELECT 1")
+            b.cursor().execute("SELECT 1")
+        assert wd._thread is not first and wd._thread.is_alive()
+        wait_until(lambda: not first.is_alive(), timeout=1, interval=0.01,
+                   what="the unregistered watchdog to leave")
+        assert [t.name for t in threading.enumerate()].count("pool-watchdog") == 1
+    finally:
+        p.close()
+
+
 def test_threaded_mode_starts_its_thread_only_when_needed(db):
     p = pool.Pool(db.dsn("primary"), mode="threaded")
     names = lambda: [t.name for t in threading.enumerate()]  # noqa: E731
