@@ -434,32 +434,30 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 raise  # not the server's fault: a bad option, ^C
             self._connect_failed(ep, exc, fast=ep.at_once(monotonic() - started))
             return None
-        WATCHDOG.watch(self, raw)  # configure() and the baseline may wait for the server
         try:
-            try:
-                if opts.configure is not None:
-                    opts.configure(raw)
-                    if raw.get_transaction_status() != _TX_IDLE:
-                        raw.commit()  # what configure did is part of the session from now on
-                baseline = Baseline.capture(raw, opts.configure is not None)
-                raw.dirty = 0
-                rec = PooledConnection(raw, ep, baseline, monotonic(), opts.max_lifetime)
-            except BaseException as exc:
-                raw.close()
-                self._release(res)
-                if not raw.timed_out:
-                    raise  # configure()'s own error: the caller's to see, not the server's fault
-                with self._lock:
-                    ep.query_timeouts += 1
-                self._eject(ep, f"no answer within query_timeout={opts.query_timeout:g}s while "
-                                f"setting up a new connection ({self._redact(describe_error(exc))})",
-                           probe_now=True)
-                return None
+            res.raw = raw  # watched from now on: configure() and the baseline may wait for it
+            WATCHDOG.watch(self)
+            if opts.configure is not None:
+                opts.configure(raw)
+                if raw.get_transaction_status() != _TX_IDLE:
+                    raw.commit()  # what configure did is part of the session from now on
+            baseline = Baseline.capture(raw, opts.configure is not None)
+            raw.dirty = 0
+            rec = PooledConnection(raw, ep, baseline, monotonic(), opts.max_lifetime)
+        except BaseException as exc:
+            raw.close()
+            self._release(res)
+            if not raw.timed_out:
+                raise  # configure()'s own error: the caller's to see, not the server's fault
             with self._lock:
-                ep.adopt(res, rec)
-                ep.connects += 1
-        finally:
-            WATCHDOG.settled(raw)  # adopted, so the scan of the pool finds it; or closed
+                ep.query_timeouts += 1
+            self._eject(ep, f"no answer within query_timeout={opts.query_timeout:g}s while "
+                            f"setting up a new connection ({self._redact(describe_error(exc))})",
+                        probe_now=True)
+            return None
+        with self._lock:
+            ep.adopt(res, rec)
+            ep.connects += 1
         log.debug("opened a connection to %s %s (size %d)", ep.role, ep.name, ep.size)
         return rec
 

@@ -95,11 +95,12 @@ def _free_slot(ref: _SlotRef) -> None:
 class Reservation:
     """A slot reserved for a connection being opened; given to ``Endpoint.adopt`` on success."""
 
-    __slots__ = ("endpoint", "key", "__weakref__")
+    __slots__ = ("endpoint", "key", "raw", "__weakref__")
 
     def __init__(self, endpoint: "Endpoint", key: int) -> None:
         self.endpoint = endpoint
         self.key = key
+        self.raw: Any = None  # the session once connected, while configure() and the baseline run
 
 
 class Endpoint:
@@ -188,6 +189,13 @@ class Endpoint:
     def connections(self) -> list[Any]:
         """Every open connection of this endpoint, idle or lent (for the watchdog and stats)."""
         return [r for r in map(_SlotRef.__call__, list(self.slots.values())) if r is not None]
+
+    def being_set_up(self) -> list[Any]:
+        """The sessions connected but not yet adopted (for the watchdog: ``configure()`` and the
+        baseline run statements on them). ``adopt`` fills the slot before it empties ``pending``,
+        so a scan that reads this before ``connections()`` misses no connection."""
+        return [r.raw for r in map(_SlotRef.__call__, list(self.pending.values()))
+                if r is not None and r.raw is not None]
 
     @staticmethod
     def _ref(holder: Any, table: dict) -> _SlotRef:

@@ -46,18 +46,15 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._leaving: threading.Thread | None = None  # a thread that gave up, on its way out
-        self._settling: set[Any] = set()  # connections being set up, not yet in a pool
         self.kills = 0  # statements ended, for tests and stats
 
-    def watch(self, pool: Any, raw: Any) -> None:
-        """Called when a pool has a new connection, before anything runs on it: watch it while
-        the pool sets it up (``configure()``, the baseline), and the pool's connections from then
-        on (``settled()``), and make sure a thread in this process does.
+    def watch(self, pool: Any) -> None:
+        """Called when a pool has a new connection, before anything runs on it (``Reservation.raw``
+        set): make sure a thread in this process watches the pool's connections.
 
         The unlocked fast path is safe because a thread about to exit first clears ``_thread``
         and then, under the lock, looks once more (``_leave``): a caller that still saw the
         thread had already registered its connection, so that last look finds it."""
-        self._settling.add(raw)
         thread = self._thread
         if thread is not None and self._pid == os.getpid() and thread.is_alive() and pool in self._pools:
             return
@@ -74,14 +71,9 @@ class Watchdog:
                                                          daemon=True)
                 thread.start()
 
-    def settled(self, raw: Any) -> None:
-        """The pool adopted ``raw`` (its own scan finds it now) or gave up on it."""
-        self._settling.discard(raw)
-
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # a lock held by another thread at fork() stays held
         self._thread = self._leaving = None
-        self._settling = set()
 
     def _main(self) -> None:
         me = threading.current_thread()
@@ -113,11 +105,11 @@ class Watchdog:
         die when it returns: a loop variable left holding a connection between ticks would keep
         alive one that a loan dropped, and its slot would never be freed (endpoint.py)."""
         watched = 0
-        for raw in list(self._settling):
-            watched += 1
-            self._check(raw, now)
         for pool in list(self._pools):
             for ep in pool._endpoints:
+                for raw in ep.being_set_up():  # first: see Endpoint.being_set_up
+                    watched += 1
+                    self._check(raw, now)
                 for rec in ep.connections():
                     watched += 1
                     self._check(rec.raw, now)
@@ -131,7 +123,7 @@ class Watchdog:
         # idle or busy with the next statement would break that one. Re-read just before acting
         # (the window left is a few bytecodes, and its worst case is one spurious QueryTimeout).
         if raw.busy_since != started or raw.closed or raw.timed_out:
-            return  # (timed_out: seen twice, being adopted)
+            return  # (timed_out: seen twice, as it was being adopted)
         raw.timed_out = True
         try:
             sock = socket.socket(fileno=os.dup(raw.fileno()))

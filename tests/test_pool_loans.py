@@ -9,6 +9,7 @@ import dataclasses
 import os
 import random
 import gc
+import linecache
 import signal
 import sys
 import threading
@@ -152,6 +153,52 @@ def test_process_mode_gets_its_handle_back_after_an_interrupt_where_a_block_ends
         assert p.connection() is p._handles[False], point
         assert settled(p) == {"size": 1, "idle": 1, "in_use": 0, "waiting": 0, "connecting": 0}
         assert count_items(db, "primary", name) in (0, 1)  # committed, or rolled back: not open
+
+
+def test_an_interrupt_anywhere_in_opening_a_connection_loses_no_slot(pool_factory, mode):
+    """Each line of Pool._open in turn (0: its entry) raises, as a request timeout may while a
+    checkout connects. The slot comes back, and the half-made connection is not left for the
+    watchdog to look at for good. Not raised:
+    the line event CPython's tracer reports as a `with` block ends, before the lock's __exit__
+    runs; a signal handler cannot run there (only once that C call has returned)."""
+    target = pool.core.Pool._open.__code__
+    with_lines = {n for _, _, n in target.co_lines()
+                  if n and linecache.getline(target.co_filename, n).lstrip().startswith("with ")}
+    for point in range(200):
+        p = pool_factory(replicas=(), mode=mode, max_size=1)
+        fired = []
+
+        def tracer(frame, event, arg, seen=[0], entered=set()):  # noqa: B006 - per point
+            if frame.f_code is not target:
+                return None
+            if event == "call":
+                seen[0] = 0
+                entered.clear()
+            elif event == "line":
+                if frame.f_lineno in with_lines:
+                    if frame.f_lineno in entered:
+                        return tracer  # the block's end
+                    entered.add(frame.f_lineno)
+                seen[0] += 1
+            if seen[0] == point and event in ("call", "line") and not fired:
+                fired.append(point)
+                raise Interrupt()
+            return tracer
+        sys.settrace(tracer)
+        try:
+            p.fetchone("SELECT 1")
+        except Interrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        gc.collect()  # an interrupted frame's connection, if it held one, is freed with it
+        assert not p._endpoints[0].being_set_up(), point  # nor watched for good
+        assert p.fetchone("SELECT 1") == (1,), point  # the one slot can be lent again
+        assert settled(p) == {"size": 1, "idle": 1, "in_use": 0, "waiting": 0, "connecting": 0}
+        p.close()
+        if not fired:
+            break  # past the last line
+    assert point > 20  # every line of _open was tried
 
 
 def test_process_mode_gets_back_a_handle_dropped_before_its_block(pool_factory):
