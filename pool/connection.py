@@ -71,17 +71,22 @@ def _armed(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _ARMED_CURSOR_METHODS = ("execute", "executemany", "callproc", "copy_expert", "copy_from", "copy_to")
-_armed_cursor_classes: dict[type, type] = {}
+# A named (server-side) cursor also waits for the server to fetch, move and close. A client-side
+# cursor does not, and its fetches stay unwrapped: they are the hot path of a block.
+_ARMED_NAMED_METHODS = _ARMED_CURSOR_METHODS + ("fetchone", "fetchmany", "fetchall", "scroll",
+                                                "close", "__iter__", "__next__")
+_armed_cursor_classes: dict[tuple[type, bool], type] = {}
 
 
-def armed_cursor_class(cls: Any) -> Any:
+def armed_cursor_class(cls: Any, named: bool = False) -> Any:
     """``cls`` (a psycopg2 cursor class, RealDictCursor, ...) with its statements timed."""
-    armed = _armed_cursor_classes.get(cls)
+    armed = _armed_cursor_classes.get((cls, named))
     if armed is None:
         if not (isinstance(cls, type) and issubclass(cls, ext.cursor)):
             return cls  # a factory function: used as given, its statements untimed
-        body = {name: _armed(getattr(cls, name)) for name in _ARMED_CURSOR_METHODS}
-        armed = _armed_cursor_classes[cls] = type(cls.__name__, (cls,), body)
+        methods = _ARMED_NAMED_METHODS if named else _ARMED_CURSOR_METHODS
+        body = {name: _armed(getattr(cls, name)) for name in methods}
+        armed = _armed_cursor_classes[cls, named] = type(cls.__name__, (cls,), body)
         armed.__module__, armed.__qualname__ = cls.__module__, cls.__qualname__
     return armed
 
@@ -119,24 +124,37 @@ class PoolConnection(ext.connection):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
+        named = (args[0] if args else kwargs.get("name")) is not None
         if len(args) >= 2:
-            args = (args[0], armed_cursor_class(args[1])) + args[2:]
+            args = (args[0], armed_cursor_class(args[1], named)) + args[2:]
         else:
             kwargs["cursor_factory"] = armed_cursor_class(
-                kwargs.get("cursor_factory") or ext.connection.cursor_factory.__get__(self) or ext.cursor)
+                kwargs.get("cursor_factory") or ext.connection.cursor_factory.__get__(self) or ext.cursor,
+                named)
         return super().cursor(*args, **kwargs)
 
+    # The other calls that wait for the server are timed too: a ROLLBACK (changing the isolation
+    # level inside a transaction), a SET (the encoding), a reset, two-phase commit, a large
+    # object's opening. (A large object's read and write are not: psycopg2 gives them no hook.)
+    @_armed
     def set_isolation_level(self, level: Any) -> None:  # psycopg2's older spelling; 0 = autocommit
         self.dirty |= SETTING
         super().set_isolation_level(level)
 
+    @_armed
     def set_client_encoding(self, encoding: str) -> None:
         self.dirty |= SETTING
         super().set_client_encoding(encoding)
 
+    @_armed
     def reset(self) -> None:  # undoes what configure() set, too: the reset puts it back
         self.dirty |= SETTING | RAN
         super().reset()
+
+    tpc_prepare = _armed(ext.connection.tpc_prepare)
+    tpc_commit = _armed(ext.connection.tpc_commit)
+    tpc_rollback = _armed(ext.connection.tpc_rollback)
+    tpc_recover = _armed(ext.connection.tpc_recover)
 
     def set_session(self, *args: Any, **kwargs: Any) -> None:
         readonly = args[1] if len(args) > 1 else kwargs.get("readonly", True)
@@ -154,6 +172,7 @@ class PoolConnection(ext.connection):
         self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
         super().close()
 
+    @_armed
     def lobject(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
         return super().lobject(*args, **kwargs)

@@ -25,7 +25,7 @@ from .config import DEFAULT as _DEFAULT
 from .config import PRIMARY
 from .connection import RAN, READ_ONLY_SET, SETTING, PooledConnection, describe_error, is_disconnect
 from .endpoint import Reservation
-from .errors import EndpointUnavailable, PoolError
+from .errors import EndpointUnavailable, PoolError, QueryTimeout
 from .session import get_autocommit, own_statement, reset_server, set_autocommit, set_readonly
 
 log = logging.getLogger("pool")
@@ -67,11 +67,12 @@ class Returns:
                 and rec.endpoint is self._primary:  # read_only_sql_transaction: demoted
             self._demoted(rec.endpoint, "refused a write: the server is read-only (demoted?)")
         try:
-            error = self._end_transaction(rec, exc, readonly)
+            error = self._end_transaction(rec, exc, readonly)  # under the block's query_timeout
         except BaseException:
             self._discard(rec)
             raise
         try:
+            raw.query_timeout = self.options.query_timeout  # the pool's, for what the pool sends
             if raw.closed or raw.info.transaction_status != _TX_IDLE:
                 raise _Broken
             dirty, raw.dirty = raw.dirty, 0
@@ -79,7 +80,6 @@ class Returns:
                 dirty |= RAN  # cursor made from psycopg2's class ran under it left no trace
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
-            raw.query_timeout = self.options.query_timeout
             _empty(raw, "notices")
             if dirty & RAN and self.options.reset_session:
                 reset_server(raw, rec.baseline)
@@ -95,8 +95,8 @@ class Returns:
             raw.dirty = 0
             if rec.generation != rec.endpoint.generation:
                 raise _Broken  # made before its endpoint's last failure
-        except (_Broken, psycopg2.Error) as e:
-            self._discard(rec, cause=error or exc or (e if isinstance(e, psycopg2.Error) else None))
+        except (_Broken, psycopg2.Error, QueryTimeout) as e:  # (QueryTimeout: the reset= hook's)
+            self._discard(rec, cause=error or exc or (None if isinstance(e, _Broken) else e))
         except BaseException:  # the reset hook's own error, or an interrupt: the caller's
             self._discard(rec)
             raise
@@ -143,10 +143,10 @@ class Returns:
                 self._finish(raw, ours, "ROLLBACK")
             elif tx == _TX_INTRANS or ours:  # (ours, the server idle: SQL ended it; tell psycopg2)
                 self._finish(raw, ours, "COMMIT")
-        except psycopg2.Error as e:
-            if exc is None and error is None:
-                error = e  # a failed commit must reach the caller; a failed rollback
-                #            must not hide the caller's own exception
+        except (psycopg2.Error, QueryTimeout) as e:
+            if exc is None and error is None:  # a failed commit must reach the caller; a failed
+                # rollback must not hide the caller's own exception
+                error = raw.timeout_error() if raw.timed_out else e
         return error
 
     @staticmethod
@@ -213,9 +213,6 @@ class Returns:
             if raw.autocommit:    # transaction
                 set_autocommit(raw, False)
             rec.maybe_autocommit = False
-        if query_timeout is not _DEFAULT:
-            raw.query_timeout = query_timeout
-            raw.dirty |= SETTING  # restored on return
         if readonly and rec.endpoint.role == PRIMARY:
             raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
             raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
@@ -223,5 +220,8 @@ class Returns:
             own_statement(raw, "SET SESSION default_transaction_read_only = on")
             set_autocommit(raw, False)
             set_readonly(raw, True)
+        if query_timeout is not _DEFAULT:  # the block's own, from here on (not for the SET above)
+            raw.query_timeout = query_timeout
+            raw.dirty |= SETTING  # restored on return
         return raw
 

@@ -67,6 +67,9 @@ class Watchdog:
                 # Registered before it starts: an interrupt (a SIGALRM request timeout) inside
                 # start() can leave a thread running that is_alive() does not yet admit to, so
                 # the next call starts another; the first sees it is no longer _thread, and goes.
+                # (CPython's start() is not safe against such an exception at every point: it
+                # can also leave a Thread object that never runs. The next call still starts a
+                # working one; the stray is CPython's to keep.)
                 self._thread = thread = threading.Thread(target=self._main, name="pool-watchdog",
                                                          daemon=True)
                 thread.start()

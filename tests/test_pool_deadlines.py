@@ -20,6 +20,7 @@ import pytest
 import pool
 from pgutil import (admin_sql, node_of, proxied, stalled, terminate_app_sessions,
                     terminate_under_queue, timed, unique_name, wait_until)
+from conftest import APP_PASSWORD
 from proxy import Proxy
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
@@ -135,42 +136,127 @@ def bounded(fn, limit):
     return outcome[0]
 
 
-@pytest.mark.parametrize("where", ["reset", "read-only SET", "configure", "baseline"])
-def test_the_pools_own_statements_are_bounded_too(make_pool, db, where):
-    """The pool sends statements of its own: the session reset after a block, the read-only SET
-    of a read on the primary, and, before a new connection was adopted, configure()'s and the
-    baseline's. They went through psycopg2's plain cursor, which the watchdog did not time, and
-    a new connection was not yet watched: a server that stalled just then held the caller
-    until SIGCONT. Now each fails at query_timeout, and the endpoint is ejected."""
-    stall = lambda *_: db.stall("primary")  # noqa: E731
-    configure = {"configure": lambda raw: (stall(), raw.cursor().execute("SELECT 1")),
-                 "baseline": stall}.get(where)  # with a configure(), the baseline is read back
-    p = make_pool(replicas=[], query_timeout=1.0, connect_timeout=0.5, configure=configure)
+# Every round trip a loan can make, each with the server stalled just before it. ``stall()``
+# stops the node (once); a ``configure`` entry is the configure= hook, the others a call on the
+# pool. Each must end within query_timeout, with a pool error naming the endpoint (or the
+# caller's own exception), the endpoint ejected, and the pool usable after SIGCONT.
+INS = "INSERT INTO items (name) VALUES ('stalled')"
 
-    def work():
-        if where == "reset":  # ran a statement, committed, and the server stalled: the block's
-            with p.connection() as conn:  # end has no transaction to close, only the reset
-                conn.cursor().execute("SET work_mem = '8MB'")
-                conn.commit()
-                stall()
-        elif where == "read-only SET":  # a read that falls back to the primary
-            p.fetchone("SELECT 1")  # a pooled connection, so the checkout needs no connect
-            stall()
-            with p.connection(readonly=True) as conn:
-                conn.cursor().execute("SELECT 1")
-        else:
-            p.fetchone("SELECT 1")
 
+def _named_fetch(conn, stall):
+    cur = conn.cursor("stalled")
+    cur.execute("SELECT generate_series(1, 10)")
+    stall()
+    cur.fetchone()
+
+
+def _block(*steps, **loan):
+    def work(p, stall):
+        with p.connection(**loan) as conn:
+            for step in steps:
+                step(conn, stall)
+    return work
+
+
+run = lambda sql: lambda conn, stall: conn.cursor().execute(sql)  # noqa: E731
+stop = lambda conn, stall: stall()  # noqa: E731
+
+
+class Mine(Exception):
+    pass
+
+
+def _raise_mine(conn, stall):
+    raise Mine("the caller's own")
+
+
+def _prime_then(work):  # a connection pooled first, so the stall meets the loan, not a connect
+    def both(p, stall):
+        p.fetchone("SELECT 1")
+        return work(p, stall)
+    return both
+
+
+STALLS = {
+    # configure= hooks: statements and the psycopg2 calls that wait for the server
+    "configure: statement": {"configure": lambda raw, stall: (stall(), run("SELECT 1")(raw, stall))},
+    "configure: set_client_encoding": {"configure": lambda raw, stall: (
+        stall(), raw.set_client_encoding("LATIN1"))},
+    "configure: set_isolation_level in a transaction": {"configure": lambda raw, stall: (
+        run("SELECT 1")(raw, stall), stall(), raw.set_isolation_level(2))},
+    "configure: named cursor fetch": {"configure": lambda raw, stall: _named_fetch(raw, stall)},
+    "configure: reset()": {"configure": lambda raw, stall: (stall(), raw.reset())},
+    "configure: left a transaction open (the pool's COMMIT)": {"configure": lambda raw, stall: (
+        run("SET work_mem = '8MB'")(raw, stall), stall())},
+    "baseline read after configure": {"configure": lambda raw, stall: stall()},
+    # in a block
+    "block: set_client_encoding": {"work": _block(stop, lambda c, s: c.set_client_encoding("LATIN1"))},
+    "block: named cursor fetch": {"work": _block(_named_fetch)},
+    "commit": {"work": _block(run(INS), stop)},
+    "rollback after the caller's exception": {"work": _block(run(INS), stop, _raise_mine)},
+    "COMMIT of a BEGIN psycopg2 never saw": {"work": _block(
+        lambda c, s: setattr(c, "autocommit", True), run("BEGIN"), run(INS), stop)},
+    # the pool's own statements
+    "session reset": {"work": _block(run("SET work_mem = '8MB'"), lambda c, s: c.commit(), stop)},
+    "session reset after autocommit": {"work": _block(
+        lambda c, s: setattr(c, "autocommit", True), run("SELECT 1"), stop)},
+    "client encoding restore": {"work": _block(lambda c, s: c.set_client_encoding("LATIN1"), stop)},
+    "client encoding restore, block without deadline": {"work": _block(
+        lambda c, s: c.set_client_encoding("LATIN1"), stop, query_timeout=None)},
+    "read-only SET on the primary": {"work": _prime_then(lambda p, stall: (
+        stall(), _block(run("SELECT 1"), readonly=True)(p, stall)))},
+    "read-only SET, block without deadline": {"work": _prime_then(lambda p, stall: (
+        stall(), _block(readonly=True, query_timeout=None)(p, stall)))},
+    "read-only write check on the primary": {"work": _block(run("SELECT 1"), stop, readonly=True)},
+    "reset= hook (reset_session=False)": {
+        "work": _block(run(INS), lambda c, s: c.commit(), stop),
+        "options": {"reset_session": False, "reset": lambda raw: raw.cursor().execute("SELECT 1")}},
+    "ping": {"work": _prime_then(lambda p, stall: (time.sleep(0.3), stall(), p.fetchone("SELECT 1"))),
+             "options": {"ping_after": 0.2, "check_after": 0.05}},
+}
+
+
+@pytest.mark.parametrize("case", list(STALLS))
+def test_every_round_trip_a_loan_makes_is_bounded(make_pool, db, case):
+    """Found by a red-team run: configure()'s and the block's psycopg2 calls other than
+    execute/commit (the encoding, the isolation level, a named cursor's fetch, reset()), the
+    pool's own statements (the session reset, the read-only SET and write check, the encoding
+    restore), and those same statements under a block's query_timeout=None, blocked until
+    SIGCONT; a commit, rollback or reset= hook that timed out raised QueryTimeout without
+    ejecting the endpoint, or hid the caller's exception; the pool's own COMMIT and write check
+    raised a raw psycopg2 error."""
+    spec = STALLS[case]
+    stalled_now = []
+
+    def stall():
+        if not stalled_now:
+            stalled_now.append(db.stall("primary"))
+
+    options = dict(spec.get("options", {}))
+    if "configure" in spec:
+        hook = spec["configure"]
+        options["configure"] = lambda raw: hook(raw, stall)
+        work = lambda p: p.fetchone("SELECT 1")  # noqa: E731
+    else:
+        work = lambda p: spec["work"](p, stall)  # noqa: E731
+    p = make_pool(replicas=[], query_timeout=1.0, connect_timeout=0.5, **options)
+    name = p.stats()["endpoints"][0]["name"]
     try:
-        seconds, _, error = bounded(work, 1.0 + 2.0)
+        seconds, _, error = bounded(lambda: work(p), 1.0 + 2.0)
     finally:
         db.resume("primary")
-    if where == "reset":  # the block's work was committed: the reset's failure is the pool's
-        assert error is None, error
-    else:
-        assert isinstance(error, (pool.QueryTimeout, pool.EndpointUnavailable)), error
-    assert seconds < 1.0 + 0.5
-    assert state(p, 0) == "down" or p.stats()["query_timeouts"] == 1, p.stats()
+    assert stalled_now, "the scenario never stalled the server: it proved nothing"
+    assert seconds < 1.0 + 0.5, seconds
+    if case.startswith("rollback after"):
+        assert isinstance(error, Mine), error  # a failed rollback never hides the caller's error
+    elif error is not None:
+        assert isinstance(error, pool.EndpointUnavailable) and name in str(error), repr(error)
+        assert APP_PASSWORD not in str(error)
+    ep = p.stats()["endpoints"][0]
+    assert ep["ejections"] >= 1, ep
+    assert ep["query_timeouts"] >= 1 or case == "ping", ep  # a failed ping is not a statement
+    wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+               interval=0.05, what="writes after SIGCONT")
 
 
 def test_statements_in_a_block_get_the_deadline_unless_the_block_opts_out(make_pool, db):
