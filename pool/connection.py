@@ -53,8 +53,8 @@ def _armed(method: Callable[..., Any]) -> Callable[..., Any]:
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         conn = self if isinstance(self, PoolConnection) else self.connection
-        if conn.query_timeout is None:
-            return method(self, *args, **kwargs)
+        if conn.query_timeout is None or conn.busy_since:  # busy: the inner call of an armed
+            return method(self, *args, **kwargs)  # one (a cursor subclass's), timed by that one
         conn.busy_since = monotonic()
         try:
             return method(self, *args, **kwargs)
@@ -125,12 +125,13 @@ class PoolConnection(ext.connection):
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
         named = (args[0] if args else kwargs.get("name")) is not None
+        given = args[1] if len(args) >= 2 else kwargs.get("cursor_factory")
+        factory = armed_cursor_class(
+            given or ext.connection.cursor_factory.__get__(self) or ext.cursor, named)
         if len(args) >= 2:
-            args = (args[0], armed_cursor_class(args[1], named)) + args[2:]
+            args = (args[0], factory) + args[2:]
         else:
-            kwargs["cursor_factory"] = armed_cursor_class(
-                kwargs.get("cursor_factory") or ext.connection.cursor_factory.__get__(self) or ext.cursor,
-                named)
+            kwargs["cursor_factory"] = factory
         return super().cursor(*args, **kwargs)
 
     # The other calls that wait for the server are timed too: a ROLLBACK (changing the isolation
@@ -177,6 +178,7 @@ class PoolConnection(ext.connection):
         self.dirty |= RAN
         return super().lobject(*args, **kwargs)
 
+    @_armed
     def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
         self.dirty |= RAN
         super().tpc_begin(*args, **kwargs)

@@ -314,6 +314,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         now = monotonic()
         if now >= self._due:  # housekeeping due (process mode), a look at the board, or closed
             self._tick(now)
+            now = monotonic()  # (a probe may have waited; `now` also starts the statement's clock)
         if self._owner is not None and get_ident() != self._owner:  # process mode: one thread
             self._check_owner()
         rec = None
@@ -326,6 +327,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                     and now - rec.last_used <= self._check_after and now < rec.expires):
                 grant, rec = rec, None  # from here on _checkout_slow owns it, and cleans up
                 rec = self._checkout_slow(readonly, timeout, grant, now)
+                now = monotonic()  # after any wait, connect or ping: fetchone & co time their
+                #                    statement from last_used (statements.py)
             rec.last_used = now  # idle time counts from the checkout: errs towards checking more
             ep = rec.endpoint
             ep.checkouts += 1

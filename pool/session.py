@@ -63,7 +63,7 @@ base_cursor = _BASE.cursor
 def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | None:
     """Run one of the pool's own statements: on psycopg2's plain cursor, so the loan is not
     marked as having run anything, yet under the watchdog's deadline like a borrower's."""
-    cur = base_cursor(raw)
+    cur = base_cursor(raw, cursor_factory=ext.cursor)  # plain rows, whatever the borrower set
     try:
         timed_call(raw, cur.execute, query)
         return cur.fetchall() if fetch else None

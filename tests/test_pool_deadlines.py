@@ -15,6 +15,8 @@ import threading
 import time
 
 import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
 import pytest
 
 import pool
@@ -177,6 +179,15 @@ def _prime_then(work):  # a connection pooled first, so the stall meets the loan
     return both
 
 
+class CheckingCursor(psycopg2.extensions.cursor):
+    """A cursor whose execute makes another timed call first (that inner call used to end the
+    timing, and the statement then ran with no deadline)."""
+
+    def execute(self, query, params=None):
+        self.connection.set_client_encoding("UTF8")  # already so: no round trip
+        return super().execute(query, params)
+
+
 STALLS = {
     # configure= hooks: statements and the psycopg2 calls that wait for the server
     "configure: statement": {"configure": lambda raw, stall: (stall(), run("SELECT 1")(raw, stall))},
@@ -196,6 +207,12 @@ STALLS = {
     "rollback after the caller's exception": {"work": _block(run(INS), stop, _raise_mine)},
     "COMMIT of a BEGIN psycopg2 never saw": {"work": _block(
         lambda c, s: setattr(c, "autocommit", True), run("BEGIN"), run(INS), stop)},
+    "block: tpc_begin (sends BEGIN)": {"work": _block(
+        stop, lambda c, s: c.tpc_begin(c.xid(1, "stalled", "q")))},
+    "block: cursor(None, None), a positional default factory": {"work": _block(
+        stop, lambda c, s: c.cursor(None, None).execute("SELECT 1"))},
+    "block: a cursor subclass's execute making another timed call": {"work": _block(
+        stop, lambda c, s: c.cursor(cursor_factory=CheckingCursor).execute("SELECT 1"))},
     # the pool's own statements
     "session reset": {"work": _block(run("SET work_mem = '8MB'"), lambda c, s: c.commit(), stop)},
     "session reset after autocommit": {"work": _block(
@@ -306,6 +323,46 @@ def test_a_sub_second_connect_timeout_is_honoured_against_a_black_hole(db, mode)
 
 
 # -- no false alarms ----------------------------------------------------------------------------
+
+def test_a_statement_after_a_wait_for_a_slot_is_not_timed_from_the_wait(pool_factory):
+    """fetchone & co time their statement from the checkout (last_used), which was stamped
+    before the caller waited in line (or connected, or ran configure()): a 0.3 s statement
+    after a 1.5 s wait was killed at query_timeout=1, and the healthy primary ejected."""
+    p = pool_factory(replicas=(), mode="threaded", max_size=1, query_timeout=1.0, timeout=5)
+    with p.connection():
+        waiter = threading.Thread(target=lambda: outcome.append(
+            timed(lambda: p.fetchone("SELECT pg_sleep(0.3), 1"))))
+        outcome = []
+        waiter.start()
+        time.sleep(1.5)
+    waiter.join(5)
+    assert outcome and outcome[0][2] is None, outcome
+    assert p.stats()["query_timeouts"] == 0 and p.stats()["ejections"] == 0
+
+
+def test_a_statement_after_a_slow_configure_is_not_timed_from_the_connect(make_pool):
+    p = make_pool(replicas=(), query_timeout=1.0, configure=lambda raw: time.sleep(1.3))
+    assert p.fetchone("SELECT pg_sleep(0.3), 1")[1] == 1
+    assert p.stats()["query_timeouts"] == 0
+
+
+def test_a_dict_cursor_factory_does_not_reach_the_pools_own_statements(make_pool, db):
+    """The pool's statements ran on the connection's cursor_factory: with RealDictCursor from
+    configure() the baseline read column names for values (every reset then failed and each
+    connection was discarded), and the read-only write check saw a write in every block."""
+    def configure(raw):
+        raw.cursor().execute("SET work_mem = '7MB'")
+        raw.cursor_factory = psycopg2.extras.RealDictCursor
+
+    p = make_pool(replicas=(), configure=configure)
+    for _ in range(3):
+        with p.connection(readonly=True) as conn:  # the primary, as the read-only fallback
+            cur = conn.cursor()
+            cur.execute("SHOW work_mem")
+            assert cur.fetchone() == {"work_mem": "7MB"}
+    s = p.stats()
+    assert s["connects"] == 1 and s["endpoints"][0]["discards"] == 0, s
+
 
 def test_one_terminated_backend_does_not_fail_the_callers_queued_behind_it(pool_factory, db):
     """The ejection that follows a lost session used to serve "primary ... is down" to every
