@@ -5,10 +5,10 @@ Two classes, kept apart as SQLAlchemy keeps its connection record and its checko
 - ``PoolConnection`` is the psycopg2 connection the borrower gets: psycopg2's own class with
   two additions, both invisible to well-behaved code. It notes when a loan makes a cursor or
   changes a setting, by any of psycopg2's spellings (``dirty``: only then does the loan need a
-  reset), and it times every statement it sends (``execute``, ``executemany``, ``callproc``,
-  ``copy_*``, ``commit``, ``rollback``) so the watchdog (watchdog.py) can end one that waits on
-  the server longer than ``query_timeout``. A statement ended that way raises
-  ``pool.QueryTimeout``.
+  reset), and it times every call that waits for the server (``execute``, ``executemany``,
+  ``callproc``, ``copy_*``, ``commit``, ``rollback``, and the rarer ones listed in the class) so
+  the watchdog (watchdog.py) can end one that waits longer than ``query_timeout``. A call ended
+  that way raises ``pool.QueryTimeout``.
 - ``PooledConnection`` is the pool's record of it: endpoint, slot, generation, owner pid, expiry,
   last use, and a registered ``poll()`` for a local liveness check. The borrower never sees it.
 """
@@ -18,16 +18,14 @@ from __future__ import annotations
 import os
 import random
 import select
-import time
 from typing import Any, Callable
 
 import psycopg2
 import psycopg2.extensions as ext
 
 from .errors import PoolError, QueryTimeout
-from .session import Baseline, base_cursor, own_statement, set_autocommit
+from .session import Baseline, base_cursor, own_statement, set_autocommit, timed_call
 
-monotonic = time.monotonic
 
 LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
 
@@ -53,17 +51,9 @@ def _armed(method: Callable[..., Any]) -> Callable[..., Any]:
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         conn = self if isinstance(self, PoolConnection) else self.connection
-        if conn.query_timeout is None or conn.busy_since:  # busy: the inner call of an armed
-            return method(self, *args, **kwargs)  # one (a cursor subclass's), timed by that one
-        conn.busy_since = monotonic()
-        try:
+        if conn.query_timeout is None:
             return method(self, *args, **kwargs)
-        except psycopg2.Error as exc:
-            if conn.timed_out:
-                raise conn.timeout_error() from exc
-            raise
-        finally:
-            conn.busy_since = 0.0
+        return timed_call(conn, method, self, *args, **kwargs)
 
     call.__name__ = method.__name__
     call.__doc__ = method.__doc__
@@ -257,7 +247,7 @@ class PooledConnection:
             own_statement(raw, "SELECT 1")
             set_autocommit(raw, False)
             return True
-        except psycopg2.Error:
+        except (psycopg2.Error, QueryTimeout):
             return False
         finally:
             raw.query_timeout = saved

@@ -654,8 +654,6 @@ class Checkout:
                 pool._lend(rec, self._readonly, self._query_timeout)
             except BaseException as exc:
                 pool._checkin_slow(rec, exc)
-                if rec.raw.timed_out:  # the pool's read-only SET got no answer
-                    raise rec.raw.timeout_error() from exc
                 raise
         self._rec = rec
         return rec.raw

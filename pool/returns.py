@@ -146,7 +146,7 @@ class Returns:
         except (psycopg2.Error, QueryTimeout) as e:
             if exc is None and error is None:  # a failed commit must reach the caller; a failed
                 # rollback must not hide the caller's own exception
-                error = raw.timeout_error() if raw.timed_out else e
+                error = e
         return error
 
     @staticmethod

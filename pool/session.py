@@ -33,6 +33,7 @@ import dataclasses
 from time import monotonic
 from typing import Any
 
+import psycopg2
 import psycopg2.extensions as ext
 from psycopg2 import sql
 
@@ -71,12 +72,20 @@ def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | No
         cur.close()
 
 
-def timed_call(raw: Any, method: Any, *args: Any) -> Any:
-    """``method(*args)``, a call that waits for ``raw``'s server, with ``busy_since`` set: the
-    watchdog (watchdog.py) ends it if the server does not answer within ``query_timeout``."""
+def timed_call(raw: Any, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method(*args, **kwargs)``, a call that waits for ``raw``'s server, with ``busy_since``
+    set: the watchdog (watchdog.py) ends it if the server does not answer within
+    ``query_timeout``, and it then raises ``QueryTimeout``. Inside another timed call (a cursor
+    subclass's execute that makes one first) the outer call keeps the clock."""
+    if raw.busy_since:
+        return method(*args, **kwargs)
     raw.busy_since = monotonic()
     try:
-        return method(*args)
+        return method(*args, **kwargs)
+    except psycopg2.Error as exc:
+        if raw.timed_out:
+            raise raw.timeout_error() from exc
+        raise
     finally:
         raw.busy_since = 0.0
 

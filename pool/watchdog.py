@@ -86,13 +86,12 @@ class Watchdog:
             now = monotonic()
             if self._scan(now):
                 idle_since = now
-            elif now - idle_since > IDLE_EXIT and self._leave(now):
+            elif now - idle_since > IDLE_EXIT and self._leave(me, now):
                 return
 
-    def _leave(self, now: float) -> bool:
+    def _leave(self, me: threading.Thread, now: float) -> bool:
         """Stop being the watchdog unless a connection appeared since the last scan. Clearing
         ``_thread`` before the last look closes the race with ``watch()``'s unlocked fast path."""
-        me = threading.current_thread()
         with self._lock:
             if self._thread is not me:
                 return True
