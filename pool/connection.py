@@ -101,7 +101,8 @@ class PoolConnection(ext.connection):
     ``query_timeout`` and sets ``timed_out`` before it shuts the socket.
     """
 
-    __slots__ = ("dirty", "busy_since", "query_timeout", "timed_out", "label", "read_only_loan")
+    __slots__ = ("dirty", "busy_since", "query_timeout", "timed_out", "label", "read_only_loan",
+                 "two_phase")
 
     autocommit = _marking("autocommit")
     readonly = _marking("readonly")
@@ -141,10 +142,27 @@ class PoolConnection(ext.connection):
     def reset(self) -> None:  # undoes what configure() set, too: the reset puts it back
         self.dirty |= SETTING | RAN
         super().reset()
+        self.two_phase = False
+
+    # ``two_phase``: a two-phase transaction is open (begun, maybe prepared), which psycopg2
+    # does not say and in which it refuses commit() and rollback(): the return path ends it.
+    @_armed
+    def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.dirty |= RAN
+        super().tpc_begin(*args, **kwargs)
+        self.two_phase = True
+
+    @_armed
+    def tpc_commit(self, *args: Any, **kwargs: Any) -> None:
+        super().tpc_commit(*args, **kwargs)
+        self.two_phase = False
+
+    @_armed
+    def tpc_rollback(self, *args: Any, **kwargs: Any) -> None:
+        super().tpc_rollback(*args, **kwargs)
+        self.two_phase = False
 
     tpc_prepare = _armed(ext.connection.tpc_prepare)
-    tpc_commit = _armed(ext.connection.tpc_commit)
-    tpc_rollback = _armed(ext.connection.tpc_rollback)
     tpc_recover = _armed(ext.connection.tpc_recover)
 
     def set_session(self, *args: Any, **kwargs: Any) -> None:
@@ -167,11 +185,6 @@ class PoolConnection(ext.connection):
     def lobject(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
         return super().lobject(*args, **kwargs)
-
-    @_armed
-    def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
-        self.dirty |= RAN
-        super().tpc_begin(*args, **kwargs)
 
     def timeout_error(self) -> QueryTimeout:
         return QueryTimeout(
@@ -297,6 +310,7 @@ def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection
     raw.busy_since = 0.0
     raw.timed_out = False
     raw.read_only_loan = False
+    raw.two_phase = False
     raw.dirty = 0
     return raw
 

@@ -34,6 +34,7 @@ _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_INERROR = ext.TRANSACTION_STATUS_INERROR
 _STATUS_BEGIN = ext.STATUS_BEGIN
+_STATUS_PREPARED = ext.STATUS_PREPARED
 
 
 class _Broken(Exception):
@@ -126,6 +127,8 @@ class Returns:
                     f"{ep.role} {ep.name}: the connection was lost inside the block; work not "
                     f"yet committed was lost", ep.name)
             return None
+        if raw.two_phase:  # psycopg2 refuses commit() and rollback() there
+            return self._end_two_phase(raw, exc)
         tx = raw.info.transaction_status
         ours = raw.status == _STATUS_BEGIN  # psycopg2 opened it, and will close it
         if tx == _TX_IDLE and not ours:
@@ -148,6 +151,23 @@ class Returns:
                 # rollback must not hide the caller's own exception
                 error = e
         return error
+
+    @staticmethod
+    def _end_two_phase(raw: Any, exc: BaseException | None) -> BaseException | None:
+        """A two-phase transaction the block neither committed nor rolled back: psycopg2's
+        reset() ends it as the protocol wants. A prepared one stays on the server for its
+        transaction manager (``tpc_recover()``); one not yet prepared is rolled back, and the
+        caller told. (reset() also undoes configure()'s settings: the session reset restores
+        them.)"""
+        prepared = raw.status == _STATUS_PREPARED
+        try:
+            raw.reset()
+        except (psycopg2.Error, QueryTimeout) as e:
+            return e if exc is None else None  # never hide the caller's own exception
+        if prepared or exc is not None:
+            return None
+        return PoolError("the block left a two-phase transaction open (tpc_begin() with no "
+                         "tpc_commit() or tpc_rollback()); it was rolled back, not committed")
 
     @staticmethod
     def _finish(raw: Any, ours: bool, command: str) -> None:

@@ -72,6 +72,82 @@ def test_a_failed_commit_reaches_the_caller(make_pool, db):
     assert p.fetchone("SELECT 1") == (1,)
 
 
+# Two-phase commit: psycopg2 refuses commit() and rollback() inside one, so the pool cannot end
+# it as it ends a plain transaction. A block may leave it two ways.
+def _xid(conn, name):
+    return conn.xid(1, name, "pool-tests")
+
+
+@pytest.mark.parametrize("how", ["left open", "prepare failed", "block raised"])
+def test_a_two_phase_transaction_left_open_is_rolled_back_and_the_connection_kept(make_pool, db,
+                                                                                  how):
+    """tpc_begin() with no tpc_commit() or tpc_rollback(): nothing is committed, the caller
+    hears it from the pool (or keeps its own exception) and the connection serves on, its
+    configure() settings intact."""
+    p = make_pool(max_size=1, configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
+    name = unique_name()
+    expected = RuntimeError if how == "block raised" else pool.PoolError
+    with pytest.raises(expected, match="boom" if how == "block raised" else "two-phase"):
+        with p.connection() as conn:
+            pid = conn.get_backend_pid()
+            conn.tpc_begin(_xid(conn, name))
+            conn.cursor().execute(INSERT, (name,))
+            if how == "prepare failed":  # prepared transactions are off on this cluster
+                with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState):
+                    conn.tpc_prepare()
+            elif how == "block raised":
+                raise RuntimeError("boom")
+    assert count_items(db, "primary", name) == 0
+    with p.connection() as conn:
+        assert conn.get_backend_pid() == pid  # kept, not discarded
+        cur = conn.cursor()
+        cur.execute("SELECT current_setting('application_name')")
+        assert cur.fetchone() == ("tpc",)
+        cur.execute(INSERT, (name,))
+    assert count_items(db, "primary", name) == 1
+    assert p.stats()["endpoints"][0]["discards"] == 0
+
+
+@pytest.fixture
+def prepared_transactions(db):
+    """Prepared transactions on (max_prepared_transactions > 0; a standby needs at least the
+    primary's value, so the replicas go first), and off again afterwards (the primary first)."""
+    def setting(value, order):
+        for node in order:
+            admin_sql(db, node, f"ALTER SYSTEM SET max_prepared_transactions = {value}")
+            db.restart(node)
+            db.wait_streaming(timeout=30)
+            db.wait_replayed(timeout=30)  # a standby's own minimum is the last value it replayed
+
+    setting(4, ("replica1", "replica2", "primary"))
+    yield
+    for (gid,) in admin_sql(db, "primary", "SELECT gid FROM pg_prepared_xacts"):
+        admin_sql(db, "primary", f"ROLLBACK PREPARED '{gid}'")
+    setting(0, ("primary", "replica1", "replica2"))
+
+
+def test_a_prepared_transaction_stays_for_its_manager_and_the_connection_serves_on(
+        make_pool, db, prepared_transactions):
+    """tpc_prepare() and no tpc_commit(): by the protocol the prepared transaction outlives the
+    session, for its transaction manager to commit later (tpc_recover()); the block's exit is
+    not an error, and the connection goes back to the pool."""
+    p = make_pool(max_size=1)
+    name = unique_name()
+    with p.connection() as conn:
+        pid = conn.get_backend_pid()
+        conn.tpc_begin(_xid(conn, name))
+        conn.cursor().execute(INSERT, (name,))
+        conn.tpc_prepare()
+    assert count_items(db, "primary", name) == 0  # prepared, not yet committed
+    with p.connection() as conn:
+        assert conn.get_backend_pid() == pid
+        [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
+        conn.tpc_commit(xid)  # the manager's second phase, from any session
+        conn.cursor().execute("SELECT 1")
+    assert count_items(db, "primary", name) == 1
+    assert p.stats()["endpoints"][0]["discards"] == 0
+
+
 def test_a_broken_connection_is_discarded_never_handed_out_again(make_pool, db):
     p = make_pool(max_size=1)
     with p.connection() as conn:
