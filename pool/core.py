@@ -57,7 +57,7 @@ from .health import Health
 from .housekeeping import Housekeeping
 from .returns import Returns
 from .sharing import Sharing
-from .statements import Statements, _fetchall, _fetchone, _rowcount
+from .statements import Statements, _fetchall, _fetchone, _first_value, _rowcount
 from .probe import OK, Probe, wait_for
 from .session import Baseline
 from .board import after_fork_in_child as board_after_fork
@@ -224,7 +224,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             ...
             p.fetchone("SELECT ...", args, readonly=True, after=request.headers.get("X-Read-After"))
         """
-        return self._run("SELECT pg_current_wal_lsn()::text", None, False, _fetchone)[0]
+        return self._run("SELECT pg_current_wal_lsn()::text", None, False, _first_value)
 
     @property
     def last_endpoint(self) -> str | None:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
-from .errors import EndpointUnavailable
-from .session import base_cursor, set_autocommit, set_readonly
+from .errors import EndpointUnavailable, PoolTimeout
+from .session import own_statement, set_autocommit, set_readonly
 
 if TYPE_CHECKING:
     from .core import Pool
@@ -98,46 +98,58 @@ class Statements:
 
     def _checkout_after(self: "Pool", lsn: int) -> PooledConnection:
         """A read that must see every write up to ``lsn`` (read-your-writes, lag.py): a replica
-        known to have replayed it; else the balanced choice, asked (one round trip) and asked
-        again for up to AFTER_WAIT; else the primary, which has every write."""
+        known to have replayed it; else the replicas are asked in turn, starting with the
+        balanced choice (one round trip each), for up to AFTER_WAIT; else the primary, which
+        has every write. Asking the next replica rather than waiting on one keeps a replica
+        that lags (replay paused, a long query holding it back) from delaying the read: the
+        other one has the write within milliseconds."""
         known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn)
         rec = self._checkout(True, None, known or None)
-        ep = rec.endpoint
-        if ep.role == PRIMARY or (ep.replay_lsn or 0) >= lsn:
+        if rec.endpoint.role == PRIMARY or (rec.endpoint.replay_lsn or 0) >= lsn:
             return rec
         deadline = monotonic() + lag.AFTER_WAIT
+        asked = [rec.endpoint]  # in this turn
         try:
             while True:
-                replay = self._replay_position(rec)
-                if replay is not None and replay >= lsn:
+                if self._replay_position(rec) >= lsn:
                     return rec
-                if monotonic() >= deadline:
+                now = monotonic()
+                if now >= deadline:
                     break
-                time.sleep(lag.AFTER_POLL)
+                others = tuple(ep for ep in self._readable if ep not in asked and ep.has_room())
+                if not others:  # every replica asked (or busy): give them a moment, ask again
+                    time.sleep(lag.AFTER_POLL)
+                    asked = [rec.endpoint]
+                    continue
+                held, rec = rec, None  # (an interrupt in between must not return it twice)
+                self._checkin(held, None, True)
+                rec = self._checkout(True, deadline - now, others)
+                if rec.endpoint.role == PRIMARY:
+                    return rec  # every replica went down meanwhile
+                asked.append(rec.endpoint)
         except BaseException as exc:
-            self._checkin_slow(rec, exc, True)
-            if not is_disconnect(exc, rec.raw):
-                raise
+            if rec is None:  # the other replica filled up meanwhile: the primary
+                if not isinstance(exc, PoolTimeout):
+                    raise
+            else:
+                self._checkin_slow(rec, exc, True)
+                if not is_disconnect(exc, rec.raw):
+                    raise
         else:
             self._checkin(rec, None, True)
         return self._checkout(False, None)  # lent for a read: _run and Checkout keep it read-only
 
     @staticmethod
-    def _replay_position(rec: PooledConnection) -> int | None:
+    def _replay_position(rec: PooledConnection) -> int:
+        """The replica's replay position, asked (one round trip, timed, on a plain cursor)."""
         raw = rec.raw
         if not raw.autocommit:  # left on: whoever uses the connection next sets what it needs
             rec.maybe_autocommit = True
             set_autocommit(raw, True)
-        raw.busy_since = monotonic()
-        cur = base_cursor(raw)
-        try:
-            cur.execute("SELECT pg_last_wal_replay_lsn()::text")
-            replay = lag.parse_lsn(cur.fetchone()[0])
-        finally:
-            cur.close()
-            raw.busy_since = 0.0
+        ((text,),) = own_statement(raw, "SELECT pg_last_wal_replay_lsn()::text", fetch=True)
+        replay = lag.parse_lsn(text) or 0  # (NULL: not a replica any more; never enough)
         ep = rec.endpoint
-        if replay is not None and replay > (ep.replay_lsn or 0):
+        if replay > (ep.replay_lsn or 0):
             ep.replay_lsn = replay  # what the next read with a token can count on
         return replay
 
@@ -152,5 +164,12 @@ def _fetchall(cur: Any) -> Any:
 
 def _rowcount(cur: Any) -> int:
     return cur.rowcount
+
+
+def _first_value(cur: Any) -> Any:
+    """The one row's first column, whatever rows the cursor factory configure() set makes (a
+    RealDictCursor's are keyed by column name)."""
+    row = cur.fetchone()
+    return row[cur.description[0].name] if isinstance(row, dict) else row[0]
 
 

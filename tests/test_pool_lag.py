@@ -129,6 +129,40 @@ def test_a_read_with_a_write_token_sees_the_write(make_pool, db):
     assert p.fetchone(SELECT, (item_id,), readonly=True, after=None) in ((name,), None)
 
 
+
+def test_a_read_with_a_token_asks_the_other_replica_before_falling_back_to_the_primary(
+        make_pool, db):
+    """A fresh write is known on no replica, so the read asks one. It used to ask only the
+    balanced choice, and when that was the lagging replica, waited AFTER_WAIT (100 ms) for it and
+    then went to the primary: half the reads, each 100 ms late, while replica2 had the write
+    within a millisecond. It now asks the other replica rather than wait on one that lags."""
+    p = make_pool(max_lag=None)  # replica1 stays in rotation however far behind
+    served = []
+    with paused(db, "replica1"):
+        for _ in range(20):
+            name = unique_name("ryw")
+            (item_id,) = p.fetchone(INSERT, (name,))
+            assert p.fetchone(SELECT, (item_id,), readonly=True, after=p.write_token()) == (name,)
+            served.append(node_of(db, p.last_endpoint))
+    assert "replica1" not in served
+    assert served.count("primary") <= 3, served  # (replica2 replays in about a millisecond)
+
+
+def test_a_read_with_a_token_works_whatever_cursor_factory_configure_set(make_pool, db):
+    """The pool reads the primary's WAL position (the token) and a replica's replay position
+    whatever rows configure()'s cursor_factory makes: with a dict cursor both once raised
+    KeyError (row[0])."""
+    import psycopg2.extras
+
+    def configure(conn):
+        conn.cursor_factory = psycopg2.extras.RealDictCursor
+
+    p = make_pool(configure=configure)
+    name = unique_name("ryw")
+    (item_id,) = p.fetchone(INSERT, (name,)).values()
+    row = p.fetchone(SELECT, (item_id,), readonly=True, after=p.write_token())
+    assert dict(row) == {"name": name}
+
 def test_a_write_with_a_token_goes_to_the_primary(make_pool, db):
     """after= is about reads; on a write it changes nothing (the primary has every write). It
     once sent the write to a replica, which refused it."""

@@ -23,7 +23,8 @@ import pytest
 
 import pool
 import pool.session
-from pgutil import assert_a_block_is_one_transaction, count_items, unique_name, wait_until
+from pgutil import (admin_sql, assert_a_block_is_one_transaction, count_items, unique_name,
+                    wait_until)
 
 pytestmark = pytest.mark.db
 
@@ -40,6 +41,42 @@ def settled(p):
 
 class Interrupt(Exception):
     """What a request timeout built on SIGALRM (or Celery's soft time limit, or ^C) raises."""
+
+
+def interrupted_at(point: int, code: Any, call: Callable[[], Any]) -> bool:
+    """Run ``call()`` with the ``point``-th event of ``code``'s frame raising Interrupt (0: its
+    entry, then each line in turn), as a request timeout's signal handler may; True if it
+    fired. Not counted: the line event CPython's tracer reports as a `with` block ends, before
+    its __exit__ runs; a signal handler cannot run there (only once that C call returned)."""
+    with_lines = {n for _, _, n in code.co_lines()
+                  if n and linecache.getline(code.co_filename, n).lstrip().startswith("with ")}
+    seen, entered, fired = [0], set(), []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "call":
+            seen[0] = 0
+            entered.clear()
+        elif event == "line":
+            if frame.f_lineno in with_lines:
+                if frame.f_lineno in entered:
+                    return tracer  # the block's end
+                entered.add(frame.f_lineno)
+            seen[0] += 1
+        if seen[0] == point and event in ("call", "line") and not fired:
+            fired.append(point)
+            raise Interrupt()
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except Interrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return bool(fired)
 
 
 @pytest.fixture
@@ -116,6 +153,35 @@ def test_an_interrupt_anywhere_in_a_loan_never_loses_a_connection(make_pool, mod
     assert p.fetchone("SELECT 1") == (1,)
 
 
+def test_an_interrupt_anywhere_in_a_read_after_a_token_loses_no_connection(pool_factory, mode,
+                                                                         db):
+    """A read with a token asks one replica after another (replica1's replay is paused, so it
+    is always behind, and is asked first), handing one connection back before taking the next.
+    Each line event of that function in turn raises, as a request timeout may: afterwards every
+    connection is accounted for, none was returned twice, and the pool serves on."""
+    target = pool.statements.Statements._checkout_after.__code__
+    admin_sql(db, "replica1", "SELECT pg_wal_replay_pause()")
+    try:
+        for point in range(400):
+            p = pool_factory(mode=mode, max_size=1, max_lag=None, balance="round_robin")
+            p.fetchone(INSERT, (unique_name("irq"),))
+            token = p.write_token()  # known on no replica: the read asks them
+            fired = interrupted_at(point, target,
+                                   lambda: p.fetchone("SELECT 1", readonly=True, after=token))
+            gc.collect()  # an interrupted frame's connection, if it held one, is freed with it
+            s = settled(p)
+            assert s["size"] == s["idle"] and s["in_use"] == 0 and s["connecting"] == 0, (point, s)
+            for ep in p._endpoints:  # no connection went back twice
+                assert len(ep.idle) == len(set(map(id, ep.idle))) <= ep.max_size, point
+            assert p.fetchone("SELECT 1", readonly=True, after=token) == (1,), point
+            p.close()
+            if not fired:
+                break  # past the last line
+    finally:
+        admin_sql(db, "replica1", "SELECT pg_wal_replay_resume()")
+    assert point > 15  # every line was tried
+
+
 @pytest.mark.parametrize("statement", [False, True], ids=["empty", "insert"])
 def test_process_mode_gets_its_handle_back_after_an_interrupt_where_a_block_ends(pool_factory, db,
                                                                                  statement):
@@ -126,26 +192,13 @@ def test_process_mode_gets_its_handle_back_after_an_interrupt_where_a_block_ends
     p = pool_factory(replicas=(), mode="process", max_size=1)
     target = pool.modes._Loan.__exit__.__code__
     for point in range(12):
-        def tracer(frame, event, arg, seen=[0]):  # noqa: B006 - a counter per point
-            if frame.f_code is not target:
-                return None
-            if event == "call":
-                seen[0] = 0
-            elif event == "line":
-                seen[0] += 1
-            if seen[0] == point and event in ("call", "line"):
-                raise Interrupt()
-            return tracer
         name = unique_name()
-        sys.settrace(tracer)
-        try:
+
+        def block() -> None:
             with p.connection() as conn:
                 if statement:
                     conn.cursor().execute(INSERT, (name,))
-        except Interrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        interrupted_at(point, target, block)
         gc.collect()  # the interrupted frame let go of the connection: its slot is freed
         for _ in range(2):  # the connection, and then the handle, lent again
             with p.connection() as conn:
@@ -158,39 +211,11 @@ def test_process_mode_gets_its_handle_back_after_an_interrupt_where_a_block_ends
 def test_an_interrupt_anywhere_in_opening_a_connection_loses_no_slot(pool_factory, mode):
     """Each line of Pool._open in turn (0: its entry) raises, as a request timeout may while a
     checkout connects. The slot comes back, and the half-made connection is not left for the
-    watchdog to look at for good. Not raised:
-    the line event CPython's tracer reports as a `with` block ends, before the lock's __exit__
-    runs; a signal handler cannot run there (only once that C call has returned)."""
+    watchdog to look at for good."""
     target = pool.core.Pool._open.__code__
-    with_lines = {n for _, _, n in target.co_lines()
-                  if n and linecache.getline(target.co_filename, n).lstrip().startswith("with ")}
     for point in range(200):
         p = pool_factory(replicas=(), mode=mode, max_size=1)
-        fired = []
-
-        def tracer(frame, event, arg, seen=[0], entered=set()):  # noqa: B006 - per point
-            if frame.f_code is not target:
-                return None
-            if event == "call":
-                seen[0] = 0
-                entered.clear()
-            elif event == "line":
-                if frame.f_lineno in with_lines:
-                    if frame.f_lineno in entered:
-                        return tracer  # the block's end
-                    entered.add(frame.f_lineno)
-                seen[0] += 1
-            if seen[0] == point and event in ("call", "line") and not fired:
-                fired.append(point)
-                raise Interrupt()
-            return tracer
-        sys.settrace(tracer)
-        try:
-            p.fetchone("SELECT 1")
-        except Interrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        fired = interrupted_at(point, target, lambda: p.fetchone("SELECT 1"))
         gc.collect()  # an interrupted frame's connection, if it held one, is freed with it
         assert not p._endpoints[0].being_set_up(), point  # nor watched for good
         assert p.fetchone("SELECT 1") == (1,), point  # the one slot can be lent again
