@@ -34,8 +34,10 @@ LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don
 _DISCONNECT_CODES = ("57P01", "57P02", "57P03")
 
 # What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
-# can the server-side session have changed); the pool made a read-only fallback session read-only.
-SETTING, RAN, READ_ONLY_SET = 1, 2, 4
+# can the server-side session have changed); the pool made a read-only fallback session read-only;
+# psycopg2's reset() ran RESET ALL, so configure()'s settings must be put back whatever
+# reset_session says.
+SETTING, RAN, READ_ONLY_SET, WIPED = 1, 2, 4, 8
 
 # libpq reports a login failure as text only (psycopg2 gives connection errors no SQLSTATE), so
 # refusals are told from outages by libpq's and the server's English messages. A server with
@@ -139,8 +141,8 @@ class PoolConnection(ext.connection):
         super().set_client_encoding(encoding)
 
     @_armed
-    def reset(self) -> None:  # undoes what configure() set, too: the reset puts it back
-        self.dirty |= SETTING | RAN
+    def reset(self) -> None:  # undoes what configure() set, too: the return path puts it back
+        self.dirty |= SETTING | RAN | WIPED
         super().reset()
         self.two_phase = False
 

@@ -23,7 +23,8 @@ import psycopg2.extensions as ext
 
 from .config import DEFAULT as _DEFAULT
 from .config import PRIMARY
-from .connection import RAN, READ_ONLY_SET, SETTING, PooledConnection, describe_error, is_disconnect
+from .connection import (RAN, READ_ONLY_SET, SETTING, WIPED, PooledConnection, describe_error,
+                         is_disconnect)
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError, QueryTimeout
 from .session import get_autocommit, own_statement, reset_server, set_autocommit, set_readonly
@@ -82,7 +83,7 @@ class Returns:
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
             _empty(raw, "notices")
-            if dirty & RAN and self.options.reset_session:
+            if dirty & RAN and self.options.reset_session or dirty & WIPED:
                 reset_server(raw, rec.baseline)
             elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
                 reset_server(raw, None)
@@ -154,14 +155,17 @@ class Returns:
 
     @staticmethod
     def _end_two_phase(raw: Any, exc: BaseException | None) -> BaseException | None:
-        """A two-phase transaction the block neither committed nor rolled back: psycopg2's
-        reset() ends it as the protocol wants. A prepared one stays on the server for its
-        transaction manager (``tpc_recover()``); one not yet prepared is rolled back, and the
-        caller told. (reset() also undoes configure()'s settings: the session reset restores
-        them.)"""
+        """A two-phase transaction the block neither committed nor rolled back, ended as the
+        protocol wants: one not yet prepared is rolled back, and the caller told; a prepared
+        one stays on the server for its transaction manager (``tpc_recover()``), and psycopg2's
+        reset(), the one call that forgets it without finishing it, makes the connection
+        usable again (its RESET ALL is undone on the way back: ``WIPED``)."""
         prepared = raw.status == _STATUS_PREPARED
         try:
-            raw.reset()
+            if prepared:
+                raw.reset()
+            else:
+                raw.tpc_rollback()
         except (psycopg2.Error, QueryTimeout) as e:
             return e if exc is None else None  # never hide the caller's own exception
         if prepared or exc is not None:

@@ -426,6 +426,20 @@ def test_reset_session_off_keeps_server_state_but_still_restores_psycopg2_settin
         assert conn.isolation_level is None
 
 
+
+def test_reset_session_off_still_puts_back_what_psycopg2s_reset_took_from_configure(make_pool,
+                                                                                    db):
+    """conn.reset() in a block runs RESET ALL: configure()'s settings are part of every loan,
+    so the pool puts them back even when it leaves the rest of the server's state alone."""
+    p = make_pool(max_size=1, replicas=(), reset_session=False,
+                  configure=lambda c: c.cursor().execute("SET application_name = 'cfg'"))
+    with p.connection() as conn:
+        conn.reset()
+    with p.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT current_setting('application_name')")
+        assert cur.fetchone() == ("cfg",)
+
 def test_a_reset_hook_that_leaves_autocommit_on_does_not_make_the_next_block_autocommit(make_pool, db):
     """The hook runs last, on a clean session, and may use autocommit to leave it idle; the next
     block is still one transaction (an INSERT before an exception is rolled back)."""

@@ -78,13 +78,16 @@ def _xid(conn, name):
     return conn.xid(1, name, "pool-tests")
 
 
+@pytest.mark.parametrize("reset_session", [True, False])
 @pytest.mark.parametrize("how", ["left open", "prepare failed", "block raised"])
 def test_a_two_phase_transaction_left_open_is_rolled_back_and_the_connection_kept(make_pool, db,
-                                                                                  how):
+                                                                                  how,
+                                                                                  reset_session):
     """tpc_begin() with no tpc_commit() or tpc_rollback(): nothing is committed, the caller
     hears it from the pool (or keeps its own exception) and the connection serves on, its
     configure() settings intact."""
-    p = make_pool(max_size=1, configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
+    p = make_pool(max_size=1, reset_session=reset_session,
+                  configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
     name = unique_name()
     expected = RuntimeError if how == "block raised" else pool.PoolError
     with pytest.raises(expected, match="boom" if how == "block raised" else "two-phase"):
@@ -130,22 +133,28 @@ def test_a_prepared_transaction_stays_for_its_manager_and_the_connection_serves_
         make_pool, db, prepared_transactions):
     """tpc_prepare() and no tpc_commit(): by the protocol the prepared transaction outlives the
     session, for its transaction manager to commit later (tpc_recover()); the block's exit is
-    not an error, and the connection goes back to the pool."""
-    p = make_pool(max_size=1)
-    name = unique_name()
-    with p.connection() as conn:
-        pid = conn.get_backend_pid()
-        conn.tpc_begin(_xid(conn, name))
-        conn.cursor().execute(INSERT, (name,))
-        conn.tpc_prepare()
-    assert count_items(db, "primary", name) == 0  # prepared, not yet committed
-    with p.connection() as conn:
-        assert conn.get_backend_pid() == pid
-        [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
-        conn.tpc_commit(xid)  # the manager's second phase, from any session
-        conn.cursor().execute("SELECT 1")
-    assert count_items(db, "primary", name) == 1
-    assert p.stats()["endpoints"][0]["discards"] == 0
+    not an error, and the connection goes back to the pool with configure()'s settings, even
+    with reset_session=False (psycopg2's reset(), the one way to make it forget a prepared
+    transaction, runs RESET ALL)."""
+    for reset_session in (True, False):
+        p = make_pool(max_size=1, reset_session=reset_session,
+                      configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
+        name = unique_name()
+        with p.connection() as conn:
+            pid = conn.get_backend_pid()
+            conn.tpc_begin(_xid(conn, name))
+            conn.cursor().execute(INSERT, (name,))
+            conn.tpc_prepare()
+        assert count_items(db, "primary", name) == 0  # prepared, not yet committed
+        with p.connection() as conn:
+            assert conn.get_backend_pid() == pid
+            [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
+            conn.tpc_commit(xid)  # the manager's second phase, from any session
+            cur = conn.cursor()
+            cur.execute("SELECT current_setting('application_name')")
+            assert cur.fetchone() == ("tpc",), reset_session
+        assert count_items(db, "primary", name) == 1
+        assert p.stats()["endpoints"][0]["discards"] == 0
 
 
 def test_a_broken_connection_is_discarded_never_handed_out_again(make_pool, db):
