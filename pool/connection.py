@@ -112,7 +112,13 @@ class PoolConnection(ext.connection):
     deferrable = _marking("deferrable")
     cursor_factory = _marking("cursor_factory")
 
-    commit = _armed(ext.connection.commit)
+    @_armed
+    def commit(self) -> None:
+        if self.read_only_loan and self.wrote():  # SQL made the transaction read-write
+            raise PoolError(f"{self.label}: this connection was lent with readonly=True and its "
+                            f"transaction wrote (made read-write by SQL); not committed")
+        super().commit()
+
     rollback = _armed(ext.connection.rollback)
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -148,19 +154,27 @@ class PoolConnection(ext.connection):
 
     # ``two_phase``: a two-phase transaction is open (begun, maybe prepared), which psycopg2
     # does not say and in which it refuses commit() and rollback(): the return path ends it.
+    # Two-phase commit is for writes: a read-only loan on the primary may not begin one, nor
+    # finish one prepared elsewhere.
     @_armed
     def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
+        if self.read_only_loan:
+            raise self.read_only_error()
         self.dirty |= RAN
         super().tpc_begin(*args, **kwargs)
         self.two_phase = True
 
     @_armed
     def tpc_commit(self, *args: Any, **kwargs: Any) -> None:
+        if self.read_only_loan:
+            raise self.read_only_error()
         super().tpc_commit(*args, **kwargs)
         self.two_phase = False
 
     @_armed
     def tpc_rollback(self, *args: Any, **kwargs: Any) -> None:
+        if self.read_only_loan:
+            raise self.read_only_error()
         super().tpc_rollback(*args, **kwargs)
         self.two_phase = False
 
@@ -174,6 +188,13 @@ class PoolConnection(ext.connection):
             raise self.read_only_error()
         self.dirty |= SETTING
         super().set_session(*args, **kwargs)
+
+    def wrote(self) -> bool:
+        """Has the open transaction written anything (been given a transaction id)? One round
+        trip."""
+        ((wrote,),) = own_statement(self, "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
+                                    fetch=True)
+        return wrote
 
     def read_only_error(self) -> PoolError:
         return PoolError(f"{self.label}: this connection was lent with readonly=True; it cannot "

@@ -185,9 +185,7 @@ class Returns:
         """A read-only loan on the primary (the fallback) ends with a transaction open: did it
         write, by SQL of its own (BEGIN READ WRITE, SET transaction_read_only)? One round trip,
         on the fallback only; the write is rolled back and the caller told."""
-        ((wrote,),) = own_statement(raw, "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
-                                    fetch=True)
-        if wrote:
+        if raw.wrote():
             return PoolError("a readonly=True block wrote on the primary (it made its transaction "
                              "read-write); the transaction was rolled back, not committed")
         return None

@@ -290,10 +290,14 @@ def test_begin_under_autocommit_is_committed_not_dropped(make_pool, db):
         assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
 
 
-@pytest.mark.parametrize("tamper", ["autocommit", "readonly=False", "set_session"])
+@pytest.mark.parametrize("tamper", ["autocommit", "readonly=False", "set_session",
+                                    "READ WRITE, then commit()", "tpc_begin"])
 def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, tamper):
     """On the primary (no replica up), a block that switched autocommit on could write:
-    psycopg2's per-transaction READ ONLY no longer applied."""
+    psycopg2's per-transaction READ ONLY no longer applied. Nor could the pool see a write
+    committed before the block's end: by the block's own commit() after SQL that made its
+    transaction read-write, or through two-phase commit (prepared, then committed from
+    tpc_recover(), found by a red-team run)."""
     p = make_pool(replicas=())
     name = unique_name()
     with pytest.raises((psycopg2.errors.ReadOnlySqlTransaction, pool.PoolError)):
@@ -302,9 +306,14 @@ def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, ta
                 conn.autocommit = True
             elif tamper == "readonly=False":
                 conn.readonly = False
-            else:
+            elif tamper == "set_session":
                 conn.set_session(readonly=False, autocommit=True)
+            elif tamper == "tpc_begin":
+                conn.tpc_begin(conn.xid(1, name, "pool-tests"))
+            if tamper in ("READ WRITE, then commit()", "tpc_begin"):
+                conn.cursor().execute("SET TRANSACTION READ WRITE")
             conn.cursor().execute(INSERT, (name,))
+            conn.tpc_prepare() if tamper == "tpc_begin" else conn.commit()
     assert count_items(db, "primary", name) == 0
     assert p.fetchone(INSERT, (name,)) is not None  # the same connection writes when lent to write
     assert count_items(db, "primary", name) == 1

@@ -146,6 +146,12 @@ def test_a_prepared_transaction_stays_for_its_manager_and_the_connection_serves_
             conn.cursor().execute(INSERT, (name,))
             conn.tpc_prepare()
         assert count_items(db, "primary", name) == 0  # prepared, not yet committed
+        reader = make_pool(replicas=())  # (reads on the primary: a replica cannot commit it)
+        with pytest.raises(pool.PoolError, match="readonly=True"):
+            with reader.connection(readonly=True) as conn:  # a read cannot commit it either
+                [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
+                conn.tpc_commit(xid)
+        assert count_items(db, "primary", name) == 0
         with p.connection() as conn:
             assert conn.get_backend_pid() == pid
             [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
