@@ -648,7 +648,7 @@ class Checkout:
         if self._after is None:
             rec = pool._checkout(self._readonly, self._timeout)
         else:
-            rec = pool._checkout_after(self._after)
+            rec = pool._checkout_after(self._after, self._timeout)
         if self._special or rec.maybe_autocommit or self._readonly and rec.endpoint.role == PRIMARY:
             try:
                 pool._lend(rec, self._readonly, self._query_timeout)

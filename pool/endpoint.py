@@ -170,11 +170,6 @@ class Endpoint:
     def in_use(self) -> int:
         return len(self.slots) - len(self.idle)
 
-    def has_room(self) -> bool:
-        """An idle connection or a free slot: a checkout here need not wait (a hint when read
-        without the lock)."""
-        return bool(self.idle) or len(self.slots) + len(self.pending) < self.max_size
-
     def reserve(self) -> Reservation:
         res = Reservation(self, next(_keys))
         self.pending[res.key] = self._ref(res, self.pending)

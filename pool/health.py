@@ -221,6 +221,8 @@ class Health:
                 f"{max(0.0, ep.retry_at - now):.1f}s); last error: {ep.last_error}", ep.name)
         if not self._replicas:
             why = f"the primary is {ep.state} and there are no replicas"
+        elif self._readable or ep.state is UP and self.options.read_fallback:  # the checkout's
+            why = "the deadline passed as the connections tried failed"  # time ran out
         elif ep.state is UP:
             why = "no replica is up and read_fallback is off"
         else:

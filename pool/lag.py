@@ -18,9 +18,9 @@ least-lagging replica; ``stats()["reads_to"]`` says which.
 Read your own writes. ``Pool.write_token()`` returns the primary's WAL position after the
 caller's writes as text (``"0/3000148"``): short, and safe in a header or a cookie, so it works
 across requests and processes. A read with ``after=token`` goes to a replica known to have
-replayed that position; if none is known to, the replicas are asked in turn (one round trip
-each, the balanced choice first: one that lags must not hold the read back while another has
-the write) for up to ``AFTER_WAIT``; then the read goes to the primary, which always has it.
+replayed that position; if none is known to, the replicas are asked (statements.py,
+``_checkout_after``) for up to ``AFTER_WAIT``; then the read goes to the primary, which always
+has it (with ``read_fallback=False``, never: the replicas are asked until the timeout).
 """
 
 from __future__ import annotations

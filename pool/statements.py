@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
-from .errors import EndpointUnavailable, PoolTimeout
+from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .session import own_statement, set_autocommit, set_readonly
 
 if TYPE_CHECKING:
@@ -96,48 +96,68 @@ class Statements:
             return result
         raise AssertionError("unreachable")
 
-    def _checkout_after(self: "Pool", lsn: int) -> PooledConnection:
-        """A read that must see every write up to ``lsn`` (read-your-writes, lag.py): a replica
-        known to have replayed it; else the replicas are asked in turn, starting with the
-        balanced choice (one round trip each), for up to AFTER_WAIT; else the primary, which
-        has every write. Asking the next replica rather than waiting on one keeps a replica
-        that lags (replay paused, a long query holding it back) from delaying the read: the
-        other one has the write within milliseconds."""
+    def _checkout_after(self: "Pool", lsn: int, timeout: float | None = None) -> PooledConnection:
+        """A read that must see every write up to ``lsn`` (read-your-writes, lag.py).
+
+        A replica known to have replayed it; else one is asked (a round trip), and if it is
+        behind, each other replica that has an idle connection is asked once (moving to one
+        must not connect or wait: a stalled replica with no connection open, a full one, are
+        left alone), then the most advanced of them again and again, up to AFTER_WAIT. A
+        replica that lags (replay paused, a long query holding it back) so never holds the read
+        back while another has the write within milliseconds, and a read asks each replica
+        about once. Then the primary, which has every write; with ``read_fallback=False`` no
+        primary: the replicas are asked until the checkout's timeout, then ``PoolTimeout``."""
+        start = monotonic()
         known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn)
-        rec = self._checkout(True, None, known or None)
+        rec = self._checkout(True, timeout, known or None)
         if rec.endpoint.role == PRIMARY or (rec.endpoint.replay_lsn or 0) >= lsn:
             return rec
-        deadline = monotonic() + lag.AFTER_WAIT
-        asked = [rec.endpoint]  # in this turn
+        fallback = self.options.read_fallback
+        deadline = monotonic() + lag.AFTER_WAIT if fallback else \
+            start + (self.options.timeout if timeout is None else timeout)
+        asked: dict[Any, int] = {}  # endpoint -> the replay position it answered
+        settled, pause = False, lag.AFTER_POLL
         try:
             while True:
-                if self._replay_position(rec) >= lsn:
+                replay = asked[rec.endpoint] = self._replay_position(rec)
+                if replay >= lsn:
                     return rec
                 now = monotonic()
                 if now >= deadline:
                     break
-                others = tuple(ep for ep in self._readable if ep not in asked and ep.has_room())
-                if not others:  # every replica asked (or busy): give them a moment, ask again
-                    time.sleep(lag.AFTER_POLL)
-                    asked = [rec.endpoint]
+                move = next((ep for ep in self._readable if ep not in asked and ep.idle), None)
+                if move is None and not settled:  # each one asked: stay with the most advanced
+                    settled, best = True, max(asked, key=asked.__getitem__)
+                    if best is not rec.endpoint and best in self._readable and best.idle:
+                        move = best
+                if move is None:
+                    time.sleep(min(pause, deadline - now))
+                    pause = min(2 * pause, 0.05)
                     continue
                 held, rec = rec, None  # (an interrupt in between must not return it twice)
                 self._checkin(held, None, True)
-                rec = self._checkout(True, deadline - now, others)
+                rec = self._checkout(True, timeout, (move,))
                 if rec.endpoint.role == PRIMARY:
                     return rec  # every replica went down meanwhile
-                asked.append(rec.endpoint)
         except BaseException as exc:
-            if rec is None:  # the other replica filled up meanwhile: the primary
-                if not isinstance(exc, PoolTimeout):
-                    raise
-            else:
+            if rec is not None:
                 self._checkin_slow(rec, exc, True)
                 if not is_disconnect(exc, rec.raw):
                     raise
+            elif not isinstance(exc, PoolError):  # moving failed: the primary has it anyway
+                raise
         else:
             self._checkin(rec, None, True)
-        return self._checkout(False, None)  # lent for a read: _run and Checkout keep it read-only
+        if not fallback:
+            with self._lock:
+                self._timeouts += 1
+                self._wait_target(True).timeouts += 1
+                now = monotonic()
+                states = "; ".join(e.describe(now) for e in self._endpoints)
+            raise PoolTimeout(f"no replica had replayed the writes of token {lag.format_lsn(lsn)} "
+                              f"within {now - start:.2f}s, and read_fallback=False keeps reads "
+                              f"off the primary [{states}]")
+        return self._checkout(False, timeout)  # lent for a read: _run and Checkout keep it read-only
 
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int:

@@ -78,6 +78,17 @@ def test_a_ping_to_a_stalled_primary_is_bounded_by_the_checkout_timeout(make_poo
         assert "ping" in p.stats()["endpoints"][0]["last_error"]
 
 
+def test_a_read_out_of_time_after_a_failed_connect_says_what_happened(make_pool, db):
+    """timeout=0.3 and a connect that fails after 0.5 s (a stalled replica, no connection open
+    to it): the read is out of time. The error said "no replica is up and read_fallback is
+    off" while replica2 and the primary were up and read_fallback was on."""
+    p = make_pool(connect_timeout=0.5, timeout=0.3)  # a fresh pool's first read: replica1
+    with stalled(db, "replica1"):
+        _, _, error = timed(lambda: p.fetchone(READ, readonly=True))
+    assert isinstance(error, pool.EndpointUnavailable), error
+    assert "read_fallback is off" not in str(error) and "no replica is up" not in str(error)
+    assert "deadline" in str(error) and "no answer within 0.5s" in str(error), error
+
 def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool, db):
     p = make_pool(query_timeout=1.0, connect_timeout=0.5)
     p.fetchone("SELECT 1")

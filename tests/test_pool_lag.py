@@ -10,13 +10,14 @@ import contextlib
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 import pool
 from pool.lag import LagTracker, format_lsn, parse_lsn, parse_token
-from pgutil import admin_sql, node_of, unique_name, wait_until
+from pgutil import admin_sql, node_of, stalled, timed, unique_name, wait_until
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
 
@@ -137,6 +138,8 @@ def test_a_read_with_a_token_asks_the_other_replica_before_falling_back_to_the_p
     then went to the primary: half the reads, each 100 ms late, while replica2 had the write
     within a millisecond. It now asks the other replica rather than wait on one that lags."""
     p = make_pool(max_lag=None)  # replica1 stays in rotation however far behind
+    for _ in range(2):  # a connection idle on each replica: the read moves only to one of those
+        p.fetchone(READ, readonly=True)
     served = []
     with paused(db, "replica1"):
         for _ in range(20):
@@ -147,6 +150,74 @@ def test_a_read_with_a_token_asks_the_other_replica_before_falling_back_to_the_p
     assert "replica1" not in served
     assert served.count("primary") <= 3, served  # (replica2 replays in about a millisecond)
 
+
+
+def test_a_read_with_a_token_asks_each_replica_once_not_round_and_round(make_pool, db):
+    """Every replica behind: each is asked, the most advanced one is then asked again until
+    AFTER_WAIT, and the primary serves. A handful of checkouts, not one per poll (a red-team
+    run counted 19 for one read)."""
+    p = make_pool(max_lag=None)
+    for _ in range(2):
+        p.fetchone(READ, readonly=True)
+    with paused(db, "replica1", "replica2"):
+        p.fetchone(INSERT, (unique_name("ryw"),))
+        token = p.write_token()
+        before = p.stats()["checkouts"]
+        assert p.fetchone(READ, readonly=True, after=token) is not None
+        assert node_of(db, p.last_endpoint) == "primary"
+        assert p.stats()["checkouts"] - before <= 4  # replica, other replica, back, primary
+
+
+def test_a_read_with_a_token_never_fails_for_a_replica_it_did_not_need(make_pool, db):
+    """replica1 lags, replica2 is stalled with no connection open: the read must not connect
+    to replica2 against the clock and fail with it (it once raised EndpointUnavailable, 'no
+    replica is up', in 0.5 s); the primary has the write."""
+    p = make_pool(max_lag=None, connect_timeout=0.5)  # a fresh pool's first read: replica1
+    with paused(db, "replica1"), stalled(db, "replica2"):
+        p.fetchone(INSERT, (unique_name("ryw"),))
+        token = p.write_token()
+        assert p.fetchone(READ, readonly=True, after=token) is not None
+        assert node_of(db, p.last_endpoint) in ("primary", "replica1")
+
+
+def test_a_read_with_a_token_keeps_its_timeout(pool_factory, db):
+    """with connection(readonly=True, after=token, timeout=...): the block's own timeout, not
+    the pool's, bounds the wait for a replica's connection (it once waited the pool's 3 s)."""
+    p = pool_factory(mode="threaded", max_size=1, timeout=3.0)
+    token = p.write_token()
+    held = [p.connection(readonly=True) for _ in range(2)]
+    for loan in held:
+        loan.__enter__()
+    try:
+        elapsed, _, exc = timed(lambda: p.connection(readonly=True, after=token,
+                                                     timeout=0.2).__enter__())
+    finally:
+        for loan in held:
+            loan.__exit__(None, None, None)
+    assert isinstance(exc, pool.PoolTimeout), exc
+    assert elapsed < 2.0, elapsed
+
+
+def test_a_read_with_a_token_and_no_read_fallback_waits_for_a_replica_never_the_primary(
+        make_pool, db):
+    """read_fallback=False: reads never reach the primary, a read after a token included (it
+    once fell back to the primary after AFTER_WAIT). It waits for a replica to replay the
+    write, up to the pool's timeout, and says so if none does."""
+    p = make_pool(max_lag=None, read_fallback=False, timeout=1.0)
+    with paused(db, "replica1", "replica2"):
+        name = unique_name("ryw")
+        (item_id,) = p.fetchone(INSERT, (name,))
+        token = p.write_token()
+        elapsed, _, exc = timed(lambda: p.fetchone(SELECT, (item_id,), readonly=True, after=token))
+        assert isinstance(exc, pool.PoolTimeout) and "read_fallback" in str(exc), exc
+        assert 0.9 < elapsed < 5, elapsed
+
+        def resume_soon():
+            time.sleep(0.3)
+            admin_sql(db, "replica2", "SELECT pg_wal_replay_resume()")
+        threading.Thread(target=resume_soon).start()
+        assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) == (name,)
+        assert node_of(db, p.last_endpoint) == "replica2"
 
 def test_a_read_with_a_token_works_whatever_cursor_factory_configure_set(make_pool, db):
     """The pool reads the primary's WAL position (the token) and a replica's replay position

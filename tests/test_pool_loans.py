@@ -164,6 +164,8 @@ def test_an_interrupt_anywhere_in_a_read_after_a_token_loses_no_connection(pool_
     try:
         for point in range(400):
             p = pool_factory(mode=mode, max_size=1, max_lag=None, balance="round_robin")
+            for _ in range(2):  # a connection idle on each replica (the read moves only to one)
+                p.fetchone("SELECT 1", readonly=True)
             p.fetchone(INSERT, (unique_name("irq"),))
             token = p.write_token()  # known on no replica: the read asks them
             fired = interrupted_at(point, target,
