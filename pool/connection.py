@@ -24,7 +24,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .errors import PoolError, QueryTimeout
-from .session import Baseline, base_cursor, own_statement, set_autocommit, timed_call
+from .session import Baseline, base_cursor, make_read_only, own_statement, set_autocommit, timed_call
 
 
 LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
@@ -32,11 +32,12 @@ LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don
 # SQLSTATEs that mean the session is gone or going: class 08 (connection exception) and
 # 57P01-57P03 (admin shutdown, crash shutdown, cannot connect now).
 _DISCONNECT_CODES = ("57P01", "57P02", "57P03")
+_TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 
 # What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
 # can the server-side session have changed); the pool made a read-only fallback session read-only;
-# psycopg2's reset() ran RESET ALL, so configure()'s settings must be put back whatever
-# reset_session says.
+# psycopg2's reset() ran DISCARD ALL, taking configure()'s settings and whatever state the
+# borrower kept with reset_session=False (such a connection is replaced, not reset).
 SETTING, RAN, READ_ONLY_SET, WIPED = 1, 2, 4, 8
 
 # libpq reports a login failure as text only (psycopg2 gives connection errors no SQLSTATE), so
@@ -114,7 +115,8 @@ class PoolConnection(ext.connection):
 
     @_armed
     def commit(self) -> None:
-        if self.read_only_loan and self.wrote():  # SQL made the transaction read-write
+        if self.read_only_loan and self.info.transaction_status == _TX_INTRANS \
+                and self.wrote():  # SQL made the transaction read-write
             raise PoolError(f"{self.label}: this connection was lent with readonly=True and its "
                             f"transaction wrote (made read-write by SQL); not committed")
         super().commit()
@@ -147,10 +149,12 @@ class PoolConnection(ext.connection):
         super().set_client_encoding(encoding)
 
     @_armed
-    def reset(self) -> None:  # undoes what configure() set, too: the return path puts it back
+    def reset(self) -> None:  # DISCARD ALL, configure()'s settings too: see WIPED
         self.dirty |= SETTING | RAN | WIPED
         super().reset()
         self.two_phase = False
+        if self.read_only_loan:  # it took the read-only session too
+            make_read_only(self)
 
     # ``two_phase``: a two-phase transaction is open (begun, maybe prepared), which psycopg2
     # does not say and in which it refuses commit() and rollback(): the return path ends it.

@@ -27,7 +27,7 @@ from .connection import (RAN, READ_ONLY_SET, SETTING, WIPED, PooledConnection, d
                          is_disconnect)
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError, QueryTimeout
-from .session import get_autocommit, own_statement, reset_server, set_autocommit, set_readonly
+from .session import get_autocommit, make_read_only, own_statement, reset_server, set_autocommit
 
 log = logging.getLogger("pool")
 
@@ -83,7 +83,9 @@ class Returns:
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
             _empty(raw, "notices")
-            if dirty & RAN and self.options.reset_session or dirty & WIPED:
+            if dirty & WIPED and not self.options.reset_session:
+                raise _Broken  # the session the user kept state in is gone: a fresh one
+            if dirty & RAN and self.options.reset_session:
                 reset_server(raw, rec.baseline)
             elif dirty & READ_ONLY_SET:  # no reset wanted, but the pool's own SET must go
                 reset_server(raw, None)
@@ -159,7 +161,7 @@ class Returns:
         protocol wants: one not yet prepared is rolled back, and the caller told; a prepared
         one stays on the server for its transaction manager (``tpc_recover()``), and psycopg2's
         reset(), the one call that forgets it without finishing it, makes the connection
-        usable again (its RESET ALL is undone on the way back: ``WIPED``)."""
+        usable again (its DISCARD ALL: ``WIPED``)."""
         prepared = raw.status == _STATUS_PREPARED
         try:
             if prepared:
@@ -238,10 +240,7 @@ class Returns:
         if readonly and rec.endpoint.role == PRIMARY:
             raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
             raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
-            set_autocommit(raw, True)  # (if the SET fails, the return path sets it back)
-            own_statement(raw, "SET SESSION default_transaction_read_only = on")
-            set_autocommit(raw, False)
-            set_readonly(raw, True)
+            make_read_only(raw)  # (if the SET fails, the return path sets autocommit back)
         if query_timeout is not _DEFAULT:  # the block's own, from here on (not for the SET above)
             raw.query_timeout = query_timeout
             raw.dirty |= SETTING  # restored on return

@@ -138,6 +138,15 @@ class Baseline:
                 now.update(then)
 
 
+def make_read_only(raw: Any) -> None:
+    """The whole session read-only, for a read-only loan on the primary: switching psycopg2's
+    settings (autocommit, readonly) cannot then make it write. Undone on return."""
+    set_autocommit(raw, True)
+    own_statement(raw, "SET SESSION default_transaction_read_only = on")
+    set_autocommit(raw, False)
+    set_readonly(raw, True)
+
+
 def reset_server(raw: Any, baseline: Baseline | None) -> None:
     """Reset the server-side session (the connection must be idle: no transaction open).
     Without a baseline (``reset_session=False``) only undo the pool's own read-only SET."""

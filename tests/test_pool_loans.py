@@ -293,7 +293,8 @@ def test_begin_under_autocommit_is_committed_not_dropped(make_pool, db):
 
 
 @pytest.mark.parametrize("tamper", ["autocommit", "readonly=False", "set_session",
-                                    "READ WRITE, then commit()", "tpc_begin"])
+                                    "READ WRITE, then commit()", "tpc_begin",
+                                    "reset(), then autocommit"])
 def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, tamper):
     """On the primary (no replica up), a block that switched autocommit on could write:
     psycopg2's per-transaction READ ONLY no longer applied. Nor could the pool see a write
@@ -312,6 +313,9 @@ def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, ta
                 conn.set_session(readonly=False, autocommit=True)
             elif tamper == "tpc_begin":
                 conn.tpc_begin(conn.xid(1, name, "pool-tests"))
+            elif tamper == "reset(), then autocommit":  # DISCARD ALL took the read-only SET
+                conn.reset()
+                conn.autocommit = True
             if tamper in ("READ WRITE, then commit()", "tpc_begin"):
                 conn.cursor().execute("SET TRANSACTION READ WRITE")
             conn.cursor().execute(INSERT, (name,))
@@ -319,6 +323,20 @@ def test_a_read_only_loan_cannot_write_on_the_primary_fallback(make_pool, db, ta
     assert count_items(db, "primary", name) == 0
     assert p.fetchone(INSERT, (name,)) is not None  # the same connection writes when lent to write
     assert count_items(db, "primary", name) == 1
+
+
+@pytest.mark.parametrize("where", ["replica", "primary fallback"])
+def test_a_read_only_loan_commits_a_failed_transaction_as_psycopg2_does(make_pool, where):
+    """commit() of a transaction an error aborted rolls it back quietly, as psycopg2 does; the
+    fallback's check for a write once ran a statement in the aborted transaction and failed."""
+    p = make_pool(replicas=("replica1",) if where == "replica" else ())
+    with p.connection(readonly=True) as conn:
+        cur = conn.cursor()
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            cur.execute("SELECT 1/0")
+        conn.commit()
+        cur.execute("SELECT 3")
+        assert cur.fetchone() == (3,)
 
 
 # -- session state ------------------------------------------------------------------------------
@@ -440,16 +458,21 @@ def test_reset_session_off_keeps_server_state_but_still_restores_psycopg2_settin
 
 def test_reset_session_off_still_puts_back_what_psycopg2s_reset_took_from_configure(make_pool,
                                                                                     db):
-    """conn.reset() in a block runs RESET ALL: configure()'s settings are part of every loan,
-    so the pool puts them back even when it leaves the rest of the server's state alone."""
-    p = make_pool(max_size=1, replicas=(), reset_session=False,
-                  configure=lambda c: c.cursor().execute("SET application_name = 'cfg'"))
+    """conn.reset() in a block is a DISCARD ALL: it takes configure()'s settings and prepared
+    statements, which are part of every loan. With reset_session=False the pool restores
+    nothing on the server, so it replaces such a connection with a freshly configured one."""
+    def configure(conn):
+        conn.cursor().execute("SET application_name = 'cfg'; PREPARE getone AS SELECT 1")
+
+    p = make_pool(max_size=1, replicas=(), reset_session=False, configure=configure)
     with p.connection() as conn:
         conn.reset()
     with p.connection() as conn:
         cur = conn.cursor()
         cur.execute("SELECT current_setting('application_name')")
         assert cur.fetchone() == ("cfg",)
+        cur.execute("EXECUTE getone")
+        assert cur.fetchone() == (1,)
 
 def test_a_reset_hook_that_leaves_autocommit_on_does_not_make_the_next_block_autocommit(make_pool, db):
     """The hook runs last, on a clean session, and may use autocommit to leave it idle; the next

@@ -133,9 +133,10 @@ def test_a_prepared_transaction_stays_for_its_manager_and_the_connection_serves_
         make_pool, db, prepared_transactions):
     """tpc_prepare() and no tpc_commit(): by the protocol the prepared transaction outlives the
     session, for its transaction manager to commit later (tpc_recover()); the block's exit is
-    not an error, and the connection goes back to the pool with configure()'s settings, even
-    with reset_session=False (psycopg2's reset(), the one way to make it forget a prepared
-    transaction, runs RESET ALL)."""
+    not an error, and the connection goes back to the pool with configure()'s settings. With
+    reset_session=False it is replaced instead: psycopg2's reset(), the one way to make it
+    forget a prepared transaction, is a DISCARD ALL, which took configure()'s settings (and
+    everything else a borrower kept there)."""
     for reset_session in (True, False):
         p = make_pool(max_size=1, reset_session=reset_session,
                       configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
@@ -153,14 +154,14 @@ def test_a_prepared_transaction_stays_for_its_manager_and_the_connection_serves_
                 conn.tpc_commit(xid)
         assert count_items(db, "primary", name) == 0
         with p.connection() as conn:
-            assert conn.get_backend_pid() == pid
+            assert (conn.get_backend_pid() == pid) is reset_session
             [xid] = [x for x in conn.tpc_recover() if x.gtrid == name]
             conn.tpc_commit(xid)  # the manager's second phase, from any session
             cur = conn.cursor()
             cur.execute("SELECT current_setting('application_name')")
             assert cur.fetchone() == ("tpc",), reset_session
         assert count_items(db, "primary", name) == 1
-        assert p.stats()["endpoints"][0]["discards"] == 0
+        assert p.stats()["endpoints"][0]["discards"] == (0 if reset_session else 1)
 
 
 def test_a_broken_connection_is_discarded_never_handed_out_again(make_pool, db):
