@@ -31,7 +31,8 @@ from typing import Any, Iterable
 
 HISTORY = 120.0  # seconds of primary positions kept
 AFTER_WAIT = 0.1  # how long a read with a token waits for a replica to catch up
-AFTER_POLL = 0.005  # ...asking again this often
+AFTER_POLL = 0.005  # ...asking again after this long at first (the pause doubles, to 0.05 s)
+RESURVEY = 0.25  # without read_fallback, every replica is asked again this often
 STALE = 5.0  # a primary position older than this cannot measure lag (the primary is gone)
 
 _TOKEN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")

@@ -102,41 +102,48 @@ class Statements:
         A replica known to have replayed it; else one is asked (a round trip), and if it is
         behind, each other replica that has an idle connection is asked once (moving to one
         must not connect or wait: a stalled replica with no connection open, a full one, are
-        left alone), then the most advanced of them again and again, up to AFTER_WAIT. A
-        replica that lags (replay paused, a long query holding it back) so never holds the read
-        back while another has the write within milliseconds, and a read asks each replica
-        about once. Then the primary, which has every write; with ``read_fallback=False`` no
-        primary: the replicas are asked until the checkout's timeout, then ``PoolTimeout``."""
+        left alone), then the most advanced of them again, with a growing pause, up to
+        AFTER_WAIT. A replica that lags (replay paused, a long query holding it back) so never
+        holds the read back while another has the write within milliseconds, and a read asks
+        each replica about once. Then the primary, which has every write. With
+        ``read_fallback=False`` there is no primary: the replicas are asked until the timeout
+        (surveyed again every ``RESURVEY`` s), then ``PoolTimeout``. Every checkout here gets
+        what is left of one ``timeout``, so the read never waits longer than that and 0.1 s."""
         start = monotonic()
+        end = start + (self.options.timeout if timeout is None else timeout)
         known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn)
         rec = self._checkout(True, timeout, known or None)
         if rec.endpoint.role == PRIMARY or (rec.endpoint.replay_lsn or 0) >= lsn:
             return rec
         fallback = self.options.read_fallback
-        deadline = monotonic() + lag.AFTER_WAIT if fallback else \
-            start + (self.options.timeout if timeout is None else timeout)
-        asked: dict[Any, int] = {}  # endpoint -> the replay position it answered
-        settled, pause = False, lag.AFTER_POLL
+        deadline = monotonic() + lag.AFTER_WAIT if fallback else end
+        asked: dict[Any, int] = {}  # endpoint -> the replay position it answered, this survey
+        settled, pause, surveyed = False, lag.AFTER_POLL, monotonic()
         try:
             while True:
                 replay = asked[rec.endpoint] = self._replay_position(rec)
                 if replay >= lsn:
                     return rec
-                now = monotonic()
-                if now >= deadline:
-                    break
-                move = next((ep for ep in self._readable if ep not in asked and ep.idle), None)
-                if move is None and not settled:  # each one asked: stay with the most advanced
+                # Where next, without waiting: a replica the monitor has seen replay it, one
+                # not asked yet, then (once) the most advanced one asked.
+                move = next((ep for ep in self._readable if ep.idle and (
+                    (ep.replay_lsn or 0) >= lsn or ep not in asked)), None)
+                if move is None and not settled:
                     settled, best = True, max(asked, key=asked.__getitem__)
                     if best is not rec.endpoint and best in self._readable and best.idle:
                         move = best
+                now = monotonic()
                 if move is None:
+                    if now >= deadline:
+                        break
                     time.sleep(min(pause, deadline - now))
                     pause = min(2 * pause, 0.05)
+                    if not fallback and now - surveyed >= lag.RESURVEY:  # who caught up?
+                        asked, settled, surveyed = {}, False, now
                     continue
                 held, rec = rec, None  # (an interrupt in between must not return it twice)
                 self._checkin(held, None, True)
-                rec = self._checkout(True, timeout, (move,))
+                rec = self._checkout(True, max(0.0, end - now), (move,))
                 if rec.endpoint.role == PRIMARY:
                     return rec  # every replica went down meanwhile
         except BaseException as exc:
@@ -157,7 +164,8 @@ class Statements:
             raise PoolTimeout(f"no replica had replayed the writes of token {lag.format_lsn(lsn)} "
                               f"within {now - start:.2f}s, and read_fallback=False keeps reads "
                               f"off the primary [{states}]")
-        return self._checkout(False, timeout)  # lent for a read: _run and Checkout keep it read-only
+        # Lent for a read: _run and Checkout keep it read-only.
+        return self._checkout(False, max(0.0, end - monotonic()))
 
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int:

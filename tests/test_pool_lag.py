@@ -219,6 +219,76 @@ def test_a_read_with_a_token_and_no_read_fallback_waits_for_a_replica_never_the_
         assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) == (name,)
         assert node_of(db, p.last_endpoint) == "replica2"
 
+
+def test_a_read_with_a_token_and_no_read_fallback_asks_every_replica_again_while_it_waits(
+        make_pool, db):
+    """read_fallback=False, replica2 a little behind (its replay paused for a moment), replica1
+    stuck further ahead: the read once settled on replica1, the most advanced when asked, and
+    timed out while replica2 had the write. The replicas are asked again while it waits."""
+    p = make_pool(max_lag=None, read_fallback=False, timeout=3.0)
+    for _ in range(2):
+        p.fetchone(READ, readonly=True)
+    with paused(db, "replica2"):
+        p.fetchone(INSERT, (unique_name("ryw"),))
+        time.sleep(0.2)
+        with paused(db, "replica1"):
+            name = unique_name("ryw")
+            (item_id,) = p.fetchone(INSERT, (name,))
+            token = p.write_token()
+            threading.Timer(0.3, admin_sql, (db, "replica2", "SELECT pg_wal_replay_resume()")).start()
+            elapsed, row, exc = timed(lambda: p.fetchone(SELECT, (item_id,), readonly=True,
+                                                         after=token))
+            assert exc is None and row == (name,), exc
+            assert node_of(db, p.last_endpoint) == "replica2"
+            assert elapsed < 2.0, elapsed
+
+
+def test_a_read_with_a_token_asks_the_other_idle_replica_even_with_no_time_to_wait(make_pool,
+                                                                                   db):
+    """timeout=0 means no waiting for a connection; asking a replica that has one idle takes
+    none, so a read whose first choice lags is still served by the other (half of them once
+    raised PoolTimeout, 'within 0.00s')."""
+    p = make_pool(max_lag=None, read_fallback=False)
+    for _ in range(2):
+        p.fetchone(READ, readonly=True)
+    served = []
+    with paused(db, "replica1"):
+        for _ in range(6):
+            p.fetchone(INSERT, (unique_name("ryw"),))
+            token = p.write_token()
+            time.sleep(0.02)  # replica2 has replayed it by now
+            with p.connection(readonly=True, after=token, timeout=0):
+                served.append(node_of(db, p.last_endpoint))
+    assert served == ["replica2"] * 6
+
+
+def test_a_read_with_a_token_waits_at_most_its_timeout_in_all(pool_factory, db):
+    """Every checkout a read after a token makes (its first replica, a move, the primary) gets
+    what is left of one timeout, not a whole one each: a read that waited for a replica's
+    connection, found it behind, then waited for the primary's, once took 0.85 s and could take
+    three times its timeout."""
+    p = pool_factory(mode="threaded", max_size=1, max_lag=None, timeout=0.5)
+    for _ in range(2):
+        p.fetchone(READ, readonly=True)
+    with paused(db, "replica1", "replica2"):
+        p.fetchone(INSERT, (unique_name("ryw"),))
+        token = p.write_token()
+
+        def hold(readonly, seconds):
+            with p.connection(readonly=readonly, timeout=5):
+                time.sleep(seconds)
+        holders = [threading.Thread(target=hold, args=a)
+                   for a in ((True, 0.4), (True, 0.4), (False, 3.0))]
+        for t in holders:
+            t.start()
+        time.sleep(0.05)
+        elapsed, _, exc = timed(lambda: p.connection(readonly=True, after=token,
+                                                     timeout=0.5).__enter__())
+        for t in holders:
+            t.join()
+    assert isinstance(exc, pool.PoolTimeout), exc  # the primary stayed busy
+    assert elapsed < 0.9, elapsed  # 0.5 s and the 0.1 s of asking, not 0.5 s more
+
 def test_a_read_with_a_token_works_whatever_cursor_factory_configure_set(make_pool, db):
     """The pool reads the primary's WAL position (the token) and a replica's replay position
     whatever rows configure()'s cursor_factory makes: with a dict cursor both once raised
