@@ -99,38 +99,51 @@ class Statements:
     def _checkout_after(self: "Pool", lsn: int, timeout: float | None = None) -> PooledConnection:
         """A read that must see every write up to ``lsn`` (read-your-writes, lag.py).
 
-        A replica known to have replayed it; else one is asked (a round trip), and if it is
-        behind, each other replica that has an idle connection is asked once (moving to one
-        must not connect or wait: a stalled replica with no connection open, a full one, are
-        left alone), then the most advanced of them again, with a growing pause, up to
-        AFTER_WAIT. A replica that lags (replay paused, a long query holding it back) so never
-        holds the read back while another has the write within milliseconds, and a read asks
-        each replica about once. Then the primary, which has every write. With
+        A replica known to have replayed it, if one has room; else the balanced choice is
+        asked (a round trip), and if it is behind, the others in turn: first one the monitor has
+        seen replay it, then each not asked yet, then the most advanced one asked, again, with a
+        growing pause, for up to AFTER_WAIT. A replica that lags (replay paused, a long query
+        holding it back) so never holds the read back while another has the write within
+        milliseconds, and a read asks each replica about once. Then the primary, which has every
+        write: to get there fast, a move goes only to a replica with an idle connection (never a
+        connect or a wait), and a replica lost while being asked ends the asking. With
         ``read_fallback=False`` there is no primary: the replicas are asked until the timeout
-        (surveyed again every ``RESURVEY`` s), then ``PoolTimeout``. Every checkout here gets
-        what is left of one ``timeout``, so the read never waits longer than that and 0.1 s."""
+        (surveyed again every ``RESURVEY`` s, connecting or waiting if need be, and past a lost
+        one), then ``PoolTimeout``. Every checkout here gets what is left of one timeout."""
         start = monotonic()
         end = start + (self.options.timeout if timeout is None else timeout)
-        known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn)
+        fallback = self.options.read_fallback
+        known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn
+                      and (ep.idle or ep.size < ep.max_size))  # a preference, not a wait
         rec = self._checkout(True, timeout, known or None)
         if rec.endpoint.role == PRIMARY or (rec.endpoint.replay_lsn or 0) >= lsn:
             return rec
-        fallback = self.options.read_fallback
         deadline = monotonic() + lag.AFTER_WAIT if fallback else end
         asked: dict[Any, int] = {}  # endpoint -> the replay position it answered, this survey
-        settled, pause, surveyed = False, lag.AFTER_POLL, monotonic()
+        settled, pause, surveyed = False, lag.AFTER_POLL, start
         try:
             while True:
-                replay = asked[rec.endpoint] = self._replay_position(rec)
+                if rec is None:  # (no read_fallback) the one asked was lost: any other
+                    if monotonic() >= end:
+                        break
+                    rec = self._checkout(True, max(0.0, end - monotonic()))
+                try:
+                    replay = asked[rec.endpoint] = self._replay_position(rec)
+                except BaseException as exc:
+                    held, rec = rec, None
+                    self._checkin_slow(held, exc, True)
+                    if not is_disconnect(exc, held.raw):
+                        raise
+                    if fallback:
+                        break
+                    continue
                 if replay >= lsn:
                     return rec
-                # Where next, without waiting: a replica the monitor has seen replay it, one
-                # not asked yet, then (once) the most advanced one asked.
-                move = next((ep for ep in self._readable if ep.idle and (
-                    (ep.replay_lsn or 0) >= lsn or ep not in asked)), None)
-                if move is None and not settled:
+                move = self._next_to_ask(lsn, asked, rec.endpoint, fallback)
+                if move is None and not settled:  # each one asked: stay with the most advanced
                     settled, best = True, max(asked, key=asked.__getitem__)
-                    if best is not rec.endpoint and best in self._readable and best.idle:
+                    if best is not rec.endpoint and best in self._readable \
+                            and (best.idle or not fallback):
                         move = best
                 now = monotonic()
                 if move is None:
@@ -143,17 +156,19 @@ class Statements:
                     continue
                 held, rec = rec, None  # (an interrupt in between must not return it twice)
                 self._checkin(held, None, True)
-                rec = self._checkout(True, max(0.0, end - now), (move,))
+                try:
+                    rec = self._checkout(True, max(0.0, end - now), (move,))
+                except PoolError:
+                    if fallback:
+                        break
+                    continue
                 if rec.endpoint.role == PRIMARY:
                     return rec  # every replica went down meanwhile
         except BaseException as exc:
             if rec is not None:
                 self._checkin_slow(rec, exc, True)
-                if not is_disconnect(exc, rec.raw):
-                    raise
-            elif not isinstance(exc, PoolError):  # moving failed: the primary has it anyway
-                raise
-        else:
+            raise
+        if rec is not None:
             self._checkin(rec, None, True)
         if not fallback:
             with self._lock:
@@ -166,6 +181,14 @@ class Statements:
                               f"off the primary [{states}]")
         # Lent for a read: _run and Checkout keep it read-only.
         return self._checkout(False, max(0.0, end - monotonic()))
+
+    def _next_to_ask(self: "Pool", lsn: int, asked: dict, current: Any, fallback: bool) -> Any:
+        """The replica to move to, if any: one the monitor has seen replay ``lsn``, else one not
+        asked yet. With read_fallback only one with an idle connection (moving must not connect
+        or wait while the primary could answer)."""
+        usable = [ep for ep in self._readable if ep is not current and (ep.idle or not fallback)]
+        return next((ep for ep in usable if (ep.replay_lsn or 0) >= lsn), None) or \
+            next((ep for ep in usable if ep not in asked), None)
 
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int:

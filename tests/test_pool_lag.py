@@ -289,6 +289,80 @@ def test_a_read_with_a_token_waits_at_most_its_timeout_in_all(pool_factory, db):
     assert isinstance(exc, pool.PoolTimeout), exc  # the primary stayed busy
     assert elapsed < 0.9, elapsed  # 0.5 s and the 0.1 s of asking, not 0.5 s more
 
+
+def _hold_a_connection_on(p, db, node, held, stop):
+    """Borrow (for reading) until the loan lands on ``node``, and keep it until ``stop``."""
+    while True:
+        with p.connection(readonly=True):
+            if node_of(db, p.last_endpoint) == node:
+                held.set()
+                stop.wait()
+                return
+
+
+def test_a_read_with_a_token_is_not_held_to_a_replica_known_to_have_it_that_is_full(make_pool,
+                                                                                    db):
+    """replica2 is known to have the write but its one connection is lent: the read once waited
+    for it alone (PoolTimeout, at once in process mode, though the primary was idle). A replica
+    known to have the write is a preference; without room there, the read goes on as usual."""
+    p = make_pool(max_lag=None, max_size=1, timeout=0.5)
+    with paused(db, "replica1"):
+        (item_id,) = p.fetchone(INSERT, (unique_name("ryw"),))
+        token = p.write_token()
+        for _ in range(2):  # asking replica2 makes its position known
+            assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) is not None
+        while True:  # replica2's only connection, lent (in this thread: process mode too)
+            with p.connection(readonly=True):
+                if node_of(db, p.last_endpoint) != "replica2":
+                    continue
+                assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) is not None
+                assert node_of(db, p.last_endpoint) == "primary"  # replica1 lags, replica2 is full
+                break
+
+
+def test_a_read_with_a_token_and_no_read_fallback_outlives_the_replica_it_was_asking(make_pool,
+                                                                                     db):
+    """read_fallback=False: the replica being asked is killed; the read once raised PoolTimeout
+    then, with most of its timeout left. It asks the others until one has the write."""
+    p = make_pool(max_lag=None, read_fallback=False, timeout=5.0, query_timeout=2.0)
+    for _ in range(2):
+        p.fetchone(READ, readonly=True)
+    with paused(db, "replica2"):
+        p.fetchone(INSERT, (unique_name("ryw"),))
+        db.wait_replayed(nodes=["replica1"])  # replica1 ahead: the one the read stays with
+        admin_sql(db, "replica1", "SELECT pg_wal_replay_pause()")
+        name = unique_name("ryw")
+        (item_id,) = p.fetchone(INSERT, (name,))
+        token = p.write_token()
+        threading.Timer(0.6, db.kill, ("replica1",)).start()
+        threading.Timer(1.0, admin_sql, (db, "replica2", "SELECT pg_wal_replay_resume()")).start()
+        elapsed, row, exc = timed(lambda: p.fetchone(SELECT, (item_id,), readonly=True,
+                                                     after=token))
+    assert exc is None and row == (name,), exc
+    assert node_of(db, p.last_endpoint) == "replica2"
+
+
+def test_a_read_with_a_token_and_no_read_fallback_waits_for_a_busy_replica(pool_factory, db):
+    """read_fallback=False: replica1 lags, replica2's one connection is lent for a second. With
+    no primary to go to, the read waits for replica2 (it once never asked it: no idle
+    connection there) and is served when it is free."""
+    p = pool_factory(mode="threaded", max_lag=None, read_fallback=False, max_size=1, timeout=3.0)
+    with paused(db, "replica1"):
+        name = unique_name("ryw")
+        (item_id,) = p.fetchone(INSERT, (name,))
+        token = p.write_token()
+        held, stop = threading.Event(), threading.Event()
+        holder = threading.Thread(target=_hold_a_connection_on,
+                                  args=(p, db, "replica2", held, stop))
+        holder.start()
+        assert held.wait(5)
+        threading.Timer(1.0, stop.set).start()
+        elapsed, row, exc = timed(lambda: p.fetchone(SELECT, (item_id,), readonly=True,
+                                                     after=token))
+        holder.join()
+    assert exc is None and row == (name,), exc
+    assert node_of(db, p.last_endpoint) == "replica2"
+
 def test_a_read_with_a_token_works_whatever_cursor_factory_configure_set(make_pool, db):
     """The pool reads the primary's WAL position (the token) and a replica's replay position
     whatever rows configure()'s cursor_factory makes: with a dict cursor both once raised
