@@ -84,6 +84,26 @@ def armed_cursor_class(cls: Any, named: bool = False) -> Any:
     return armed
 
 
+def _two_phase_step(method: Callable[..., Any], opens: bool) -> Callable[..., Any]:
+    """psycopg2's tpc_begin, tpc_commit or tpc_rollback, timed, noting in ``two_phase`` whether a
+    two-phase transaction is open (begun, maybe prepared): psycopg2 does not say, and refuses
+    commit() and rollback() inside one, so the return path ends it. Two-phase commit is for
+    writes: a read-only loan on the primary may not begin one, nor finish one prepared
+    elsewhere."""
+
+    def step(self: "PoolConnection", *args: Any, **kwargs: Any) -> None:
+        if self.read_only_loan:
+            raise self.read_only_error()
+        if opens:
+            self.dirty |= RAN
+        method(self, *args, **kwargs)
+        self.two_phase = opens
+
+    step.__name__ = method.__name__
+    step.__doc__ = method.__doc__
+    return _armed(step)
+
+
 def _marking(name: str) -> property:
     """A psycopg2 setting as a property that notes, when set, that the loan changed it."""
     base = getattr(ext.connection, name)
@@ -156,32 +176,9 @@ class PoolConnection(ext.connection):
         if self.read_only_loan:  # it took the read-only session too
             make_read_only(self)
 
-    # ``two_phase``: a two-phase transaction is open (begun, maybe prepared), which psycopg2
-    # does not say and in which it refuses commit() and rollback(): the return path ends it.
-    # Two-phase commit is for writes: a read-only loan on the primary may not begin one, nor
-    # finish one prepared elsewhere.
-    @_armed
-    def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
-        if self.read_only_loan:
-            raise self.read_only_error()
-        self.dirty |= RAN
-        super().tpc_begin(*args, **kwargs)
-        self.two_phase = True
-
-    @_armed
-    def tpc_commit(self, *args: Any, **kwargs: Any) -> None:
-        if self.read_only_loan:
-            raise self.read_only_error()
-        super().tpc_commit(*args, **kwargs)
-        self.two_phase = False
-
-    @_armed
-    def tpc_rollback(self, *args: Any, **kwargs: Any) -> None:
-        if self.read_only_loan:
-            raise self.read_only_error()
-        super().tpc_rollback(*args, **kwargs)
-        self.two_phase = False
-
+    tpc_begin = _two_phase_step(ext.connection.tpc_begin, opens=True)
+    tpc_commit = _two_phase_step(ext.connection.tpc_commit, opens=False)
+    tpc_rollback = _two_phase_step(ext.connection.tpc_rollback, opens=False)
     tpc_prepare = _armed(ext.connection.tpc_prepare)
     tpc_recover = _armed(ext.connection.tpc_recover)
 

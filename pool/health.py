@@ -232,15 +232,17 @@ class Health:
                                      if e is not ep or self.options.read_fallback) else EndpointUnavailable
         return cls(f"cannot serve reads: {why} [{states}]")
 
-    def _timeout_error(self: "Pool", readonly: bool, waited: float | None) -> PoolTimeout:
-        """Lock held. Exhaustion, with the pool's state so the reader can tell why."""
+    def _timeout_error(self: "Pool", readonly: bool, waited: float | None,
+                       head: str | None = None) -> PoolTimeout:
+        """Lock held. Exhaustion (or what ``head`` says ran out), with the pool's state so the
+        reader can tell why."""
         now = monotonic()
         kind = "read" if readonly else "write"
-        if waited is None:
+        if head is None and waited is None:
             head = (f"no {kind} connection free in process mode: all connections are in use by "
                     f"this process, and nothing else could return one (a leak, or a nested "
                     f"checkout beyond max_size={self.options.max_size}?)")
-        else:
+        elif head is None:
             head = f"no {kind} connection became free within {waited:.2f}s"
         states = "; ".join(e.describe(now) for e in self._endpoints)
         return PoolTimeout(f"{head} [mode={self.options.mode} waiting={self._waiting_count()}; {states}]")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
-from .errors import EndpointUnavailable, PoolError, PoolTimeout
+from .errors import EndpointUnavailable, PoolError
 from .session import own_statement, set_autocommit, set_readonly
 
 if TYPE_CHECKING:
@@ -174,11 +174,10 @@ class Statements:
             with self._lock:
                 self._timeouts += 1
                 self._wait_target(True).timeouts += 1
-                now = monotonic()
-                states = "; ".join(e.describe(now) for e in self._endpoints)
-            raise PoolTimeout(f"no replica had replayed the writes of token {lag.format_lsn(lsn)} "
-                              f"within {now - start:.2f}s, and read_fallback=False keeps reads "
-                              f"off the primary [{states}]")
+                raise self._timeout_error(True, None, head=(
+                    f"no replica had replayed the writes of token {lag.format_lsn(lsn)} within "
+                    f"{monotonic() - start:.2f}s, and read_fallback=False keeps reads off the "
+                    f"primary"))
         # Lent for a read: _run and Checkout keep it read-only.
         return self._checkout(False, max(0.0, end - monotonic()))
 
