@@ -153,6 +153,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._primary: Endpoint | None = None if self._discover else self._endpoints[0]
         self._lag = lag.LagTracker()
         self._lag_source: Endpoint | None = None
+        self._judgements = 0  # bumped whenever the replicas must be judged anew (lag.py)
         self._monitoring = self._discover or opts.max_lag is not None
         self._route_locked()
         self._balance = make_balancer(opts.balance)
@@ -215,16 +216,17 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         return self._run(sql, params, False, _rowcount)
 
     def write_token(self) -> str:
-        """A short string standing for every write committed so far (the primary's WAL
-        position): pass it as ``after=`` to a later read, in this process or another (it fits in
-        a header or a cookie), and that read sees those writes. One round trip on the primary.
+        """A short string standing for every write committed so far (the primary's timeline and
+        WAL position, "2:0/3000148"): pass it as ``after=`` to a later read, in this process or
+        another (it fits in a header or a cookie), and that read sees those writes. One round
+        trip on the primary.
 
             p.execute("INSERT ...")
             response.headers["X-Read-After"] = p.write_token()
             ...
             p.fetchone("SELECT ...", args, readonly=True, after=request.headers.get("X-Read-After"))
         """
-        return self._run("SELECT pg_current_wal_lsn()::text", None, False, _first_value)
+        return self._run(lag.TOKEN_SQL, None, False, _first_value)
 
     @property
     def last_endpoint(self) -> str | None:
@@ -589,6 +591,11 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
     def _wake_housekeeper(self) -> None:
         """Something changed (an endpoint went down, ...): run housekeeping soon."""
+        raise NotImplementedError
+
+    def _hurry_housekeeper(self) -> None:
+        """Jobs fell due early (lag.forget_judgements): run housekeeping soon if it runs at all
+        (threaded mode: no thread is started for it; a pool still being built has none)."""
         raise NotImplementedError
 
     def _wake_filler(self) -> None:

@@ -49,6 +49,7 @@ import itertools
 import random
 import time
 import weakref
+from collections import deque
 from typing import Any
 
 from .config import PRIMARY, EndpointConfig
@@ -110,9 +111,9 @@ class Endpoint:
         "name", "role", "config", "max_size", "state", "generation", "idle", "slots", "pending",
         "down_since", "retry_at", "failures", "last_error", "last_error_at", "probe",
         "checkouts", "waits", "timeouts", "connects", "connect_errors", "ejections", "discards",
-        "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "monitor",
-        "monitor_at", "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
-        "failed_fast",
+        "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "answers",
+        "answers_since", "diverged", "diverged_at", "judged", "monitor", "monitor_at", "board_slot",
+        "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at", "failed_fast",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
@@ -138,6 +139,11 @@ class Endpoint:
         self.lag_s: float | None = None
         self.lag_bytes: int | None = None
         self.lagging = False  # behind by more than max_lag: out of read rotation (lag.py)
+        self.answers: deque[tuple[float, int]] = deque(maxlen=8)  # (when, replay position)
+        self.answers_since = 0.0  # ...only those read after this count (a new primary since)
+        self.diverged = False  # ahead of the primary, so not on its history: out of reads (lag.py)
+        self.diverged_at: int | None = None  # ...the position it was caught at (None: moved since)
+        self.judged = False  # compared with the current primary: tokens may count on it (lag.py)
         self.board_slot: Any = None  # its board.Slot on the shared health board (board.py)
         self.board_seq = 0  # the slot's sequence number this process last applied
         self.board_epoch = 0  # the slot's outage counter this process last saw
@@ -311,9 +317,16 @@ class Endpoint:
         was attended? Then nobody waits for it any longer."""
         return probe.silence >= self.grace or now - probe.started >= PROBE_GRACE_MAX
 
+    @property
+    def shown_state(self) -> str:
+        """The state, or why an up replica is out of reads (lag.py)."""
+        if self.state is not UP:
+            return self.state
+        return "diverged" if self.diverged else "lagging" if self.lagging else UP
+
     def describe(self, now: float) -> str:
         """One line for error messages: the state a reader needs to act on."""
-        text = (f"{self.role} {self.name} {self.state} size={self.size}/{self.max_size} "
+        text = (f"{self.role} {self.name} {self.shown_state} size={self.size}/{self.max_size} "
                 f"idle={len(self.idle)} in_use={self.in_use}")
         if self.state in (DOWN, REFUSED):
             text += f" down_for={now - self.down_since:.1f}s next_probe_in={max(0.0, self.retry_at - now):.1f}s"
@@ -325,7 +338,7 @@ class Endpoint:
         down = self.state not in (UP, CONFLICT)
         return {
             "name": self.name, "role": self.role,
-            "state": "lagging" if self.state is UP and self.lagging else self.state,
+            "state": self.shown_state,
             "size": self.size, "idle": len(self.idle), "in_use": self.in_use,
             "connecting": self.connecting, "max_size": self.max_size,
             "checkouts": self.checkouts, "waits": self.waits, "timeouts": self.timeouts,

@@ -95,6 +95,8 @@ class Health:
         with self._lock:
             was = ep.state
             ep.mark_up()
+            if ep is self._primary:
+                lag.forget_judgements(self)
             self._state_changed_locked()
         self._share(ep)
         self._publish()
@@ -113,19 +115,21 @@ class Health:
         self._serve_waiters()
 
     def _route_locked(self: "Pool") -> None:
-        """Lock held. Who serves writes (the primary, if up) and reads (the replicas that are up
-        and not lagging; see lag.py for when every replica lags)."""
+        """Lock held. Who serves writes (the primary, if up) and reads (the replicas that are up,
+        not diverged and not lagging; see lag.py for when every replica lags)."""
         primary = self._primary
         self._writable = (primary,) if primary is not None and primary.state is UP else ()
         self._replicas = tuple(ep for ep in self._endpoints if ep.role == REPLICA)
-        up = tuple(ep for ep in self._replicas if ep.state is UP)
+        up = tuple(ep for ep in self._replicas if ep.state is UP and not ep.diverged)
         self._readable, self._reads_to = lag.route_reads(up, self.options.max_lag)
         if not self._readable and up and not self.options.read_fallback:
             self._readable = lag.least_lagging(up)
             self._reads_to = "the least-lagging replica (every replica lags; read_fallback is off)"
         elif not up:
-            self._reads_to = "primary (no replica is up)" if self._writable and \
-                self.options.read_fallback else "nowhere (no replica is up)"
+            why = "every replica up has diverged from the primary" if any(
+                ep.state is UP for ep in self._replicas) else "no replica is up"
+            self._reads_to = f"primary ({why})" if self._writable and \
+                self.options.read_fallback else f"nowhere ({why})"
 
     def _grace_pending(self: "Pool", now: float) -> bool:
         """Lock held. Is some endpoint down with a probe due or younger than its grace? Then a
@@ -185,7 +189,7 @@ class Health:
                 self._readmit(ep, now)
             else:
                 self._share(ep)  # a probe's result always wins over what the board says
-            monitor.apply_status(self, ep, monitor.status_of(probe.rows), now)
+            monitor.apply_status(self, ep, monitor.status_of(probe.rows), now, probe.started)
         elif probe.status == "refused":
             self._refuse(ep, error)
         elif at_start or ep.state is UP:

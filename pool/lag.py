@@ -15,18 +15,39 @@ read rotation, shown as ``state: "lagging"`` with its lag in ``stats()``, until 
 If every replica lags, reads go to the primary when ``read_fallback`` allows it, else to the
 least-lagging replica; ``stats()["reads_to"]`` says which.
 
-Read your own writes. ``Pool.write_token()`` returns the primary's WAL position after the
-caller's writes as text (``"0/3000148"``): short, and safe in a header or a cookie, so it works
-across requests and processes. A read with ``after=token`` goes to a replica known to have
-replayed that position; if none is known to, the replicas are asked (statements.py,
+Read your own writes. ``Pool.write_token()`` returns the primary's timeline and WAL position
+after the caller's writes as text (``"2:0/3000148"``): short, and safe in a header or a cookie,
+so it works across requests and processes. A read with ``after=token`` goes to a replica known
+to have replayed that position; if none is known to, the replicas are asked (statements.py,
 ``_checkout_after``) for up to ``AFTER_WAIT``; then the read goes to the primary, which always
-has it (with ``read_fallback=False``, never: the replicas are asked until the timeout).
+has it (with ``read_fallback=False``, never: the replicas are asked until the timeout). A token
+from a newer timeline than the primary the pool knows (a promotion it has not seen yet) first
+waits, within the timeout, for the pool to find that primary.
+
+Diverged replicas. After an asynchronous failover a replica can have replayed WAL of the old
+primary that the promoted one never received. A replica's timeline is not readable without
+privileges and positions carry none, so such a replica, ahead of the new primary, would count as
+caught up, and a token from the new primary would look replayed there, though it never will be.
+One thing cannot happen to a replica on the primary's history: replaying WAL the primary has not
+written yet. So a replica whose replay position, answered before the primary was asked, is above
+the primary's answer is ``diverged`` (``check_diverged``): out of reads whatever ``max_lag``
+says, ``state: "diverged"``, logged at WARNING, until its position has moved (rebuilt, rewound)
+and a later answer of the primary is no lower. Only the monitor's and the probes' answers count,
+timed conservatively (answered: when read; asked: before it was sent), so a healthy replica
+under write load is never flagged. Reads with a token count only on a replica ``judged`` this
+way since the current primary was first seen (``forget_judgements``: its answers from before
+say nothing of where it went after the promotion); until then they go to the primary, for about
+``RECHECK`` after a new primary is found. Not caught: a replica that diverged by less than the
+new primary has written since; it replays nothing more, so its lag grows until ``max_lag``
+takes it out of reads, and tokens newer than its position are never served there.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import re
+import time
 from typing import Any, Iterable
 
 HISTORY = 120.0  # seconds of primary positions kept
@@ -34,8 +55,14 @@ AFTER_WAIT = 0.1  # how long a read with a token waits for a replica to catch up
 AFTER_POLL = 0.005  # ...asking again after this long at first (the pause doubles, to 0.05 s)
 RESURVEY = 0.25  # without read_fallback, every replica is asked again this often
 STALE = 5.0  # a primary position older than this cannot measure lag (the primary is gone)
+RECHECK = 0.05  # a new primary is asked this long after the replicas (forget_judgements)
 
-_TOKEN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+# The primary's timeline (hex, as in WAL file names), then its WAL position; tokens from before
+# the timeline was added ("0/3000148") are still read.
+_TOKEN = re.compile(r"^(?:([0-9A-Fa-f]{1,8}):)?([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8})$")
+# write_token()'s one round trip: "2:0/3000148" (leading zeros of the timeline dropped)
+TOKEN_SQL = ("SELECT ltrim(substr(pg_walfile_name(lsn), 1, 8), '0') || ':' || lsn::text "
+             "FROM pg_current_wal_lsn() AS lsn")
 
 
 def parse_lsn(text: str | None) -> int | None:
@@ -50,15 +77,22 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
-def parse_token(token: Any) -> int | None:
-    """A read-after token as a WAL position; None for no token. ValueError for anything that is
-    not a token (a client may send garbage in a header: the message does not echo it)."""
+def parse_token(token: Any) -> tuple[int, int | None] | None:
+    """A read-after token as (WAL position, timeline or None); None for no token. ValueError
+    for anything that is not a token (a client may send garbage in a header: the message does
+    not echo it)."""
     if token is None or token == "":
         return None
-    if not isinstance(token, str) or not _TOKEN.match(token):
-        raise ValueError("after= must be a token from Pool.write_token() (a WAL position such as "
-                         "'0/3000148')")
-    return parse_lsn(token)
+    match = _TOKEN.match(token) if isinstance(token, str) else None
+    if match is None:
+        raise ValueError("after= must be a token from Pool.write_token() (a timeline and a WAL "
+                         "position, such as '2:0/3000148')")
+    timeline, lsn = match.groups()
+    return parse_lsn(lsn), int(timeline, 16) if timeline else None
+
+
+def format_token(lsn: int, timeline: int | None) -> str:
+    return f"{timeline:X}:{format_lsn(lsn)}" if timeline else format_lsn(lsn)
 
 
 class LagTracker:
@@ -96,6 +130,62 @@ class LagTracker:
             if lsn > replay:
                 return max(0.0, now - t), latest - replay
         return 0.0, latest - replay  # unreachable: the latest sample is beyond replay
+
+
+def replica_answered(ep: Any, when: float, replay: int) -> None:
+    """A replica's monitor or probe answered ``replay`` (read at ``when``): one of the samples
+    ``check_diverged`` judges (the last few are kept: a primary slow to answer is compared with
+    one from before its question). A diverged one that moved is judged again."""
+    if when <= ep.answers_since:
+        return  # from before a new primary: not evidence about its history
+    if not ep.answers or ep.answers[-1] != (when, replay):
+        ep.answers.append((when, replay))
+    if ep.diverged and replay != ep.diverged_at:
+        ep.diverged_at = None
+
+
+def check_diverged(replicas: Iterable[Any], primary: Any, asked: float,
+                   lsn: int) -> list[tuple[Any, ...]]:
+    """The primary answered ``lsn`` to a question sent at ``asked`` or later: flag the replicas
+    that had replayed more before that, clear those that moved and are no longer ahead, and
+    count the others as judged. Returns the log lines."""
+    said: list[tuple[Any, ...]] = []
+    for ep in replicas:
+        # Its latest answer from strictly before the primary was asked; a later one proves nothing
+        replay = next((r for when, r in reversed(ep.answers) if when < asked), None)
+        if replay is None:
+            continue
+        ep.judged = replay <= lsn
+        if replay > lsn:
+            if not ep.diverged:
+                said.append((logging.WARNING, "replica %s has replayed WAL up to %s, past the "
+                             "primary %s at %s: it is not on the primary's history (left behind "
+                             "by a failover?); out of reads until it is rebuilt or rewound",
+                             ep.name, format_lsn(replay), primary.name, format_lsn(lsn)))
+            ep.diverged, ep.diverged_at = True, replay
+        elif ep.diverged and ep.diverged_at is None:
+            ep.diverged = False
+            said.append((logging.INFO, "replica %s moved to %s, no longer past the primary %s: "
+                         "back in reads", ep.name, format_lsn(replay), primary.name))
+        elif ep.diverged:
+            ep.judged = False  # stuck where it was caught: the primary wrote past it, that is all
+    return said
+
+
+def forget_judgements(pool: Any) -> None:
+    """Lock held. A new primary, the primary back from an outage (restored from a backup, or
+    another server behind its address) or on a new timeline: no replica is known to be on its
+    history, and what they answered until now tells nothing (they may have gone on replaying
+    the old primary's WAL). Each is asked again now, the primary just after them, so the first
+    comparison comes within about ``RECHECK``, not a monitor interval later."""
+    now = time.monotonic()
+    pool._judgements += 1
+    for ep in pool._endpoints:
+        ep.judged = False
+        ep.answers.clear()
+        ep.answers_since = now
+        ep.monitor_at = min(ep.monitor_at, now + RECHECK if ep is pool._primary else now)
+    pool._hurry_housekeeper()
 
 
 def route_reads(replicas: Iterable[Any], max_lag: float | None) -> tuple[tuple, str]:

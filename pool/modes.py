@@ -241,6 +241,8 @@ class ProcessPool(Pool):
     def _wake_housekeeper(self) -> None:
         self._hk_due = self._due = 0.0  # run at the next checkout
 
+    _hurry_housekeeper = _wake_housekeeper
+
     def _wake_filler(self) -> None:
         self._fill_wanted = True
         self._hk_due = self._due = 0.0
@@ -452,6 +454,9 @@ class ThreadedPool(Pool):
     def _wake_housekeeper(self) -> None:
         self._start_housekeeping()
         self._wakeup.set()
+
+    def _hurry_housekeeper(self) -> None:
+        self._wakeup.set()  # (a thread started later runs its first round at once anyway)
 
     def _wake_filler(self) -> None:
         with self._lock:

@@ -13,9 +13,11 @@ on their own), so a slow monitor cannot raise a false alarm.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
-from . import roles
+from . import lag, roles
+from .config import REPLICA
 from .endpoint import DOWN, REFUSED
 from .lag import parse_lsn
 from .probe import OK, PENDING, Monitor
@@ -52,6 +54,7 @@ def status_of(rows: Any) -> tuple[bool, int | None, int | None] | None:
 def job_monitor(pool: "Pool", now: float) -> float:
     """Step each endpoint's monitor; apply what answered. Returns when to run again."""
     due = float("inf")
+    judgements = pool._judgements
     interval = SEEK_INTERVAL if pool._discover and (
         pool._primary is None or pool._primary.state in (DOWN, REFUSED)) else MONITOR_INTERVAL
     for ep in pool._endpoints:
@@ -83,32 +86,42 @@ def job_monitor(pool: "Pool", now: float) -> float:
         due = min(due, ep.monitor_at)
         if status == OK:
             answer = status_of(m.rows)
-            apply_status(pool, ep, answer, now)
+            apply_status(pool, ep, answer, now, m.started)
             if answer is not None:
-                pool._share_status(ep, answer[0], answer[2])
+                pool._share_status(ep, answer, m.started)
         else:  # no answer: ask again later, on a new connection; not evidence of an outage
             m.close()
             ep.monitor = None
+    if pool._judgements != judgements:  # a new primary meanwhile: questions due at once (lag.py)
+        due = min(due, now + STEP_INTERVAL)
     return due
 
 
-def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float) -> None:
-    """What a monitor or a probe learnt about ep: its role, its position, its lag."""
+def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
+                 asked: float) -> None:
+    """What a monitor or a probe (its question sent at ``asked`` or later) learnt about ep: its
+    role, its position, its lag, and whether the replicas are on the primary's history."""
     if status is None:
         return
     in_recovery, lsn, timeline = status
+    answered = time.monotonic()  # not ``now``: the answer may have arrived after it was taken
     with pool._lock:
         said = roles.observe(pool, ep, in_recovery, timeline)
         if ep is pool._primary and not in_recovery and lsn is not None:
             if pool._lag_source is not ep:  # a new primary: old positions compare with nothing
                 pool._lag.reset()
                 pool._lag_source = ep
+                lag.forget_judgements(pool)
             pool._lag.primary_at(now, lsn)
+            said += lag.check_diverged([r for r in pool._endpoints if r.role == REPLICA], ep,
+                                       asked, lsn)
         elif in_recovery:
             ep.replay_lsn = lsn
             ep.lag_s, ep.lag_bytes = pool._lag.lag(now, lsn)
             max_lag = pool.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
+            if lsn is not None and ep.role == REPLICA:
+                lag.replica_answered(ep, answered, lsn)
         pool._state_changed_locked()
     for level, *args in said:
         log.log(level, *args)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from . import lag
 from .config import PRIMARY, REPLICA
 from .endpoint import CONFLICT, UP
 
@@ -40,6 +41,8 @@ UNKNOWN = "candidate"  # a node whose role no answer has told yet
 
 def observe(pool: "Pool", ep: "Endpoint", in_recovery: bool, timeline: int | None) -> list[tuple[Any, ...]]:
     """Lock held. Apply one node's answer; return the log lines to emit once the lock is free."""
+    if ep is pool._primary and timeline is not None and ep.timeline not in (None, timeline):
+        lag.forget_judgements(pool)  # a new history at the same address (lag.py)
     ep.timeline = timeline
     if not pool._discover:
         return []
@@ -64,6 +67,7 @@ def observe(pool: "Pool", ep: "Endpoint", in_recovery: bool, timeline: int | Non
         # current one is down. Follow it.
         if current is not ep:
             pool._primary = ep
+            lag.forget_judgements(pool)
             if current is not None:
                 _set_role(current, UNKNOWN)
                 if current.state is UP:  # it claims primary on an older timeline: fence it off
@@ -94,3 +98,7 @@ def _set_role(ep: "Endpoint", role: str) -> None:
     if ep.role != role:
         ep.role = role
         ep.generation += 1  # sessions opened for the old role (read-only, or read-write) go
+        # ...and what its answers in the old role said: its position, lag and history (lag.py)
+        ep.replay_lsn = ep.lag_s = ep.lag_bytes = ep.diverged_at = None
+        ep.lagging = ep.diverged = ep.judged = False
+        ep.answers.clear()

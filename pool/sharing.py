@@ -23,7 +23,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import board as boards
-from . import roles
+from . import lag, roles
+from .config import REPLICA
 from .endpoint import DOWN, REFUSED, UP
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ class Sharing:
         doomed: list[Any] = []
         with self._lock:
             before = [ep.state for ep in self._endpoints]
-            for ep in endpoints:
+            # The primary first: its new position is judged against the replicas' answers
+            # applied before (lag.check_diverged), not the ones the same round wrote after it
+            for ep in sorted(endpoints, key=lambda e: e is not self._primary):
                 entry = board.read(ep.board_slot)
                 if entry is None or entry.seq == ep.board_seq:
                     continue
@@ -104,6 +107,8 @@ class Sharing:
                 ep.probe = None
                 self._end_probe(ep)
             ep.mark_up()
+            if ep is self._primary:
+                lag.forget_judgements(self)
             said.append((logging.INFO, "%s %s is back (found by another process)", ep.role, ep.name))
         elif state == UP and ep.board_epoch and entry.epoch != ep.board_epoch:
             ep.generation += 1  # an outage this process slept through: its sessions predate it
@@ -132,14 +137,23 @@ class Sharing:
             if entry.error:
                 ep.last_error = entry.error
         ep.board_epoch = entry.epoch
-        if entry.recovery and self._discover:
+        if entry.recovery:  # (declared roles: only its timeline)
             said += roles.observe(self, ep, entry.recovery == 1, entry.timeline or None)
         if entry.lag_at and now - entry.lag_at < boards.STATUS_FRESH and ep.monitor is None:
+            if entry.recovery == 2 and ep is self._primary:
+                # Its position, asked at lag_at: judge the replicas' earlier answers (lag.py)
+                if entry.replay:
+                    said += lag.check_diverged(
+                        [e for e in self._endpoints if e.role == REPLICA], ep, entry.lag_at,
+                        entry.replay)
+                return doomed
             ep.replay_lsn = entry.replay or None
             ep.lag_s = None if math.isnan(entry.lag_s) else entry.lag_s
             ep.lag_bytes = entry.lag_bytes
             max_lag = self.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
+            if entry.recovery == 1 and entry.replay and ep.role == REPLICA:
+                lag.replica_answered(ep, entry.lag_at, entry.replay)  # (read before lag_at)
         return doomed
 
     def _share(self: "Pool", ep: "Endpoint") -> None:
@@ -199,16 +213,21 @@ class Sharing:
         self._apply_board([ep], now)
         return True
 
-    def _share_status(self: "Pool", ep: "Endpoint", in_recovery: bool, timeline: int | None) -> None:
-        """Role, timeline and lag as this process's monitor measured them."""
+    def _share_status(self: "Pool", ep: "Endpoint", answer: tuple, asked: float) -> None:
+        """Role, timeline, position and lag as this process's monitor measured them. A
+        primary's position goes with when it was asked, a replica's with a time after its
+        answer was read: what lag.check_diverged needs to compare them in any process."""
         board = self._board
         if board is None:
             return
+        in_recovery, lsn, timeline = answer
+        primary = not in_recovery and ep is self._primary and lsn is not None
         lag_s = math.nan if ep.lag_s is None else ep.lag_s
         ep.board_seq = board.write(ep.board_slot, recovery=1 if in_recovery else 2,
-                                   timeline=timeline or 0, replay=ep.replay_lsn or 0,
+                                   timeline=timeline or 0,
+                                   replay=(lsn if primary else ep.replay_lsn) or 0,
                                    lag_s=lag_s, lag_bytes=ep.lag_bytes or 0,
-                                   lag_at=boards.monotonic())
+                                   lag_at=asked if primary else boards.monotonic())
 
     def _may_probe(self: "Pool", ep: "Endpoint") -> bool:
         """Only the holder of an endpoint's probe lease probes it (one prober per outage)."""
@@ -269,7 +288,7 @@ class Sharing:
             seen = [e for w in workers for e in w["endpoints"] if e["name"] == ep["name"]]
             merged.append({
                 "name": ep["name"], "role": ep["role"], "state": ep["state"],
-                "workers_up": sum(e["state"] in ("up", "lagging") for e in seen),
+                "workers_up": sum(e["state"] in ("up", "lagging", "diverged") for e in seen),
                 "workers_down": sum(e["state"] in ("down", "refused") for e in seen),
                 "states": sorted({e["state"] for e in seen}),
                 "checkouts": sum(e.get("checkouts", 0) for e in seen),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from . import lag
 from .config import PRIMARY
@@ -37,7 +37,7 @@ class Statements:
     """Mixed into Pool: running one statement, retried once if it was a read."""
 
     def _run(self: "Pool", sql: str, params: Any, readonly: bool, fetch: Callable[[Any], Any],
-             after: int | None = None) -> Any:
+             after: tuple | None = None) -> Any:
         """Run one statement in its own transaction; retry a read once if its endpoint is lost.
 
         A single statement needs no BEGIN/COMMIT round trips: it runs in autocommit, which
@@ -51,7 +51,7 @@ class Statements:
             raise
 
     def _run_attempts(self: "Pool", sql: str, params: Any, readonly: bool, fetch: Callable[[Any], Any],
-                      after: int | None) -> Any:
+                      after: tuple | None) -> Any:
         attempts = 2 if readonly else 1
         for attempt in range(attempts):
             rec = self._checkout(readonly, None) if after is None else self._checkout_after(after)
@@ -96,8 +96,8 @@ class Statements:
             return result
         raise AssertionError("unreachable")
 
-    def _checkout_after(self: "Pool", lsn: int, timeout: float | None = None) -> PooledConnection:
-        """A read that must see every write up to ``lsn`` (read-your-writes, lag.py).
+    def _checkout_after(self: "Pool", token: tuple, timeout: float | None = None) -> PooledConnection:
+        """A read that must see every write up to a token's position (read-your-writes, lag.py).
 
         A replica known to have replayed it, if one has room; else the balanced choice is
         asked (a round trip), and if it is behind, the others in turn: first one the monitor has
@@ -109,14 +109,24 @@ class Statements:
         connect or a wait), and a replica lost while being asked ends the asking. With
         ``read_fallback=False`` there is no primary: the replicas are asked until the timeout
         (surveyed again every ``RESURVEY`` s, connecting or waiting if need be, and past a lost
-        one), then ``PoolTimeout``. Every checkout here gets what is left of one timeout."""
+        one), then ``PoolTimeout``. Every checkout here gets what is left of one timeout. A token
+        from a newer timeline than the primary's waits first for the pool to see that promotion
+        (``_await_timeline``): its replicas and its primary are of an older history."""
+        lsn, timeline = token
         start = monotonic()
         end = start + (self.options.timeout if timeout is None else timeout)
+        if timeline is not None and self._monitoring:
+            self._await_timeline(lsn, timeline, start, end)
         fallback = self.options.read_fallback
-        known = tuple(ep for ep in self._readable if (ep.replay_lsn or 0) >= lsn
+        trusted = self._trusted_for_tokens
+        if fallback and self._readable and not any(map(trusted, self._readable)):
+            return self._checkout(False, timeout)  # no replica compared with this primary yet
+        roomy = tuple(ep for ep in self._readable if trusted(ep)
                       and (ep.idle or ep.size < ep.max_size))  # a preference, not a wait
-        rec = self._checkout(True, timeout, known or None)
-        if rec.endpoint.role == PRIMARY or (rec.endpoint.replay_lsn or 0) >= lsn:
+        known = tuple(ep for ep in roomy if (ep.replay_lsn or 0) >= lsn)
+        rec = self._checkout(True, timeout, known or roomy or None)
+        ep = rec.endpoint
+        if ep.role == PRIMARY or trusted(ep) and (ep.replay_lsn or 0) >= lsn:
             return rec
         deadline = monotonic() + lag.AFTER_WAIT if fallback else end
         asked: dict[Any, int] = {}  # endpoint -> the replay position it answered, this survey
@@ -128,7 +138,10 @@ class Statements:
                         break
                     rec = self._checkout(True, max(0.0, end - monotonic()))
                 try:
-                    replay = asked[rec.endpoint] = self._replay_position(rec)
+                    replay = self._replay_position(rec)
+                    if not trusted(rec.endpoint):
+                        replay = -1  # not compared with the primary yet: its position says nothing
+                    asked[rec.endpoint] = replay
                 except BaseException as exc:
                     held, rec = rec, None
                     self._checkin_slow(held, exc, True)
@@ -149,7 +162,9 @@ class Statements:
                 if move is None:
                     if now >= deadline:
                         break
-                    time.sleep(min(pause, deadline - now))
+                    if now >= self._due:  # process mode: the monitors advance on checkouts
+                        self._tick(now)
+                    time.sleep(min(pause, max(0.0, deadline - monotonic())))
                     pause = min(2 * pause, 0.05)
                     if not fallback and now - surveyed >= lag.RESURVEY:  # who caught up?
                         asked, settled, surveyed = {}, False, now
@@ -171,23 +186,54 @@ class Statements:
         if rec is not None:
             self._checkin(rec, None, True)
         if not fallback:
-            with self._lock:
-                self._timeouts += 1
-                self._wait_target(True).timeouts += 1
-                raise self._timeout_error(True, None, head=(
-                    f"no replica had replayed the writes of token {lag.format_lsn(lsn)} within "
-                    f"{monotonic() - start:.2f}s, and read_fallback=False keeps reads off the "
-                    f"primary"))
+            self._token_timeout(
+                f"no replica had replayed the writes of token {lag.format_token(lsn, timeline)} "
+                f"within {monotonic() - start:.2f}s, and read_fallback=False keeps reads off the "
+                f"primary")
         # Lent for a read: _run and Checkout keep it read-only.
         return self._checkout(False, max(0.0, end - monotonic()))
+
+    def _await_timeline(self: "Pool", lsn: int, timeline: int, start: float, end: float) -> None:
+        """Until the timeout: wait while the primary this pool knows is on an older timeline
+        than the token's. The token comes from a primary promoted since: this pool will find it
+        (role discovery, or the monitor of a declared primary whose address now leads to it)."""
+        pause = lag.AFTER_POLL
+        while True:
+            primary = self._primary
+            known = primary.timeline if primary is not None else None
+            if known is None or known >= timeline:
+                return
+            now = monotonic()
+            if now >= end:
+                self._token_timeout(
+                    f"token {lag.format_token(lsn, timeline)} is from timeline {timeline}, and "
+                    f"within {now - start:.2f}s this pool saw no primary newer than {primary.name} "
+                    f"(timeline {known}): a promotion it has not found")
+            if now >= self._due:  # process mode: the monitors advance on checkouts
+                self._tick(now)
+            time.sleep(min(pause, max(0.0, end - monotonic())))
+            pause = min(2 * pause, 0.05)
+
+    def _token_timeout(self: "Pool", head: str) -> NoReturn:
+        with self._lock:
+            self._timeouts += 1
+            self._wait_target(True).timeouts += 1
+            raise self._timeout_error(True, None, head=head)
 
     def _next_to_ask(self: "Pool", lsn: int, asked: dict, current: Any, fallback: bool) -> Any:
         """The replica to move to, if any: one the monitor has seen replay ``lsn``, else one not
         asked yet. With read_fallback only one with an idle connection (moving must not connect
         or wait while the primary could answer)."""
-        usable = [ep for ep in self._readable if ep is not current and (ep.idle or not fallback)]
+        usable = [ep for ep in self._readable if ep is not current and (ep.idle or not fallback)
+                  and self._trusted_for_tokens(ep)]
         return next((ep for ep in usable if (ep.replay_lsn or 0) >= lsn), None) or \
             next((ep for ep in usable if ep not in asked), None)
+
+    def _trusted_for_tokens(self: "Pool", ep: Any) -> bool:
+        """May a read with a token count on this replica's position? Not before the monitor has
+        compared it with the current primary's (a replica left ahead by a failover: lag.py);
+        without the monitor (max_lag=None, declared roles) nothing is compared."""
+        return ep.judged or not self._monitoring
 
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int:

@@ -16,9 +16,12 @@ import pool
 
 
 def make_pool(spec: dict) -> pool.Pool:
-    return pool.Pool(spec["primary"], replicas=spec.get("replicas", []), mode=spec["mode"],
+    """Declared roles (``primary``, ``replicas``), or candidates (``nodes``)."""
+    roles = dict(nodes=spec["nodes"]) if "nodes" in spec else dict(
+        primary=spec["primary"], replicas=spec.get("replicas", []))
+    return pool.Pool(**roles, mode=spec["mode"],
                      shared_state=spec["board"], connect_timeout=spec.get("connect_timeout", 0.5),
-                     query_timeout=spec.get("query_timeout", 3), timeout=1,
+                     query_timeout=spec.get("query_timeout", 3), timeout=spec.get("timeout", 1),
                      max_lag=spec.get("max_lag"))
 
 
@@ -46,6 +49,10 @@ def serve(conn: Any, spec: dict, inherited: pool.Pool | None = None) -> None:
                 value = p.stats(scope="host")
             elif cmd == "born":
                 value = born
+            elif cmd == "monitoring":  # the servers this worker's monitor asks (board.py lease)
+                value = [ep.name for ep in p._endpoints if ep.monitor is not None]
+            elif isinstance(cmd, tuple) and cmd[0] == "fetchone":  # (, sql, params, kwargs)
+                value = (p.fetchone(cmd[1], cmd[2], **cmd[3]), p.last_endpoint)
             else:
                 value = None
             conn.send({"ok": True, "seconds": time.monotonic() - start, "value": value})

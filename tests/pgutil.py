@@ -164,3 +164,32 @@ def terminate_under_queue(db: Cluster, p: Any, before_each: Callable[[], Any], r
         for t in threads:
             t.join()
     return errors
+
+
+_INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+
+
+def fork_replica2(c: Cluster, p: Any) -> tuple[int, str]:
+    """An asynchronous failover that leaves replica2 off the new primary's history: replica1
+    stops, the primary writes on (replica2 replays it), the primary dies, replica1 starts and
+    is promoted. replica2 is then ahead of the new primary's WAL positions, though it never had
+    its writes. Returns (id, token) of a row written on the new primary once ``p`` follows it."""
+    c.kill("replica1")
+    admin_sql(c, "primary", "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad "
+                            "FROM generate_series(1, 60000) g")  # about 16 MB of WAL
+    c.wait_replayed(nodes=["replica2"])
+    c.kill("primary")
+    c.start_node("replica1")
+    admin_sql(c, "replica1", "SELECT pg_promote()")
+    c.state.set_primary("replica1")  # so that c.rejoin() rewinds replica2 onto it
+    for node in ("primary", "replica2"):
+        c.state.set_rewind(node, True)
+    wait_until(lambda: timed(lambda: p.fetchone(_INSERT, (unique_name(),)))[2] is None,
+               timeout=20, interval=0.05, what="writes on the new primary")
+    assert node_of(c, p.last_endpoint) == "replica1"
+    (row_id,) = p.fetchone(_INSERT, (unique_name(),))
+    token = p.write_token()
+    ahead = admin_sql(c, "replica2", "SELECT pg_last_wal_replay_lsn() > %s::pg_lsn",
+                      (token.rsplit(":", 1)[-1],))  # (the token: "timeline:position")
+    assert ahead == [(True,)], "the fork did not leave replica2 ahead of the new primary"
+    return row_id, token

@@ -23,7 +23,9 @@ import pytest
 import boardworker
 import pool
 from pool import board as boards
-from pgutil import proxied, stalled, wait_until
+from conftest import APP_PASSWORD
+from native.cluster import NODES
+from pgutil import fork_replica2, proxied, stalled, throwaway_cluster, wait_until
 from proxy import Proxy
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
@@ -645,6 +647,49 @@ def test_the_board_file_is_private_and_holds_no_secret(db, board_path):
         assert p.stats()["shared_state"] is None
     finally:
         p.close()
+
+
+def test_workers_that_do_not_monitor_the_primary_still_keep_tokens_off_a_diverged_replica(
+        board_path):
+    """A replica left ahead of a promoted one (lag.py): two process-mode workers share the
+    board, and only one of them monitors the primary. The other judges the replicas from the
+    positions on the board, so neither serves a read with the new primary's token from the
+    diverged replica, and both take it out of reads."""
+    with throwaway_cluster("pool-board-fork-", env={"APP_PASSWORD": APP_PASSWORD}) as c:
+        # (timeout: a worker asked first may wait for the other's monitor lease to expire, as
+        # that one is idle meanwhile)
+        spec = dict(nodes=[c.dsn(n) for n in NODES], mode="process", board=board_path,
+                    max_lag=10, timeout=5)
+        workers = Workers(2, spec, "spawn")
+        p = pool.Pool(nodes=[c.dsn(n) for n in NODES], connect_timeout=1, timeout=2)
+        try:
+            for i in (0, 1):
+                for _ in range(4):
+                    assert workers.ask(i, "read")["ok"]
+            row_id, token = fork_replica2(c, p)
+            replica2 = f"127.0.0.1:{c.port('replica2')}"
+            read = ("fetchone", "SELECT id FROM items WHERE id = %s", (row_id,),
+                    dict(readonly=True, after=token))
+            primary = f"127.0.0.1:{c.port('replica1')}"
+            states: dict[int, set] = {0: set(), 1: set()}
+            watchers = set()  # the workers seen monitoring the new primary
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                for i in (0, 1):
+                    answer = workers.ask(i, read)
+                    assert answer["ok"], answer
+                    assert answer["value"][0] == (row_id,), (i, answer)  # never the diverged one
+                    states[i] |= {e["state"] for e in workers.ask(i, "stats")["value"]["endpoints"]
+                                  if e["name"] == replica2}
+                    if primary in workers.ask(i, "monitoring")["value"]:
+                        watchers.add(i)
+                time.sleep(0.05)
+            assert len(watchers) == 1, watchers  # the other one had only the board to go by
+            assert states == {0: {"diverged"}, 1: {"diverged"}} or all(
+                "diverged" in s for s in states.values()), states
+        finally:
+            p.close()
+            workers.close()
 
 
 def test_threaded_mode_shares_only_when_asked(db, tmp_path):

@@ -6,17 +6,22 @@ modes and across processes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import types
 
+import psycopg2
 import pytest
 
 import pool
-from pool.lag import LagTracker, format_lsn, parse_lsn, parse_token
+from pool import lag, monitor
+from pool.lag import LagTracker, format_lsn, format_token, parse_lsn, parse_token
 from pgutil import admin_sql, node_of, stalled, timed, unique_name, wait_until
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
@@ -185,6 +190,11 @@ def test_a_read_with_a_token_keeps_its_timeout(pool_factory, db):
     the pool's, bounds the wait for a replica's connection (it once waited the pool's 3 s)."""
     p = pool_factory(mode="threaded", max_size=1, timeout=3.0)
     token = p.write_token()
+    # (a new pool's first token reads go to the primary, until the monitor has compared the
+    # replicas with it: lag.py)
+    wait_until(lambda: node_of(db, (p.fetchone(READ, readonly=True, after=token),
+                                    p.last_endpoint)[1]) != "primary", timeout=3,
+               what="a token read served by a replica")
     held = [p.connection(readonly=True) for _ in range(2)]
     for loan in held:
         loan.__enter__()
@@ -415,6 +425,66 @@ def test_a_bad_token_is_a_value_error_that_does_not_echo_it(make_pool):
     assert "DROP" not in str(info.value)
 
 
+def test_healthy_replicas_under_a_stream_of_writes_are_never_taken_for_diverged(
+        make_pool, db, monkeypatch, caplog):
+    """A replica is flagged diverged (lag.py) when its answer is above an answer the primary
+    gave later. Under a stream of writes a healthy replica keeps replaying WAL that the primary
+    wrote after its last answer, so any slip in ordering the samples (an answer timed before it
+    was read, the primary's question timed after it was sent) flags a healthy one. The monitor
+    asks every 20 ms here instead of every second, and the primary takes 50 ms to answer (a
+    loaded primary): the replicas answer two or three times while one of its questions is out,
+    with WAL it wrote after it took its position. About a hundred comparisons; none may flag."""
+    monkeypatch.setattr(monitor, "MONITOR_INTERVAL", 0.02)
+    monkeypatch.setattr(monitor, "STATUS_SQL", (
+        f"WITH s AS MATERIALIZED ({monitor.STATUS_SQL}), z AS MATERIALIZED (SELECT pg_sleep("
+        f"CASE WHEN pg_is_in_recovery() THEN 0 ELSE 0.05 END) FROM s) SELECT s.* FROM s, z"))
+    compared = []
+    real_check = lag.check_diverged
+
+    def check(replicas, primary, asked, lsn):
+        replicas = list(replicas)
+        compared.extend(r for r in replicas if r.answers and r.answers[0][0] < asked)
+        return real_check(replicas, primary, asked, lsn)
+
+    monkeypatch.setattr(lag, "check_diverged", check)
+    admin_sql(db, "primary", "CREATE TABLE IF NOT EXISTS write_stream (x int)")
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = psycopg2.connect(db.dsn("primary", user="postgres"))
+        conn.autocommit = True
+        with conn, conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("INSERT INTO write_stream SELECT generate_series(1, 20)")
+        conn.close()
+
+    p = make_pool()
+    writers = [threading.Thread(target=writer) for _ in range(3)]
+    for t in writers:
+        t.start()
+    seen = set()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pool"):
+            end = time.monotonic() + 4
+            while time.monotonic() < end:
+                p.fetchone(READ, readonly=True)  # (process mode: the monitors advance on requests)
+                seen |= {e["state"] for e in p.stats()["endpoints"]}
+                time.sleep(0.002)
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+        admin_sql(db, "primary", "DROP TABLE write_stream")
+    assert len(compared) > 60, len(compared)  # the check really ran, again and again
+    assert "diverged" not in seen
+    assert not [r.getMessage() for r in caplog.records if "primary's history" in r.getMessage()]
+    name = unique_name("fp")
+    (item,) = p.fetchone(INSERT, (name,))
+    token = p.write_token()
+    assert p.fetchone(SELECT, (item,), readonly=True, after=token) == (name,)
+    assert node_of(db, p.last_endpoint) != "primary"  # judged: tokens count on the replicas
+
+
 # -- the measure itself, without a server ------------------------------------------------------
 
 def test_lag_tracker_measures_time_since_the_primary_had_what_the_replica_lacks():
@@ -429,10 +499,71 @@ def test_lag_tracker_measures_time_since_the_primary_had_what_the_replica_lacks(
     assert t.lag(200.0, 3000) == (None, None)  # no word from the primary for long: unknown
 
 
+def _replica(name="r1"):
+    return types.SimpleNamespace(name=name, answers=collections.deque(maxlen=8), diverged=False,
+                                 diverged_at=None, judged=False, answers_since=0.0,
+                                 monitor_at=float("inf"))
+
+
+def test_a_replica_is_judged_only_by_a_primary_answer_asked_after_its_own():
+    r, primary = _replica(), types.SimpleNamespace(name="p")
+    lag.replica_answered(r, 10.0, 5000)
+    assert lag.check_diverged([r], primary, 10.0, 4000) == []  # asked at the same time: nothing
+    assert not r.judged and not r.diverged
+    lag.replica_answered(r, 10.5, 6000)  # answered after the question below: not that one
+    lag.check_diverged([r], primary, 10.2, 5500)
+    assert r.judged and not r.diverged  # its 5000 (at 10.0) is behind 5500: on the history
+    said = lag.check_diverged([r], primary, 11.0, 5900)  # its 6000 (at 10.5) is past 5900
+    assert r.diverged and not r.judged and said[0][0] == logging.WARNING
+    assert "0/1770" in said[0][1] % said[0][2:]  # the position it was caught at, 6000
+
+
+def test_a_diverged_replica_stays_out_until_it_moves_and_the_primary_is_not_behind_it():
+    r, primary = _replica(), types.SimpleNamespace(name="p")
+    lag.replica_answered(r, 1.0, 9000)
+    lag.check_diverged([r], primary, 2.0, 8000)
+    assert r.diverged
+    lag.check_diverged([r], primary, 3.0, 9500)  # the primary wrote past it: still off its history
+    assert r.diverged and not r.judged
+    lag.replica_answered(r, 3.5, 9000)  # the same position: stuck
+    lag.check_diverged([r], primary, 4.0, 9600)
+    assert r.diverged
+    lag.replica_answered(r, 4.5, 9200)  # moved (rewound, rebuilt): judged again by the next one
+    assert r.diverged
+    said = lag.check_diverged([r], primary, 5.0, 9700)
+    assert not r.diverged and r.judged and said[0][0] == logging.INFO
+
+
+def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was_seen():
+    """Before the promotion a replica's answers say nothing of whether it went on replaying the
+    old primary's WAL after it: a judgement on one of them would be a false all-clear."""
+    r, primary = _replica(), _replica("p")
+    woken = []
+    pool = types.SimpleNamespace(_endpoints=[primary, r], _primary=primary, _judgements=0,
+                                 _hurry_housekeeper=lambda: woken.append(1))
+    lag.replica_answered(r, time.monotonic() - 1, 5000)
+    lag.check_diverged([r], primary, time.monotonic(), 6000)
+    assert r.judged
+    lag.forget_judgements(pool)
+    now = time.monotonic()
+    assert not r.judged and not r.answers and pool._judgements == 1 and woken
+    assert r.monitor_at <= now < primary.monitor_at <= now + lag.RECHECK  # replicas asked first
+    lag.replica_answered(r, now - 0.5, 5000)  # read before the new primary was seen: ignored
+    lag.check_diverged([r], primary, now + 1, 6000)
+    assert not r.judged
+    lag.replica_answered(r, now + 0.5, 5500)
+    lag.check_diverged([r], primary, now + 1, 6000)
+    assert r.judged
+
+
 def test_tokens_round_trip_and_reject_garbage():
     assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
     assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
-    assert parse_token("0/3000148") == 0x3000148 and parse_token(None) is None
-    for bad in ("0/", "x/1", "1/2/3", "0/123456789", 42):
+    assert parse_token("2:0/3000148") == (0x3000148, 2) and parse_token(None) is None
+    assert parse_token("1A:0/3000148") == (0x3000148, 0x1A)  # hex, as in WAL file names
+    assert parse_token("0/3000148") == (0x3000148, None)  # a token from before timelines
+    assert format_token(0x3000148, 0x1A) == "1A:0/3000148" and format_token(5, None) == "0/5"
+    for bad in ("0/", "x/1", "1/2/3", "0/123456789", 42, "2:", ":0/1", "x:0/1", "1:2:0/1",
+                "123456789:0/1", "2 :0/1"):
         with pytest.raises(ValueError):
             parse_token(bad)

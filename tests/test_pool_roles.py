@@ -16,7 +16,8 @@ import pytest
 import pool
 from conftest import APP_PASSWORD, heal
 from native.cluster import NODES, Cluster
-from pgutil import admin_sql, node_of, throwaway_cluster, timed, unique_name, wait_until
+from pgutil import (admin_sql, fork_replica2, node_of, throwaway_cluster, timed, unique_name,
+                    wait_until)
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
@@ -178,3 +179,43 @@ def test_candidates_with_no_primary_up_serve_reads_and_find_it_when_it_starts(db
             p.close()
     finally:
         heal(db)
+
+
+def test_a_replica_left_ahead_of_the_promoted_one_serves_no_read_until_it_rejoins(
+        fresh, mode, caplog):
+    """Positions carry no timeline: without the check, replica2 (timeline 1, ahead) counted as
+    caught up, and every read with the new primary's token went to it and missed the write.
+    Reads with a token never count on it, from the first one after the promotion; once the
+    monitor has compared it with the new primary (a round trip later, or a few requests in
+    process mode) it serves no read at all until it has been rewound onto the new timeline."""
+    c = fresh
+    p = candidates(c, mode=mode)
+    try:
+        for _ in range(4):
+            p.fetchone(READ, readonly=True)
+        replica2 = f"127.0.0.1:{c.port('replica2')}"
+        with caplog.at_level(logging.INFO, logger="pool"):
+            row_id, token = fork_replica2(c, p)
+            for _ in range(10):  # from the first read on: the token is the new primary's
+                row = p.fetchone("SELECT id FROM items WHERE id = %s", (row_id,), readonly=True,
+                                 after=token)
+                assert row == (row_id,) and node_of(c, p.last_endpoint) == "replica1"
+            wait_until(lambda: (p.fetchone(READ, readonly=True), states(p)[replica2])[1]
+                       == ("replica", "diverged"), timeout=3, what="replica2 found diverged")
+            for _ in range(10):
+                assert node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) != "replica2"
+            assert "diverged" in p.stats()["reads_to"]
+            assert any(r.levelno == logging.WARNING and replica2 in r.getMessage()
+                       and "not on the primary's history" in r.getMessage() for r in caplog.records)
+            c.rejoin("replica2")  # pg_rewind onto the new timeline: it follows the primary again
+            wait_until(lambda: states(p)[replica2] == ("replica", "up"), timeout=15,
+                       interval=0.1, what="replica2 back in reads after its rewind")
+        assert any("back in reads" in r.getMessage() for r in caplog.records)
+        # (its restart may cost the pool the sessions it held there: reads go on elsewhere
+        # until a probe takes it back)
+        wait_until(lambda: node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1])
+                   == "replica2", timeout=10, what="a read served by replica2 again")
+        row = p.fetchone("SELECT id FROM items WHERE id = %s", (row_id,), readonly=True, after=token)
+        assert row == (row_id,)
+    finally:
+        p.close()
