@@ -120,7 +120,12 @@ class Statements:
         fallback = self.options.read_fallback
         trusted = self._trusted_for_tokens
         if fallback and self._readable and not any(map(trusted, self._readable)):
-            return self._checkout(False, timeout)  # no replica compared with this primary yet
+            try:
+                return self._checkout(False, timeout)  # no replica compared with this primary yet
+            except EndpointUnavailable:
+                if self._writable:
+                    raise
+                # (it was down after all: the replicas' positions are all there is, trusted now)
         roomy = tuple(ep for ep in self._readable if trusted(ep)
                       and (ep.idle or ep.size < ep.max_size))  # a preference, not a wait
         known = tuple(ep for ep in roomy if (ep.replay_lsn or 0) >= lsn)
@@ -231,9 +236,11 @@ class Statements:
 
     def _trusted_for_tokens(self: "Pool", ep: Any) -> bool:
         """May a read with a token count on this replica's position? Not before the monitor has
-        compared it with the current primary's (a replica left ahead by a failover: lag.py);
-        without the monitor (max_lag=None, declared roles) nothing is compared."""
-        return ep.judged or not self._monitoring
+        compared it with the current primary's (a replica left ahead by a failover: lag.py).
+        Nothing is compared without the monitor (max_lag=None, declared roles), nor while no
+        primary is up: then the position is all there is, and the read must not fail for want
+        of a primary it does not need (a token of a newer timeline waits: _await_timeline)."""
+        return ep.judged or not self._monitoring or not self._writable
 
     @staticmethod
     def _replay_position(rec: PooledConnection) -> int:

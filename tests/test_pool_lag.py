@@ -418,6 +418,21 @@ def test_a_token_from_one_process_is_honoured_in_another(make_pool, db):
         assert p.fetchone(SELECT, (int(item_id),), readonly=True, after=token) == (name,)
 
 
+def test_a_read_with_a_token_is_served_by_a_replica_while_the_primary_is_down(make_pool, db):
+    """With no primary up nothing can be compared with it (lag.py): a pool started during the
+    outage still serves reads with a token from the replicas that have its writes (they are of
+    its history; a token from a newer one waits for the pool to find that primary)."""
+    writer = make_pool()
+    name = unique_name("ryw-down")
+    (item_id,) = writer.fetchone(INSERT, (name,))
+    token = writer.write_token()
+    db.wait_replayed()
+    db.kill("primary")
+    p = make_pool(connect_timeout=0.5)  # a worker started meanwhile: it never saw the primary up
+    assert p.fetchone(SELECT, (item_id,), readonly=True, after=token) == (name,)
+    assert node_of(db, p.last_endpoint) != "primary"
+
+
 def test_a_bad_token_is_a_value_error_that_does_not_echo_it(make_pool):
     p = make_pool()
     with pytest.raises(ValueError) as info:
