@@ -64,7 +64,7 @@ import fcntl
 log = logging.getLogger("pool")
 monotonic = time.monotonic
 
-MAGIC = b"POOLBRD\x01"
+MAGIC = b"POOLBRD\x02"
 SLOTS, SLOT_SIZE = 64, 256
 PROCS, PROC_SIZE = 128, 4096
 HEADER_SIZE = 128
@@ -86,9 +86,15 @@ CODES = {v: k for k, v in STATES.items()}
 
 _HEADER = struct.Struct("<8sIIIII16s")  # magic, slots, slot size, procs, proc size, file size, boot
 # seq, key, state, recovery (0 unknown, 1 in recovery, 2 primary), flags (SUSPECT, FAILED_FAST),
-# epoch, changed, updated, retry_at, failures, timeline, replay, lag_s, lag_bytes, lag_at,
-# monitor pid, monitor until, error length; then the error's bytes.
-_SLOT = struct.Struct("<Q16sBBBxIdddIIQdQdIxxxxdH")
+# epoch, changed, updated, retry_at, failures, timeline, replay, reach (a replica: the furthest
+# WAL it holds, received or replayed), lag_s, lag_bytes, lag_at (when the monitor's answer was
+# read), asked (when its question was sent: monitor.py), monitor pid, monitor until, error
+# length; then the error's bytes.
+_SLOT = struct.Struct("<Q16sBBBxIdddIIQQdQddIxxxxdH")
+_FIELDS = ("seq", "key", "state", "recovery", "flags", "epoch", "changed", "updated", "retry_at",
+           "failures", "timeline", "replay", "reach", "lag_s", "lag_bytes", "lag_at", "asked",
+           "monitor_pid", "monitor_until", "error_len")
+_UPDATED = _FIELDS.index("updated")
 ERROR_MAX = SLOT_SIZE - _SLOT.size
 _PROC = struct.Struct("<QIIdI")  # seq, pid, reserved, updated, payload length
 PAYLOAD_MAX = PROC_SIZE - _PROC.size
@@ -123,13 +129,13 @@ class Entry:
     """One slot as read: plain values, already checked for sanity."""
 
     __slots__ = ("seq", "state", "recovery", "flags", "epoch", "changed", "updated", "retry_at",
-                 "failures", "timeline", "replay", "lag_s", "lag_bytes", "lag_at", "monitor_pid",
-                 "monitor_until", "error")
+                 "failures", "timeline", "replay", "reach", "lag_s", "lag_bytes", "lag_at",
+                 "asked", "monitor_pid", "monitor_until", "error")
 
     def __init__(self, values: tuple, error: str) -> None:
-        (self.seq, _, self.state, self.recovery, self.flags, self.epoch, self.changed, self.updated,
-         self.retry_at, self.failures, self.timeline, self.replay, self.lag_s, self.lag_bytes,
-         self.lag_at, self.monitor_pid, self.monitor_until, _) = values
+        for name, value in zip(_FIELDS, values):
+            if name not in ("key", "error_len"):
+                setattr(self, name, value)
         self.error = error or None
 
     def fresh(self, now: float) -> bool:
@@ -319,7 +325,7 @@ class Board:
             if self.map[at + 8:at + 24] == b"\0" * 16:
                 best = j
                 break
-            updated = _SLOT.unpack_from(self.map, at)[7]
+            updated = _SLOT.unpack_from(self.map, at)[_UPDATED]
             if (updated < oldest and now - updated >= EVICT_AFTER and j not in mine
                     and not _locked_by_other(self.fd, _LEASE_LOCK + j)):
                 best, oldest = j, updated
@@ -385,13 +391,10 @@ class Board:
         if blank:
             raw[8:] = bytes(SLOT_SIZE - 8)
         values = list(_SLOT.unpack_from(raw))
-        names = ("seq", "key", "state", "recovery", "flags", "epoch", "changed", "updated", "retry_at",
-                 "failures", "timeline", "replay", "lag_s", "lag_bytes", "lag_at", "monitor_pid",
-                 "monitor_until", "error_len")
         error = fields.pop("error", None)
         for name, value in fields.items():
-            values[names.index(name)] = value
-        values[7] = monotonic()  # updated
+            values[_FIELDS.index(name)] = value
+        values[_UPDATED] = monotonic()
         seq = (values[0] | 1) + 1  # even again when done; odd (below) while writing
         if error is not None:
             data = error.encode("utf-8", "replace")[:ERROR_MAX]

@@ -154,6 +154,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._lag = lag.LagTracker()
         self._lag_source: Endpoint | None = None
         self._judgements = 0  # bumped whenever the replicas must be judged anew (lag.py)
+        self._surveyed_at = -1.0  # when every node was last asked out of turn (Pool._survey)
         self._monitoring = self._discover or opts.max_lag is not None
         self._route_locked()
         self._balance = make_balancer(opts.balance)

@@ -111,9 +111,10 @@ class Endpoint:
         "name", "role", "config", "max_size", "state", "generation", "idle", "slots", "pending",
         "down_since", "retry_at", "failures", "last_error", "last_error_at", "probe",
         "checkouts", "waits", "timeouts", "connects", "connect_errors", "ejections", "discards",
-        "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "answers",
-        "answers_since", "diverged", "diverged_at", "judged", "monitor", "monitor_at", "board_slot",
-        "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at", "failed_fast",
+        "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "status_at",
+        "answers", "answers_since", "diverged", "diverged_at", "judged", "monitor", "monitor_at",
+        "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
+        "failed_fast",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
@@ -139,6 +140,7 @@ class Endpoint:
         self.lag_s: float | None = None
         self.lag_bytes: int | None = None
         self.lagging = False  # behind by more than max_lag: out of read rotation (lag.py)
+        self.status_at = 0.0  # when the newest status applied here was read (monitor.py)
         self.answers: deque[tuple[float, int]] = deque(maxlen=8)  # (when, replay position)
         self.answers_since = 0.0  # ...only those read after this count (a new primary since)
         self.diverged = False  # ahead of the primary, so not on its history: out of reads (lag.py)

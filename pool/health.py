@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
+SURVEY_EVERY = 0.5  # seconds between two surveys of every node (Health._survey)
 
 
 class Health:
@@ -95,8 +96,6 @@ class Health:
         with self._lock:
             was = ep.state
             ep.mark_up()
-            if ep is self._primary:
-                lag.forget_judgements(self)
             self._state_changed_locked()
         self._share(ep)
         self._publish()
@@ -147,6 +146,28 @@ class Health:
         wait_for(probes, monotonic)
         for ep, probe in zip(unknown, probes):
             self._probe_finished(ep, probe, monotonic(), at_start=True)
+
+    def _survey(self: "Pool", until: float) -> None:
+        """Ask every node where it stands, now, whatever the monitor leases say, and wait for
+        the answers (until ``until``, at most connect_timeout): evidence of a promotion this
+        process has not seen (a token from a newer timeline). At most every SURVEY_EVERY
+        seconds. A node down here that answers is back (if no probe of its own is out); one
+        that does not answer is no evidence against it (probes decide that)."""
+        now = monotonic()
+        if now - self._surveyed_at < SURVEY_EVERY or now >= until:
+            return
+        self._surveyed_at = now
+        eps = list(self._endpoints)
+        probes = [Probe(ep.config.monitor_dsn, now, self.options.connect_timeout,
+                        monitor.STATUS_SQL) for ep in eps]
+        wait_for(probes, monotonic, until)
+        for ep, probe in zip(eps, probes):
+            if probe.status == OK:
+                if ep.state in (DOWN, REFUSED) and ep.probe is None:
+                    self._readmit(ep, monotonic())
+                monitor.apply_status(self, ep, monitor.status_of(probe.rows), monotonic(),
+                                     probe.started)
+            probe.cancel()
 
     def _start_probe(self: "Pool", ep: Endpoint, now: float) -> Probe:
         """A probe of a down endpoint, starting now. Whether a request should wait for it is

@@ -24,22 +24,28 @@ has it (with ``read_fallback=False``, never: the replicas are asked until the ti
 from a newer timeline than the primary the pool knows (a promotion it has not seen yet) first
 waits, within the timeout, for the pool to find that primary.
 
-Diverged replicas. After an asynchronous failover a replica can have replayed WAL of the old
-primary that the promoted one never received. A replica's timeline is not readable without
-privileges and positions carry none, so such a replica, ahead of the new primary, would count as
-caught up, and a token from the new primary would look replayed there, though it never will be.
-One thing cannot happen to a replica on the primary's history: replaying WAL the primary has not
-written yet. So a replica whose replay position, answered before the primary was asked, is above
-the primary's answer is ``diverged`` (``check_diverged``): out of reads whatever ``max_lag``
-says, ``state: "diverged"``, logged at WARNING, until its position has moved (rebuilt, rewound)
-and a later answer of the primary is no lower. Only the monitor's and the probes' answers count,
-timed conservatively (answered: when read; asked: before it was sent), so a healthy replica
-under write load is never flagged. Reads with a token count only on a replica ``judged`` this
-way since the current primary was first seen (``forget_judgements``: its answers from before
-say nothing of where it went after the promotion); until then they go to the primary, for about
-``RECHECK`` after a new primary is found. Not caught: a replica that diverged by less than the
-new primary has written since; it replays nothing more, so its lag grows until ``max_lag``
-takes it out of reads, and tokens newer than its position are never served there.
+Diverged replicas. After an asynchronous failover a replica can hold WAL of the old primary
+that the promoted one never received (replayed, or only received: it replays it later). A
+replica's current timeline is not readable without privileges and positions carry none, so such
+a replica would pass for caught up, and a token from the new primary would look replayed there,
+though it never will be. One thing cannot happen to a replica on the primary's history: holding
+WAL the primary has not written yet. So a replica whose reach (the furthest WAL it has received
+or replayed), answered before the primary was asked, is above the primary's answer is
+``diverged`` (``check_diverged``): out of reads whatever ``max_lag`` says, ``state:
+"diverged"``, logged at WARNING. It stays out until it holds WAL past where it was caught (it
+streams again: rewound or rebuilt, and the primary wrote that far) and a later answer of the
+primary is no lower; replaying what it had received is not that. Only the monitor's, the probes'
+and the surveys' answers count, timed conservatively (answered: when read; asked: before it was
+sent), so a healthy replica under any write load is never flagged.
+
+Reads with a token count only on a replica ``judged`` this way since the current primary was
+found (``forget_judgements``: answers to questions asked before say nothing of where it went
+after the promotion); until then they go to the primary, for about ``RECHECK`` after a new
+primary is found (in process mode, a few requests). With no primary up to compare with, a
+replica is asked its timeline instead (its control file's, which lags but never leads) and
+counts for tokens of that timeline or older. Not caught: a replica that diverged by less than
+the new primary had written by the time the monitor first compared them; its lag grows until
+``max_lag`` takes it out of reads, and tokens newer than what it holds never go to it.
 """
 
 from __future__ import annotations
@@ -132,15 +138,17 @@ class LagTracker:
         return 0.0, latest - replay  # unreachable: the latest sample is beyond replay
 
 
-def replica_answered(ep: Any, when: float, replay: int) -> None:
-    """A replica's monitor or probe answered ``replay`` (read at ``when``): one of the samples
-    ``check_diverged`` judges (the last few are kept: a primary slow to answer is compared with
-    one from before its question). A diverged one that moved is judged again."""
-    if when <= ep.answers_since:
-        return  # from before a new primary: not evidence about its history
-    if not ep.answers or ep.answers[-1] != (when, replay):
-        ep.answers.append((when, replay))
-    if ep.diverged and replay != ep.diverged_at:
+def replica_answered(ep: Any, asked: float, when: float, reach: int) -> None:
+    """A replica's monitor or probe, asked at ``asked``, answered (read at ``when``) that it
+    holds WAL up to ``reach`` (received or replayed): one of the samples ``check_diverged``
+    judges (the last few are kept: a primary slow to answer is compared with one from before its
+    question). A diverged one that now holds WAL past where it was caught streams again
+    (rewound, rebuilt), and is judged again; replaying what it had received is not moving."""
+    if asked <= ep.answers_since:
+        return  # asked before a new primary was seen: not evidence about its history
+    if not ep.answers or ep.answers[-1] != (when, reach):
+        ep.answers.append((when, reach))
+    if ep.diverged and ep.diverged_at is not None and reach > ep.diverged_at:
         ep.diverged_at = None
 
 
@@ -152,32 +160,33 @@ def check_diverged(replicas: Iterable[Any], primary: Any, asked: float,
     said: list[tuple[Any, ...]] = []
     for ep in replicas:
         # Its latest answer from strictly before the primary was asked; a later one proves nothing
-        replay = next((r for when, r in reversed(ep.answers) if when < asked), None)
-        if replay is None:
+        reach = next((r for when, r in reversed(ep.answers) if when < asked), None)
+        if reach is None:
             continue
-        ep.judged = replay <= lsn
-        if replay > lsn:
+        ep.judged = reach <= lsn
+        if reach > lsn:
             if not ep.diverged:
-                said.append((logging.WARNING, "replica %s has replayed WAL up to %s, past the "
-                             "primary %s at %s: it is not on the primary's history (left behind "
-                             "by a failover?); out of reads until it is rebuilt or rewound",
-                             ep.name, format_lsn(replay), primary.name, format_lsn(lsn)))
-            ep.diverged, ep.diverged_at = True, replay
+                said.append((logging.WARNING, "replica %s holds WAL up to %s, past the primary "
+                             "%s at %s: it is not on the primary's history (left behind by a "
+                             "failover?); out of reads until it is rebuilt or rewound",
+                             ep.name, format_lsn(reach), primary.name, format_lsn(lsn)))
+            ep.diverged = True
+            ep.diverged_at = max(reach, ep.diverged_at or 0)
         elif ep.diverged and ep.diverged_at is None:
             ep.diverged = False
-            said.append((logging.INFO, "replica %s moved to %s, no longer past the primary %s: "
-                         "back in reads", ep.name, format_lsn(replay), primary.name))
+            said.append((logging.INFO, "replica %s streams again (at %s), no longer past the "
+                         "primary %s: back in reads", ep.name, format_lsn(reach), primary.name))
         elif ep.diverged:
             ep.judged = False  # stuck where it was caught: the primary wrote past it, that is all
     return said
 
 
 def forget_judgements(pool: Any) -> None:
-    """Lock held. A new primary, the primary back from an outage (restored from a backup, or
-    another server behind its address) or on a new timeline: no replica is known to be on its
-    history, and what they answered until now tells nothing (they may have gone on replaying
-    the old primary's WAL). Each is asked again now, the primary just after them, so the first
-    comparison comes within about ``RECHECK``, not a monitor interval later."""
+    """Lock held. A new primary (the first one found, another node, or a new timeline at its
+    address): no replica is known to be on its history, and what they answered until now tells
+    nothing (they may have gone on with the old primary's WAL). Each is asked again now, the
+    primary just after them, so the first comparison comes within about ``RECHECK``, not a
+    monitor interval later."""
     now = time.monotonic()
     pool._judgements += 1
     for ep in pool._endpoints:

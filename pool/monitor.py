@@ -31,24 +31,29 @@ log = logging.getLogger("pool")
 # Can it take writes? (Not in recovery, and not read-only by configuration, as a node being
 # demoted by hand or a primary fenced read-only is.)  The WAL position: replayed (a replica) or
 # written (a primary).  The timeline (a primary only: the first 8 hex digits of its current WAL
-# file's name).
+# file's name).  A replica's WAL received by streaming (NULL if it has not streamed since it
+# started): with the replay position, how far its history reaches (lag.py).
 STATUS_SQL = (
     "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only')::bool, "
     "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, "
     "CASE WHEN pg_is_in_recovery() THEN NULL "
-    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END")
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, "
+    "pg_last_wal_receive_lsn()::text")
 MONITOR_INTERVAL = 1.0  # seconds between questions to one endpoint
 SEEK_INTERVAL = 0.2  # ...while the candidate form has no primary up: a promotion is seen soon
 STEP_INTERVAL = 0.01
 
 
-def status_of(rows: Any) -> tuple[bool, int | None, int | None] | None:
-    """(read_only, lsn, timeline) from STATUS_SQL's row, or None if it did not answer.
-    ``read_only`` is what roles.py calls in recovery: it cannot be the primary."""
+def status_of(rows: Any) -> tuple[bool, int | None, int | None, int | None] | None:
+    """(read_only, lsn, timeline, reach) from STATUS_SQL's row, or None if it did not answer.
+    ``read_only`` is what roles.py calls in recovery: it cannot be the primary. ``reach`` (a
+    replica): the furthest position it holds, received or replayed."""
     if not rows:
         return None
-    in_recovery, lsn, timeline = rows[0]
-    return bool(in_recovery), parse_lsn(lsn), int(timeline, 16) if timeline else None
+    in_recovery, lsn, timeline, received = rows[0]
+    lsn = parse_lsn(lsn)
+    reach = (max(lsn or 0, parse_lsn(received) or 0) or None) if in_recovery else None
+    return bool(in_recovery), lsn, int(timeline, 16) if timeline else None, reach
 
 
 def job_monitor(pool: "Pool", now: float) -> float:
@@ -86,8 +91,7 @@ def job_monitor(pool: "Pool", now: float) -> float:
         due = min(due, ep.monitor_at)
         if status == OK:
             answer = status_of(m.rows)
-            apply_status(pool, ep, answer, now, m.started)
-            if answer is not None:
+            if apply_status(pool, ep, answer, now, m.started):
                 pool._share_status(ep, answer, m.started)
         else:  # no answer: ask again later, on a new connection; not evidence of an outage
             m.close()
@@ -98,20 +102,24 @@ def job_monitor(pool: "Pool", now: float) -> float:
 
 
 def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
-                 asked: float) -> None:
+                 asked: float) -> bool:
     """What a monitor or a probe (its question sent at ``asked`` or later) learnt about ep: its
-    role, its position, its lag, and whether the replicas are on the primary's history."""
+    role, its position, its lag, and whether the replicas are on the primary's history. False if
+    nothing was applied: no answer, or one to a question older than what was (stale)."""
     if status is None:
-        return
-    in_recovery, lsn, timeline = status
+        return False
+    in_recovery, lsn, timeline, reach = status
     answered = time.monotonic()  # not ``now``: the answer may have arrived after it was taken
     with pool._lock:
+        if asked < ep.status_at:
+            return False  # asked before one already applied (a probe, a survey, the board's)
+        ep.status_at = asked
         said = roles.observe(pool, ep, in_recovery, timeline)
         if ep is pool._primary and not in_recovery and lsn is not None:
             if pool._lag_source is not ep:  # a new primary: old positions compare with nothing
+                lag.forget_judgements(pool)
                 pool._lag.reset()
                 pool._lag_source = ep
-                lag.forget_judgements(pool)
             pool._lag.primary_at(now, lsn)
             said += lag.check_diverged([r for r in pool._endpoints if r.role == REPLICA], ep,
                                        asked, lsn)
@@ -120,11 +128,12 @@ def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
             ep.lag_s, ep.lag_bytes = pool._lag.lag(now, lsn)
             max_lag = pool.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
-            if lsn is not None and ep.role == REPLICA:
-                lag.replica_answered(ep, answered, lsn)
+            if reach is not None and ep.role == REPLICA:
+                lag.replica_answered(ep, asked, answered, reach)
         pool._state_changed_locked()
     for level, *args in said:
         log.log(level, *args)
+    return True
 
 
 def close_monitors(pool: "Pool") -> None:

@@ -107,8 +107,6 @@ class Sharing:
                 ep.probe = None
                 self._end_probe(ep)
             ep.mark_up()
-            if ep is self._primary:
-                lag.forget_judgements(self)
             said.append((logging.INFO, "%s %s is back (found by another process)", ep.role, ep.name))
         elif state == UP and ep.board_epoch and entry.epoch != ep.board_epoch:
             ep.generation += 1  # an outage this process slept through: its sessions predate it
@@ -137,14 +135,19 @@ class Sharing:
             if entry.error:
                 ep.last_error = entry.error
         ep.board_epoch = entry.epoch
-        if entry.recovery:  # (declared roles: only its timeline)
-            said += roles.observe(self, ep, entry.recovery == 1, entry.timeline or None)
-        if entry.lag_at and now - entry.lag_at < boards.STATUS_FRESH and ep.monitor is None:
+        if not entry.recovery or entry.asked <= ep.status_at:
+            # No status there, or none asked after what this process has applied: an answer
+            # from before a promotion must not undo what a later one here said (Pool._survey)
+            return doomed
+        ep.status_at = entry.asked
+        said += roles.observe(self, ep, entry.recovery == 1, entry.timeline or None)  # (declared
+        #                                                          roles: only its timeline)
+        if now - entry.lag_at < boards.STATUS_FRESH and ep.monitor is None:
             if entry.recovery == 2 and ep is self._primary:
-                # Its position, asked at lag_at: judge the replicas' earlier answers (lag.py)
+                # Its position: judge the replicas' answers from before it was asked (lag.py)
                 if entry.replay:
                     said += lag.check_diverged(
-                        [e for e in self._endpoints if e.role == REPLICA], ep, entry.lag_at,
+                        [e for e in self._endpoints if e.role == REPLICA], ep, entry.asked,
                         entry.replay)
                 return doomed
             ep.replay_lsn = entry.replay or None
@@ -152,8 +155,8 @@ class Sharing:
             ep.lag_bytes = entry.lag_bytes
             max_lag = self.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
-            if entry.recovery == 1 and entry.replay and ep.role == REPLICA:
-                lag.replica_answered(ep, entry.lag_at, entry.replay)  # (read before lag_at)
+            if entry.recovery == 1 and entry.reach and ep.role == REPLICA:
+                lag.replica_answered(ep, entry.asked, entry.lag_at, entry.reach)
         return doomed
 
     def _share(self: "Pool", ep: "Endpoint") -> None:
@@ -214,20 +217,20 @@ class Sharing:
         return True
 
     def _share_status(self: "Pool", ep: "Endpoint", answer: tuple, asked: float) -> None:
-        """Role, timeline, position and lag as this process's monitor measured them. A
-        primary's position goes with when it was asked, a replica's with a time after its
-        answer was read: what lag.check_diverged needs to compare them in any process."""
+        """Role, timeline, position and lag as this process's monitor measured them, with
+        when it asked and when it had the answer: what another process needs to order them
+        after its own (monitor.apply_status) and to judge the replicas (lag.check_diverged)."""
         board = self._board
         if board is None:
             return
-        in_recovery, lsn, timeline = answer
+        in_recovery, lsn, timeline, reach = answer
         primary = not in_recovery and ep is self._primary and lsn is not None
         lag_s = math.nan if ep.lag_s is None else ep.lag_s
         ep.board_seq = board.write(ep.board_slot, recovery=1 if in_recovery else 2,
                                    timeline=timeline or 0,
                                    replay=(lsn if primary else ep.replay_lsn) or 0,
-                                   lag_s=lag_s, lag_bytes=ep.lag_bytes or 0,
-                                   lag_at=asked if primary else boards.monotonic())
+                                   reach=reach or 0, lag_s=lag_s, lag_bytes=ep.lag_bytes or 0,
+                                   lag_at=boards.monotonic(), asked=asked)
 
     def _may_probe(self: "Pool", ep: "Endpoint") -> bool:
         """Only the holder of an endpoint's probe lease probes it (one prober per outage)."""

@@ -20,6 +20,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+import psycopg2.errors
+
 from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
@@ -109,29 +111,36 @@ class Statements:
         connect or a wait), and a replica lost while being asked ends the asking. With
         ``read_fallback=False`` there is no primary: the replicas are asked until the timeout
         (surveyed again every ``RESURVEY`` s, connecting or waiting if need be, and past a lost
-        one), then ``PoolTimeout``. Every checkout here gets what is left of one timeout. A token
-        from a newer timeline than the primary's waits first for the pool to see that promotion
-        (``_await_timeline``): its replicas and its primary are of an older history."""
+        one), then ``PoolTimeout``. Every checkout here gets what is left of one timeout.
+
+        Histories (lag.py): only a replica the monitor has compared with the current primary
+        counts (``_judged``); until one has, the read goes to the primary. With no primary up,
+        a replica is asked its timeline too, and counts if it is the token's or a later one. A
+        token from a newer timeline than the primary's waits first for the pool to see that
+        promotion (``_await_timeline``): its replicas and its primary are of an older history."""
         lsn, timeline = token
         start = monotonic()
         end = start + (self.options.timeout if timeout is None else timeout)
         if timeline is not None and self._monitoring:
             self._await_timeline(lsn, timeline, start, end)
         fallback = self.options.read_fallback
-        trusted = self._trusted_for_tokens
-        if fallback and self._readable and not any(map(trusted, self._readable)):
+        current = self._primary.timeline if self._primary is not None else None
+        if timeline is not None and current is not None and current < timeline:
+            judged = _never  # judged against a primary of an older history (it changed since)
+        else:
+            judged = self._judged
+        if fallback and self._writable and self._readable and not any(map(judged, self._readable)):
             try:
                 return self._checkout(False, timeout)  # no replica compared with this primary yet
             except EndpointUnavailable:
                 if self._writable:
-                    raise
-                # (it was down after all: the replicas' positions are all there is, trusted now)
-        roomy = tuple(ep for ep in self._readable if trusted(ep)
+                    raise  # (else it was down after all: the replicas are asked, below)
+        roomy = tuple(ep for ep in self._readable if self._askable(ep)
                       and (ep.idle or ep.size < ep.max_size))  # a preference, not a wait
-        known = tuple(ep for ep in roomy if (ep.replay_lsn or 0) >= lsn)
+        known = tuple(ep for ep in roomy if judged(ep) and (ep.replay_lsn or 0) >= lsn)
         rec = self._checkout(True, timeout, known or roomy or None)
         ep = rec.endpoint
-        if ep.role == PRIMARY or trusted(ep) and (ep.replay_lsn or 0) >= lsn:
+        if ep.role == PRIMARY or judged(ep) and (ep.replay_lsn or 0) >= lsn:
             return rec
         deadline = monotonic() + lag.AFTER_WAIT if fallback else end
         asked: dict[Any, int] = {}  # endpoint -> the replay position it answered, this survey
@@ -143,9 +152,12 @@ class Statements:
                         break
                     rec = self._checkout(True, max(0.0, end - monotonic()))
                 try:
-                    replay = self._replay_position(rec)
-                    if not trusted(rec.endpoint):
-                        replay = -1  # not compared with the primary yet: its position says nothing
+                    if judged(rec.endpoint):
+                        replay, _ = self._replay_position(rec)
+                    else:  # no primary to compare it with (else _askable left it out)
+                        replay, floor = self._replay_position(rec, vouch=True)
+                        if timeline is not None and (floor or 0) < timeline:
+                            replay = -1  # of an older history than the token: says nothing
                     asked[rec.endpoint] = replay
                 except BaseException as exc:
                     held, rec = rec, None
@@ -157,7 +169,7 @@ class Statements:
                     continue
                 if replay >= lsn:
                     return rec
-                move = self._next_to_ask(lsn, asked, rec.endpoint, fallback)
+                move = self._next_to_ask(lsn, asked, rec.endpoint, fallback, judged)
                 if move is None and not settled:  # each one asked: stay with the most advanced
                     settled, best = True, max(asked, key=asked.__getitem__)
                     if best is not rec.endpoint and best in self._readable \
@@ -200,14 +212,21 @@ class Statements:
 
     def _await_timeline(self: "Pool", lsn: int, timeline: int, start: float, end: float) -> None:
         """Until the timeout: wait while the primary this pool knows is on an older timeline
-        than the token's. The token comes from a primary promoted since: this pool will find it
-        (role discovery, or the monitor of a declared primary whose address now leads to it)."""
-        pause = lag.AFTER_POLL
+        than the token's. The token comes from a primary promoted since, which this pool will
+        find: every node is asked at once (``_survey``: the monitor that would see it may be
+        another process's, idle), then role discovery and the monitors go on as usual. With no
+        primary known, the nodes are asked once; if none is found, the replicas vouch for
+        themselves (``_checkout_after``)."""
+        pause, surveyed = lag.AFTER_POLL, False
         while True:
             primary = self._primary
             known = primary.timeline if primary is not None else None
-            if known is None or known >= timeline:
+            if known is not None and known >= timeline or known is None and surveyed:
                 return
+            self._survey(end)
+            surveyed = True
+            if known is None:
+                continue
             now = monotonic()
             if now >= end:
                 self._token_timeout(
@@ -225,36 +244,57 @@ class Statements:
             self._wait_target(True).timeouts += 1
             raise self._timeout_error(True, None, head=head)
 
-    def _next_to_ask(self: "Pool", lsn: int, asked: dict, current: Any, fallback: bool) -> Any:
+    def _next_to_ask(self: "Pool", lsn: int, asked: dict, current: Any, fallback: bool,
+                     judged: Callable[[Any], bool]) -> Any:
         """The replica to move to, if any: one the monitor has seen replay ``lsn``, else one not
         asked yet. With read_fallback only one with an idle connection (moving must not connect
         or wait while the primary could answer)."""
         usable = [ep for ep in self._readable if ep is not current and (ep.idle or not fallback)
-                  and self._trusted_for_tokens(ep)]
-        return next((ep for ep in usable if (ep.replay_lsn or 0) >= lsn), None) or \
-            next((ep for ep in usable if ep not in asked), None)
+                  and self._askable(ep)]
+        return next((ep for ep in usable if judged(ep) and (ep.replay_lsn or 0) >= lsn),
+                    None) or next((ep for ep in usable if ep not in asked), None)
 
-    def _trusted_for_tokens(self: "Pool", ep: Any) -> bool:
-        """May a read with a token count on this replica's position? Not before the monitor has
-        compared it with the current primary's (a replica left ahead by a failover: lag.py).
-        Nothing is compared without the monitor (max_lag=None, declared roles), nor while no
-        primary is up: then the position is all there is, and the read must not fail for want
-        of a primary it does not need (a token of a newer timeline waits: _await_timeline)."""
+    def _judged(self: "Pool", ep: Any) -> bool:
+        """May a read with a token count on this replica's position? Once the monitor has
+        compared it with the current primary's (not a replica left ahead by a failover: lag.py).
+        Without the monitor (max_lag=None, declared roles) nothing is compared: it may."""
+        return ep.judged or not self._monitoring
+
+    def _askable(self: "Pool", ep: Any) -> bool:
+        """Worth asking its position for a token? If judged; or, with no primary up to compare
+        it with, to be asked its timeline too (a pool started during an outage must not fail
+        such reads for want of a primary it does not need)."""
         return ep.judged or not self._monitoring or not self._writable
 
     @staticmethod
-    def _replay_position(rec: PooledConnection) -> int:
-        """The replica's replay position, asked (one round trip, timed, on a plain cursor)."""
+    def _replay_position(rec: PooledConnection, vouch: bool = False) -> tuple[int, int | None]:
+        """The replica's replay position, asked (one round trip, timed, on a plain cursor). With
+        ``vouch``, also the timeline it is on at least (its control file's: the last restartpoint
+        and the minimum recovery point lag behind, never ahead); None where those functions are
+        not allowed (they are by default)."""
         raw = rec.raw
         if not raw.autocommit:  # left on: whoever uses the connection next sets what it needs
             rec.maybe_autocommit = True
             set_autocommit(raw, True)
-        ((text,),) = own_statement(raw, "SELECT pg_last_wal_replay_lsn()::text", fetch=True)
+        try:
+            ((text, floor),) = own_statement(raw, _VOUCH_SQL if vouch else _REPLAY_SQL, fetch=True)
+        except psycopg2.errors.InsufficientPrivilege:
+            ((text, floor),) = own_statement(raw, _REPLAY_SQL, fetch=True)
         replay = lag.parse_lsn(text) or 0  # (NULL: not a replica any more; never enough)
         ep = rec.endpoint
         if replay > (ep.replay_lsn or 0):
             ep.replay_lsn = replay  # what the next read with a token can count on
-        return replay
+        return replay, floor
+
+
+def _never(ep: Any) -> bool:
+    return False
+
+
+_REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text, NULL::int"
+_VOUCH_SQL = ("SELECT pg_last_wal_replay_lsn()::text, GREATEST((SELECT timeline_id FROM "
+              "pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM "
+              "pg_control_recovery()))")
 
 
 def _fetchone(cur: Any) -> Any:

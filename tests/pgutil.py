@@ -169,15 +169,23 @@ def terminate_under_queue(db: Cluster, p: Any, before_each: Callable[[], Any], r
 _INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
 
 
-def fork_replica2(c: Cluster, p: Any) -> tuple[int, str]:
+def fork_replica2(c: Cluster, p: Any, paused: bool = False) -> tuple[int, str]:
     """An asynchronous failover that leaves replica2 off the new primary's history: replica1
-    stops, the primary writes on (replica2 replays it), the primary dies, replica1 starts and
-    is promoted. replica2 is then ahead of the new primary's WAL positions, though it never had
-    its writes. Returns (id, token) of a row written on the new primary once ``p`` follows it."""
+    stops, the primary writes on (replica2 receives it), the primary dies, replica1 starts and
+    is promoted. replica2 then holds WAL past the new primary's positions, though it never had
+    its writes: replayed, or with ``paused`` only received (its replay is paused, and stays so).
+    Returns (id, token) of a row written on the new primary once ``p`` follows it."""
     c.kill("replica1")
+    if paused:
+        admin_sql(c, "replica2", "SELECT pg_wal_replay_pause()")
     admin_sql(c, "primary", "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad "
                             "FROM generate_series(1, 60000) g")  # about 16 MB of WAL
-    c.wait_replayed(nodes=["replica2"])
+    if paused:
+        (end,) = admin_sql(c, "primary", "SELECT pg_current_wal_lsn()")[0]
+        wait_until(lambda: admin_sql(c, "replica2", "SELECT pg_last_wal_receive_lsn() >= %s",
+                                     (end,))[0][0], timeout=20, what="replica2 received it all")
+    else:
+        c.wait_replayed(nodes=["replica2"])
     c.kill("primary")
     c.start_node("replica1")
     admin_sql(c, "replica1", "SELECT pg_promote()")
@@ -189,7 +197,8 @@ def fork_replica2(c: Cluster, p: Any) -> tuple[int, str]:
     assert node_of(c, p.last_endpoint) == "replica1"
     (row_id,) = p.fetchone(_INSERT, (unique_name(),))
     token = p.write_token()
-    ahead = admin_sql(c, "replica2", "SELECT pg_last_wal_replay_lsn() > %s::pg_lsn",
+    ahead = admin_sql(c, "replica2", "SELECT GREATEST(pg_last_wal_replay_lsn(), "
+                      "pg_last_wal_receive_lsn()) > %s::pg_lsn",
                       (token.rsplit(":", 1)[-1],))  # (the token: "timeline:position")
     assert ahead == [(True,)], "the fork did not leave replica2 ahead of the new primary"
     return row_id, token

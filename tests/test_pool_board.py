@@ -656,10 +656,10 @@ def test_workers_that_do_not_monitor_the_primary_still_keep_tokens_off_a_diverge
     positions on the board, so neither serves a read with the new primary's token from the
     diverged replica, and both take it out of reads."""
     with throwaway_cluster("pool-board-fork-", env={"APP_PASSWORD": APP_PASSWORD}) as c:
-        # (timeout: a worker asked first may wait for the other's monitor lease to expire, as
-        # that one is idle meanwhile)
+        # (timeout=1: less than the monitor lease, which the worker asked first cannot take
+        # from the other, idle meanwhile; it asks every node itself: Pool._survey)
         spec = dict(nodes=[c.dsn(n) for n in NODES], mode="process", board=board_path,
-                    max_lag=10, timeout=5)
+                    max_lag=10, timeout=1)
         workers = Workers(2, spec, "spawn")
         p = pool.Pool(nodes=[c.dsn(n) for n in NODES], connect_timeout=1, timeout=2)
         try:

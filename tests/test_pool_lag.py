@@ -522,10 +522,10 @@ def _replica(name="r1"):
 
 def test_a_replica_is_judged_only_by_a_primary_answer_asked_after_its_own():
     r, primary = _replica(), types.SimpleNamespace(name="p")
-    lag.replica_answered(r, 10.0, 5000)
+    lag.replica_answered(r, 9.9, 10.0, 5000)
     assert lag.check_diverged([r], primary, 10.0, 4000) == []  # asked at the same time: nothing
     assert not r.judged and not r.diverged
-    lag.replica_answered(r, 10.5, 6000)  # answered after the question below: not that one
+    lag.replica_answered(r, 10.4, 10.5, 6000)  # read after the question below: not that one
     lag.check_diverged([r], primary, 10.2, 5500)
     assert r.judged and not r.diverged  # its 5000 (at 10.0) is behind 5500: on the history
     said = lag.check_diverged([r], primary, 11.0, 5900)  # its 6000 (at 10.5) is past 5900
@@ -535,15 +535,18 @@ def test_a_replica_is_judged_only_by_a_primary_answer_asked_after_its_own():
 
 def test_a_diverged_replica_stays_out_until_it_moves_and_the_primary_is_not_behind_it():
     r, primary = _replica(), types.SimpleNamespace(name="p")
-    lag.replica_answered(r, 1.0, 9000)
+    lag.replica_answered(r, 0.9, 1.0, 9000)
     lag.check_diverged([r], primary, 2.0, 8000)
     assert r.diverged
     lag.check_diverged([r], primary, 3.0, 9500)  # the primary wrote past it: still off its history
     assert r.diverged and not r.judged
-    lag.replica_answered(r, 3.5, 9000)  # the same position: stuck
+    lag.replica_answered(r, 3.4, 3.5, 9000)  # the same position: stuck
     lag.check_diverged([r], primary, 4.0, 9600)
     assert r.diverged
-    lag.replica_answered(r, 4.5, 9200)  # moved (rewound, rebuilt): judged again by the next one
+    lag.replica_answered(r, 3.6, 3.7, 8800)  # less (restarted, not rewound): not moving on
+    lag.check_diverged([r], primary, 3.8, 9600)
+    assert r.diverged and not r.judged
+    lag.replica_answered(r, 4.4, 4.5, 9200)  # past where it was caught: streams again (rewound)
     assert r.diverged
     said = lag.check_diverged([r], primary, 5.0, 9700)
     assert not r.diverged and r.judged and said[0][0] == logging.INFO
@@ -556,17 +559,17 @@ def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was
     woken = []
     pool = types.SimpleNamespace(_endpoints=[primary, r], _primary=primary, _judgements=0,
                                  _hurry_housekeeper=lambda: woken.append(1))
-    lag.replica_answered(r, time.monotonic() - 1, 5000)
+    lag.replica_answered(r, time.monotonic() - 1.1, time.monotonic() - 1, 5000)
     lag.check_diverged([r], primary, time.monotonic(), 6000)
     assert r.judged
     lag.forget_judgements(pool)
     now = time.monotonic()
     assert not r.judged and not r.answers and pool._judgements == 1 and woken
     assert r.monitor_at <= now < primary.monitor_at <= now + lag.RECHECK  # replicas asked first
-    lag.replica_answered(r, now - 0.5, 5000)  # read before the new primary was seen: ignored
+    lag.replica_answered(r, now - 0.5, now + 0.2, 5000)  # asked before it was seen: ignored
     lag.check_diverged([r], primary, now + 1, 6000)
     assert not r.judged
-    lag.replica_answered(r, now + 0.5, 5500)
+    lag.replica_answered(r, now + 0.4, now + 0.5, 5500)
     lag.check_diverged([r], primary, now + 1, 6000)
     assert r.judged
 

@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
 READ = "SELECT inet_server_port()"
 INSERT = "INSERT INTO items (name) VALUES (%s) RETURNING id"
+SELECT_ID = "SELECT id FROM items WHERE id = %s"
 
 
 @pytest.fixture
@@ -37,6 +38,14 @@ def candidates(c: Cluster, **kwargs) -> pool.Pool:
     kwargs.setdefault("query_timeout", 3)
     kwargs.setdefault("timeout", 2)
     return pool.Pool([c.dsn(n) for n in NODES], **kwargs)
+
+
+def warmed(c: Cluster, mode: str) -> pool.Pool:
+    """A candidate pool that has read from both replicas (an idle session on each)."""
+    p = candidates(c, mode=mode)
+    for _ in range(4):
+        p.fetchone(READ, readonly=True)
+    return p
 
 
 def states(p) -> dict[str, tuple[str, str]]:
@@ -189,16 +198,13 @@ def test_a_replica_left_ahead_of_the_promoted_one_serves_no_read_until_it_rejoin
     monitor has compared it with the new primary (a round trip later, or a few requests in
     process mode) it serves no read at all until it has been rewound onto the new timeline."""
     c = fresh
-    p = candidates(c, mode=mode)
+    p = warmed(c, mode)
+    replica2 = f"127.0.0.1:{c.port('replica2')}"
     try:
-        for _ in range(4):
-            p.fetchone(READ, readonly=True)
-        replica2 = f"127.0.0.1:{c.port('replica2')}"
         with caplog.at_level(logging.INFO, logger="pool"):
             row_id, token = fork_replica2(c, p)
             for _ in range(10):  # from the first read on: the token is the new primary's
-                row = p.fetchone("SELECT id FROM items WHERE id = %s", (row_id,), readonly=True,
-                                 after=token)
+                row = p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token)
                 assert row == (row_id,) and node_of(c, p.last_endpoint) == "replica1"
             wait_until(lambda: (p.fetchone(READ, readonly=True), states(p)[replica2])[1]
                        == ("replica", "diverged"), timeout=3, what="replica2 found diverged")
@@ -208,6 +214,10 @@ def test_a_replica_left_ahead_of_the_promoted_one_serves_no_read_until_it_rejoin
             assert any(r.levelno == logging.WARNING and replica2 in r.getMessage()
                        and "not on the primary's history" in r.getMessage() for r in caplog.records)
             c.rejoin("replica2")  # pg_rewind onto the new timeline: it follows the primary again
+            # Back once it holds WAL past where it was caught (a diverged one replaying what it
+            # had received never does): once the primary has written that far.
+            admin_sql(c, "replica1", "CREATE TABLE filler2 AS SELECT g, repeat('x', 200) AS pad "
+                                     "FROM generate_series(1, 90000) g")  # about 24 MB
             wait_until(lambda: states(p)[replica2] == ("replica", "up"), timeout=15,
                        interval=0.1, what="replica2 back in reads after its rewind")
         assert any("back in reads" in r.getMessage() for r in caplog.records)
@@ -215,7 +225,70 @@ def test_a_replica_left_ahead_of_the_promoted_one_serves_no_read_until_it_rejoin
         # until a probe takes it back)
         wait_until(lambda: node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1])
                    == "replica2", timeout=10, what="a read served by replica2 again")
-        row = p.fetchone("SELECT id FROM items WHERE id = %s", (row_id,), readonly=True, after=token)
+        row = p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token)
         assert row == (row_id,)
     finally:
         p.close()
+
+
+def test_a_replica_that_had_only_received_more_of_the_old_primary_stays_out_of_reads(
+        fresh, mode):
+    """replica2's replay is paused when the primary dies: it has received WAL the promoted
+    replica1 never had, but replayed less than the new primary has written. Judged on its replay
+    position it passed for on the new history, and once resumed it replayed the old WAL, past
+    the new primary's tokens: a red-team run had 478 of 478 such token reads miss their row.
+    What it received counts too: it is diverged from the start, and stays so as it replays the
+    old WAL and after the primary has written past it."""
+    c = fresh
+    p = warmed(c, mode)
+    replica2 = f"127.0.0.1:{c.port('replica2')}"
+    try:
+        row_id, token = fork_replica2(c, p, paused=True)
+        assert p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token) == (row_id,)
+        wait_until(lambda: (p.fetchone(READ, readonly=True), states(p)[replica2])[1]
+                   == ("replica", "diverged"), timeout=3, what="replica2 found diverged")
+        admin_sql(c, "replica1", "CREATE TABLE filler2 AS SELECT g, repeat('x', 200) AS pad "
+                                 "FROM generate_series(1, 150000) g")  # past all replica2 holds
+        admin_sql(c, "replica2", "SELECT pg_wal_replay_resume()")
+        wait_until(lambda: admin_sql(c, "replica2", "SELECT pg_last_wal_replay_lsn() >= "
+                                     "pg_last_wal_receive_lsn()")[0][0], timeout=20,
+                   what="replica2 replayed the old WAL it had")
+        end = time.monotonic() + 2  # the monitor compares it again, and again
+        while time.monotonic() < end:
+            assert p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token) == (row_id,)
+            assert node_of(c, p.last_endpoint) != "replica2"
+            assert node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) != "replica2"
+            time.sleep(0.02)
+        assert states(p)[replica2] == ("replica", "diverged")
+    finally:
+        p.close()
+
+
+def test_with_the_new_primary_down_too_a_new_pool_serves_no_token_read_from_the_old_history(
+        fresh, mode):
+    """After the fork the new primary dies too, and a worker starts: it never saw a primary, so
+    it has nothing to compare replica2 with. replica2 tells its timeline instead (its control
+    file), older than the token's: the read fails rather than miss its row. A token of the old
+    history is still served there."""
+    c = fresh
+    p = candidates(c, mode="threaded")
+    old_name = unique_name()
+    (old_id,) = p.fetchone(INSERT, (old_name,))
+    old_token = p.write_token()
+    c.wait_replayed()
+    try:
+        row_id, token = fork_replica2(c, p)
+    finally:
+        p.close()
+    c.kill("replica1")
+    q = candidates(c, mode=mode, timeout=1)
+    try:
+        for _ in range(3):
+            _, row, error = timed(lambda: q.fetchone(SELECT_ID, (row_id,), readonly=True,
+                                                     after=token))
+            assert isinstance(error, pool.PoolError) and row is None, (row, error)
+        assert q.fetchone("SELECT name FROM items WHERE id = %s", (old_id,), readonly=True,
+                          after=old_token) == (old_name,)
+        assert node_of(c, q.last_endpoint) == "replica2"
+    finally:
+        q.close()
