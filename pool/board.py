@@ -64,7 +64,7 @@ import fcntl
 log = logging.getLogger("pool")
 monotonic = time.monotonic
 
-MAGIC = b"POOLBRD\x02"
+MAGIC = b"POOLBRD\x03"
 SLOTS, SLOT_SIZE = 64, 256
 PROCS, PROC_SIZE = 128, 4096
 HEADER_SIZE = 128
@@ -88,12 +88,12 @@ _HEADER = struct.Struct("<8sIIIII16s")  # magic, slots, slot size, procs, proc s
 # seq, key, state, recovery (0 unknown, 1 in recovery, 2 primary), flags (SUSPECT, FAILED_FAST),
 # epoch, changed, updated, retry_at, failures, timeline, replay, reach (a replica: the furthest
 # WAL it holds, received or replayed), lag_s, lag_bytes, lag_at (when the monitor's answer was
-# read), asked (when its question was sent: monitor.py), monitor pid, monitor until, error
-# length; then the error's bytes.
-_SLOT = struct.Struct("<Q16sBBBxIdddIIQQdQddIxxxxdH")
+# read), asked (when its question was sent: monitor.py), monitor pid, floor (a replica: the
+# timeline it is on at least; 0 unknown), monitor until, error length; then the error's bytes.
+_SLOT = struct.Struct("<Q16sBBBxIdddIIQQdQddIIdH")
 _FIELDS = ("seq", "key", "state", "recovery", "flags", "epoch", "changed", "updated", "retry_at",
            "failures", "timeline", "replay", "reach", "lag_s", "lag_bytes", "lag_at", "asked",
-           "monitor_pid", "monitor_until", "error_len")
+           "monitor_pid", "floor", "monitor_until", "error_len")
 _UPDATED = _FIELDS.index("updated")
 ERROR_MAX = SLOT_SIZE - _SLOT.size
 _PROC = struct.Struct("<QIIdI")  # seq, pid, reserved, updated, payload length
@@ -130,7 +130,7 @@ class Entry:
 
     __slots__ = ("seq", "state", "recovery", "flags", "epoch", "changed", "updated", "retry_at",
                  "failures", "timeline", "replay", "reach", "lag_s", "lag_bytes", "lag_at",
-                 "asked", "monitor_pid", "monitor_until", "error")
+                 "asked", "monitor_pid", "floor", "monitor_until", "error")
 
     def __init__(self, values: tuple, error: str) -> None:
         for name, value in zip(_FIELDS, values):

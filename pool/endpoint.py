@@ -112,7 +112,7 @@ class Endpoint:
         "down_since", "retry_at", "failures", "last_error", "last_error_at", "probe",
         "checkouts", "waits", "timeouts", "connects", "connect_errors", "ejections", "discards",
         "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "status_at",
-        "answers", "answers_since", "diverged", "diverged_at", "judged", "monitor", "monitor_at",
+        "answers", "answers_since", "floor", "diverged", "judged", "monitor", "monitor_at",
         "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
         "failed_fast",
     )
@@ -143,8 +143,8 @@ class Endpoint:
         self.status_at = 0.0  # when the newest status applied here was read (monitor.py)
         self.answers: deque[tuple[float, int]] = deque(maxlen=8)  # (when, replay position)
         self.answers_since = 0.0  # ...only those read after this count (a new primary since)
+        self.floor: int | None = None  # the timeline it is on at least (its control file's)
         self.diverged = False  # ahead of the primary, so not on its history: out of reads (lag.py)
-        self.diverged_at: int | None = None  # ...the position it was caught at (None: moved since)
         self.judged = False  # compared with the current primary: tokens may count on it (lag.py)
         self.board_slot: Any = None  # its board.Slot on the shared health board (board.py)
         self.board_seq = 0  # the slot's sequence number this process last applied

@@ -158,8 +158,9 @@ class Health:
             return
         self._surveyed_at = now
         eps = list(self._endpoints)
-        probes = [Probe(ep.config.monitor_dsn, now, self.options.connect_timeout,
-                        monitor.STATUS_SQL) for ep in eps]
+        sql = monitor.FLOOR_SQL if self._floor_ok else monitor.STATUS_SQL
+        probes = [Probe(ep.config.monitor_dsn, now, self.options.connect_timeout, sql)
+                  for ep in eps]
         wait_for(probes, monotonic, until)
         for ep, probe in zip(eps, probes):
             if probe.status == OK:

@@ -25,27 +25,27 @@ from a newer timeline than the primary the pool knows (a promotion it has not se
 waits, within the timeout, for the pool to find that primary.
 
 Diverged replicas. After an asynchronous failover a replica can hold WAL of the old primary
-that the promoted one never received (replayed, or only received: it replays it later). A
-replica's current timeline is not readable without privileges and positions carry none, so such
-a replica would pass for caught up, and a token from the new primary would look replayed there,
-though it never will be. One thing cannot happen to a replica on the primary's history: holding
-WAL the primary has not written yet. So a replica whose reach (the furthest WAL it has received
-or replayed), answered before the primary was asked, is above the primary's answer is
-``diverged`` (``check_diverged``): out of reads whatever ``max_lag`` says, ``state:
-"diverged"``, logged at WARNING. It stays out until it holds WAL past where it was caught (it
-streams again: rewound or rebuilt, and the primary wrote that far) and a later answer of the
-primary is no lower; replaying what it had received is not that. Only the monitor's, the probes'
-and the surveys' answers count, timed conservatively (answered: when read; asked: before it was
-sent), so a healthy replica under any write load is never flagged.
-
-Reads with a token count only on a replica ``judged`` this way since the current primary was
-found (``forget_judgements``: answers to questions asked before say nothing of where it went
-after the promotion); until then they go to the primary, for about ``RECHECK`` after a new
-primary is found (in process mode, a few requests). With no primary up to compare with, a
-replica is asked its timeline instead (its control file's, which lags but never leads) and
-counts for tokens of that timeline or older. Not caught: a replica that diverged by less than
-the new primary had written by the time the monitor first compared them; its lag grows until
-``max_lag`` takes it out of reads, and tokens newer than what it holds never go to it.
+that the promoted one never received (replayed, or only received: it replays it later).
+Positions carry no timeline, so such a replica could pass for caught up, and a token from the
+new primary would look replayed there, though it never will be. The monitor also asks each
+replica what it has received and, from its control file, the timeline it is on at least (the
+last restartpoint's: it lags, never leads). ``check_diverged`` compares a replica's answer with
+the primary's next one (answered: when read; asked: before it was sent, so a healthy replica
+under any write load is never flagged):
+- holding WAL past the primary's position: not on its history, ``diverged``: out of reads
+  whatever ``max_lag`` says, ``state: "diverged"``, WARNING; back only once its control file
+  names the primary's timeline (rewound or rebuilt; streaming more of the old WAL, from an old
+  primary back unfenced, is not that);
+- else ``judged`` (reads with a token count on it) if it shows it follows the primary: it holds
+  exactly the primary's position, or more than the primary had when first asked after it was
+  found, or its control file names the primary's timeline. One stuck where a failover left it
+  does none of these: tokens never go to it, and its lag grows until ``max_lag`` takes it out.
+  While two nodes claim to be primary (a conflict), only the control file counts.
+Judgements are forgotten when a new primary is found (``forget_judgements``: answers to earlier
+questions say nothing of what a replica did after the promotion); every node is then asked
+every ``RECHECK`` for ``FAST_ROUNDS``, so token reads go to the primary for about 0.15 s (in
+process mode, a few requests). With no primary up, a replica is asked its timeline instead and
+serves tokens of that timeline or older.
 """
 
 from __future__ import annotations
@@ -56,12 +56,16 @@ import re
 import time
 from typing import Any, Iterable
 
+from .config import REPLICA
+from .endpoint import CONFLICT
+
 HISTORY = 120.0  # seconds of primary positions kept
 AFTER_WAIT = 0.1  # how long a read with a token waits for a replica to catch up
 AFTER_POLL = 0.005  # ...asking again after this long at first (the pause doubles, to 0.05 s)
 RESURVEY = 0.25  # without read_fallback, every replica is asked again this often
 STALE = 5.0  # a primary position older than this cannot measure lag (the primary is gone)
-RECHECK = 0.05  # a new primary is asked this long after the replicas (forget_judgements)
+RECHECK = 0.05  # after a new primary, every node is asked this often... (forget_judgements)
+FAST_ROUNDS = 0.5  # ...for this long
 
 # The primary's timeline (hex, as in WAL file names), then its WAL position; tokens from before
 # the timeline was added ("0/3000148") are still read.
@@ -138,57 +142,71 @@ class LagTracker:
         return 0.0, latest - replay  # unreachable: the latest sample is beyond replay
 
 
-def replica_answered(ep: Any, asked: float, when: float, reach: int) -> None:
+def replica_answered(ep: Any, asked: float, when: float, reach: int, floor: int | None) -> None:
     """A replica's monitor or probe, asked at ``asked``, answered (read at ``when``) that it
-    holds WAL up to ``reach`` (received or replayed): one of the samples ``check_diverged``
-    judges (the last few are kept: a primary slow to answer is compared with one from before its
-    question). A diverged one that now holds WAL past where it was caught streams again
-    (rewound, rebuilt), and is judged again; replaying what it had received is not moving."""
+    holds WAL up to ``reach`` (received or replayed) and, if it could tell, that it is on
+    timeline ``floor`` at least (its control file's; lags, never leads). The samples that
+    ``check_diverged`` judges; the last few are kept, so a primary slow to answer is compared
+    with one from before its question."""
+    if floor is not None:
+        ep.floor = max(ep.floor or 0, floor)  # (true whenever it was read)
     if asked <= ep.answers_since:
         return  # asked before a new primary was seen: not evidence about its history
     if not ep.answers or ep.answers[-1] != (when, reach):
         ep.answers.append((when, reach))
-    if ep.diverged and ep.diverged_at is not None and reach > ep.diverged_at:
-        ep.diverged_at = None
 
 
-def check_diverged(replicas: Iterable[Any], primary: Any, asked: float,
-                   lsn: int) -> list[tuple[Any, ...]]:
-    """The primary answered ``lsn`` to a question sent at ``asked`` or later: flag the replicas
-    that had replayed more before that, clear those that moved and are no longer ahead, and
-    count the others as judged. Returns the log lines."""
+def check_diverged(pool: Any, primary: Any, asked: float, lsn: int) -> list[tuple[Any, ...]]:
+    """The primary answered ``lsn`` to a question sent at ``asked`` or later. For each replica's
+    latest answer from before that: past it, diverged; else judged if it shows it is on the
+    primary's history: it holds exactly the primary's position, or more than the primary had
+    when it was first asked after it was found (it streams from it), or its control file says
+    it is on the primary's timeline. While a node is in conflict (two primaries), only the
+    last counts. A diverged one comes back only on that last evidence (rewound or rebuilt).
+    Returns the log lines."""
     said: list[tuple[Any, ...]] = []
-    for ep in replicas:
+    if pool._judge_base is None:
+        pool._judge_base = lsn
+    strict = any(ep.state is CONFLICT for ep in pool._endpoints)
+    timeline = primary.timeline or 0
+    for ep in pool._endpoints:
+        if ep.role != REPLICA:
+            continue
         # Its latest answer from strictly before the primary was asked; a later one proves nothing
         reach = next((r for when, r in reversed(ep.answers) if when < asked), None)
         if reach is None:
             continue
-        ep.judged = reach <= lsn
+        on_timeline = timeline > 0 and (ep.floor or 0) >= timeline
         if reach > lsn:
             if not ep.diverged:
                 said.append((logging.WARNING, "replica %s holds WAL up to %s, past the primary "
                              "%s at %s: it is not on the primary's history (left behind by a "
-                             "failover?); out of reads until it is rebuilt or rewound",
+                             "failover?); out of reads until it is rewound or rebuilt",
                              ep.name, format_lsn(reach), primary.name, format_lsn(lsn)))
-            ep.diverged = True
-            ep.diverged_at = max(reach, ep.diverged_at or 0)
-        elif ep.diverged and ep.diverged_at is None:
+            ep.diverged, ep.judged = True, False
+            continue
+        if ep.diverged:
+            if not on_timeline:
+                ep.judged = False
+                continue
             ep.diverged = False
-            said.append((logging.INFO, "replica %s streams again (at %s), no longer past the "
-                         "primary %s: back in reads", ep.name, format_lsn(reach), primary.name))
-        elif ep.diverged:
-            ep.judged = False  # stuck where it was caught: the primary wrote past it, that is all
+            said.append((logging.INFO, "replica %s is on the primary %s's timeline %s, not past "
+                         "it: back in reads", ep.name, primary.name, timeline))
+        streams = reach == lsn or reach > pool._judge_base
+        ep.judged = on_timeline or streams and not strict
     return said
 
 
 def forget_judgements(pool: Any) -> None:
     """Lock held. A new primary (the first one found, another node, or a new timeline at its
     address): no replica is known to be on its history, and what they answered until now tells
-    nothing (they may have gone on with the old primary's WAL). Each is asked again now, the
-    primary just after them, so the first comparison comes within about ``RECHECK``, not a
-    monitor interval later."""
+    nothing (they may have gone on with the old primary's WAL). For ``FAST_ROUNDS`` seconds
+    every node is asked every ``RECHECK`` (the primary just after the replicas), so the first
+    judgements come within about 0.15 s, not seconds later."""
     now = time.monotonic()
     pool._judgements += 1
+    pool._judge_base = None
+    pool._fast_until = now + FAST_ROUNDS
     for ep in pool._endpoints:
         ep.judged = False
         ep.answers.clear()

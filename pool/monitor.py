@@ -39,28 +39,37 @@ STATUS_SQL = (
     "CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, "
     "pg_last_wal_receive_lsn()::text")
+# The monitor's own question adds the timeline a replica is on at least, from its control file
+# (the last restartpoint's and the minimum recovery point's; they lag, never lead): evidence
+# that it is on the primary's history (lag.py). Those functions are executable by everyone by
+# default; where they are not, a pool asks STATUS_SQL from then on (Pool._floor_ok).
+FLOOR_SQL = STATUS_SQL + (
+    ", CASE WHEN pg_is_in_recovery() THEN GREATEST((SELECT timeline_id FROM "
+    "pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM pg_control_recovery())) END")
 MONITOR_INTERVAL = 1.0  # seconds between questions to one endpoint
 SEEK_INTERVAL = 0.2  # ...while the candidate form has no primary up: a promotion is seen soon
 STEP_INTERVAL = 0.01
 
 
-def status_of(rows: Any) -> tuple[bool, int | None, int | None, int | None] | None:
-    """(read_only, lsn, timeline, reach) from STATUS_SQL's row, or None if it did not answer.
-    ``read_only`` is what roles.py calls in recovery: it cannot be the primary. ``reach`` (a
-    replica): the furthest position it holds, received or replayed."""
+def status_of(rows: Any) -> tuple | None:
+    """(read_only, lsn, timeline, reach, floor) from STATUS_SQL's or FLOOR_SQL's row, or None
+    if it did not answer. ``read_only`` is what roles.py calls in recovery: it cannot be the
+    primary. A replica's ``reach``: the furthest position it holds, received or replayed; its
+    ``floor``: the timeline it is on at least (None if not asked)."""
     if not rows:
         return None
-    in_recovery, lsn, timeline, received = rows[0]
+    in_recovery, lsn, timeline, received, *floor = rows[0]
     lsn = parse_lsn(lsn)
     reach = (max(lsn or 0, parse_lsn(received) or 0) or None) if in_recovery else None
-    return bool(in_recovery), lsn, int(timeline, 16) if timeline else None, reach
+    return (bool(in_recovery), lsn, int(timeline, 16) if timeline else None, reach,
+            floor[0] if floor else None)
 
 
 def job_monitor(pool: "Pool", now: float) -> float:
     """Step each endpoint's monitor; apply what answered. Returns when to run again."""
     due = float("inf")
     judgements = pool._judgements
-    interval = SEEK_INTERVAL if pool._discover and (
+    interval = lag.RECHECK if now < pool._fast_until else SEEK_INTERVAL if pool._discover and (
         pool._primary is None or pool._primary.state in (DOWN, REFUSED)) else MONITOR_INTERVAL
     for ep in pool._endpoints:
         m = ep.monitor
@@ -75,7 +84,7 @@ def job_monitor(pool: "Pool", now: float) -> float:
                 due = min(due, ep.monitor_at)
                 continue
             m = ep.monitor = Monitor(ep.config.monitor_dsn, now, pool.options.connect_timeout,
-                                     STATUS_SQL)
+                                     FLOOR_SQL if pool._floor_ok else STATUS_SQL)
         elif m.status == OK:
             if now < ep.monitor_at:
                 due = min(due, ep.monitor_at)
@@ -94,6 +103,8 @@ def job_monitor(pool: "Pool", now: float) -> float:
             if apply_status(pool, ep, answer, now, m.started):
                 pool._share_status(ep, answer, m.started)
         else:  # no answer: ask again later, on a new connection; not evidence of an outage
+            if "pg_control" in (m.error or "") and "permission denied" in (m.error or ""):
+                pool._floor_ok = False  # (see FLOOR_SQL)
             m.close()
             ep.monitor = None
     if pool._judgements != judgements:  # a new primary meanwhile: questions due at once (lag.py)
@@ -108,7 +119,7 @@ def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
     nothing was applied: no answer, or one to a question older than what was (stale)."""
     if status is None:
         return False
-    in_recovery, lsn, timeline, reach = status
+    in_recovery, lsn, timeline, reach, floor = status
     answered = time.monotonic()  # not ``now``: the answer may have arrived after it was taken
     with pool._lock:
         if asked < ep.status_at:
@@ -121,15 +132,14 @@ def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
                 pool._lag.reset()
                 pool._lag_source = ep
             pool._lag.primary_at(now, lsn)
-            said += lag.check_diverged([r for r in pool._endpoints if r.role == REPLICA], ep,
-                                       asked, lsn)
+            said += lag.check_diverged(pool, ep, asked, lsn)
         elif in_recovery:
             ep.replay_lsn = lsn
             ep.lag_s, ep.lag_bytes = pool._lag.lag(now, lsn)
             max_lag = pool.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
             if reach is not None and ep.role == REPLICA:
-                lag.replica_answered(ep, asked, answered, reach)
+                lag.replica_answered(ep, asked, answered, reach, floor)
         pool._state_changed_locked()
     for level, *args in said:
         log.log(level, *args)

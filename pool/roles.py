@@ -99,6 +99,6 @@ def _set_role(ep: "Endpoint", role: str) -> None:
         ep.role = role
         ep.generation += 1  # sessions opened for the old role (read-only, or read-write) go
         # ...and what its answers in the old role said: its position, lag and history (lag.py)
-        ep.replay_lsn = ep.lag_s = ep.lag_bytes = ep.diverged_at = None
+        ep.replay_lsn = ep.lag_s = ep.lag_bytes = None
         ep.lagging = ep.diverged = ep.judged = False
         ep.answers.clear()

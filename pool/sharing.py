@@ -146,9 +146,7 @@ class Sharing:
             if entry.recovery == 2 and ep is self._primary:
                 # Its position: judge the replicas' answers from before it was asked (lag.py)
                 if entry.replay:
-                    said += lag.check_diverged(
-                        [e for e in self._endpoints if e.role == REPLICA], ep, entry.asked,
-                        entry.replay)
+                    said += lag.check_diverged(self, ep, entry.asked, entry.replay)
                 return doomed
             ep.replay_lsn = entry.replay or None
             ep.lag_s = None if math.isnan(entry.lag_s) else entry.lag_s
@@ -156,7 +154,8 @@ class Sharing:
             max_lag = self.options.max_lag
             ep.lagging = max_lag is not None and ep.lag_s is not None and ep.lag_s > max_lag
             if entry.recovery == 1 and entry.reach and ep.role == REPLICA:
-                lag.replica_answered(ep, entry.asked, entry.lag_at, entry.reach)
+                lag.replica_answered(ep, entry.asked, entry.lag_at, entry.reach,
+                                     entry.floor or None)
         return doomed
 
     def _share(self: "Pool", ep: "Endpoint") -> None:
@@ -223,14 +222,14 @@ class Sharing:
         board = self._board
         if board is None:
             return
-        in_recovery, lsn, timeline, reach = answer
+        in_recovery, lsn, timeline, reach, floor = answer
         primary = not in_recovery and ep is self._primary and lsn is not None
         lag_s = math.nan if ep.lag_s is None else ep.lag_s
         ep.board_seq = board.write(ep.board_slot, recovery=1 if in_recovery else 2,
                                    timeline=timeline or 0,
                                    replay=(lsn if primary else ep.replay_lsn) or 0,
                                    reach=reach or 0, lag_s=lag_s, lag_bytes=ep.lag_bytes or 0,
-                                   lag_at=boards.monotonic(), asked=asked)
+                                   lag_at=boards.monotonic(), asked=asked, floor=floor or 0)
 
     def _may_probe(self: "Pool", ep: "Endpoint") -> bool:
         """Only the holder of an endpoint's probe lease probes it (one prober per outage)."""

@@ -450,16 +450,18 @@ def test_healthy_replicas_under_a_stream_of_writes_are_never_taken_for_diverged(
     loaded primary): the replicas answer two or three times while one of its questions is out,
     with WAL it wrote after it took its position. About a hundred comparisons; none may flag."""
     monkeypatch.setattr(monitor, "MONITOR_INTERVAL", 0.02)
-    monkeypatch.setattr(monitor, "STATUS_SQL", (
-        f"WITH s AS MATERIALIZED ({monitor.STATUS_SQL}), z AS MATERIALIZED (SELECT pg_sleep("
-        f"CASE WHEN pg_is_in_recovery() THEN 0 ELSE 0.05 END) FROM s) SELECT s.* FROM s, z"))
+    for name in ("STATUS_SQL", "FLOOR_SQL"):  # (the monitor asks the latter)
+        monkeypatch.setattr(monitor, name, (
+            f"WITH s AS MATERIALIZED ({getattr(monitor, name)}), z AS MATERIALIZED (SELECT "
+            f"pg_sleep(CASE WHEN pg_is_in_recovery() THEN 0 ELSE 0.05 END) FROM s) "
+            f"SELECT s.* FROM s, z"))
     compared = []
     real_check = lag.check_diverged
 
-    def check(replicas, primary, asked, lsn):
-        replicas = list(replicas)
-        compared.extend(r for r in replicas if r.answers and r.answers[0][0] < asked)
-        return real_check(replicas, primary, asked, lsn)
+    def check(p, primary, asked, lsn):
+        compared.extend(r for r in p._endpoints if r.role == "replica" and r.answers
+                        and r.answers[0][0] < asked)
+        return real_check(p, primary, asked, lsn)
 
     monkeypatch.setattr(lag, "check_diverged", check)
     admin_sql(db, "primary", "CREATE TABLE IF NOT EXISTS write_stream (x int)")
@@ -514,63 +516,85 @@ def test_lag_tracker_measures_time_since_the_primary_had_what_the_replica_lacks(
     assert t.lag(200.0, 3000) == (None, None)  # no word from the primary for long: unknown
 
 
-def _replica(name="r1"):
-    return types.SimpleNamespace(name=name, answers=collections.deque(maxlen=8), diverged=False,
-                                 diverged_at=None, judged=False, answers_since=0.0,
-                                 monitor_at=float("inf"))
+def _node(name, role="replica", timeline=None):
+    return types.SimpleNamespace(name=name, role=role, state="up", timeline=timeline,
+                                 answers=collections.deque(maxlen=8), answers_since=0.0,
+                                 floor=None, diverged=False, judged=False, monitor_at=float("inf"))
 
 
-def test_a_replica_is_judged_only_by_a_primary_answer_asked_after_its_own():
-    r, primary = _replica(), types.SimpleNamespace(name="p")
-    lag.replica_answered(r, 9.9, 10.0, 5000)
-    assert lag.check_diverged([r], primary, 10.0, 4000) == []  # asked at the same time: nothing
-    assert not r.judged and not r.diverged
-    lag.replica_answered(r, 10.4, 10.5, 6000)  # read after the question below: not that one
-    lag.check_diverged([r], primary, 10.2, 5500)
-    assert r.judged and not r.diverged  # its 5000 (at 10.0) is behind 5500: on the history
-    said = lag.check_diverged([r], primary, 11.0, 5900)  # its 6000 (at 10.5) is past 5900
+def _cluster(*replicas):
+    """A primary on timeline 2 and these replicas, as lag.py sees them (no server needed)."""
+    primary = _node("p", role="primary", timeline=2)
+    woken = []
+    pool = types.SimpleNamespace(_endpoints=[primary, *replicas], _primary=primary,
+                                 _judgements=0, _judge_base=None, _fast_until=0.0,
+                                 _hurry_housekeeper=lambda: woken.append(1))
+    return pool, primary, woken
+
+
+def test_a_replica_is_judged_only_on_evidence_from_before_the_primary_was_asked():
+    r = _node("r1")
+    pool, primary, _ = _cluster(r)
+    lag.replica_answered(r, 9.9, 10.0, 5000, None)
+    assert lag.check_diverged(pool, primary, 10.0, 6000) == []  # read as it was asked: nothing
+    assert not r.judged and pool._judge_base == 6000  # the primary's first position seen
+    lag.replica_answered(r, 10.4, 10.5, 6500, None)  # more than that: it streams from it
+    lag.replica_answered(r, 10.7, 10.8, 9000, None)  # (read after the question below)
+    lag.check_diverged(pool, primary, 10.6, 7000)
+    assert r.judged and not r.diverged
+    said = lag.check_diverged(pool, primary, 11.0, 8000)  # its 9000 (at 10.8) is past 8000
     assert r.diverged and not r.judged and said[0][0] == logging.WARNING
-    assert "0/1770" in said[0][1] % said[0][2:]  # the position it was caught at, 6000
+    assert "0/2328" in said[0][1] % said[0][2:]  # what it holds, 9000
 
 
-def test_a_diverged_replica_stays_out_until_it_moves_and_the_primary_is_not_behind_it():
-    r, primary = _replica(), types.SimpleNamespace(name="p")
-    lag.replica_answered(r, 0.9, 1.0, 9000)
-    lag.check_diverged([r], primary, 2.0, 8000)
-    assert r.diverged
-    lag.check_diverged([r], primary, 3.0, 9500)  # the primary wrote past it: still off its history
-    assert r.diverged and not r.judged
-    lag.replica_answered(r, 3.4, 3.5, 9000)  # the same position: stuck
-    lag.check_diverged([r], primary, 4.0, 9600)
-    assert r.diverged
-    lag.replica_answered(r, 3.6, 3.7, 8800)  # less (restarted, not rewound): not moving on
-    lag.check_diverged([r], primary, 3.8, 9600)
-    assert r.diverged and not r.judged
-    lag.replica_answered(r, 4.4, 4.5, 9200)  # past where it was caught: streams again (rewound)
-    assert r.diverged
-    said = lag.check_diverged([r], primary, 5.0, 9700)
-    assert not r.diverged and r.judged and said[0][0] == logging.INFO
+def test_a_replica_stuck_behind_or_diverged_counts_only_once_its_timeline_is_the_primary_s():
+    """Left behind by a failover by less than the new primary has written: positions cannot tell
+    it from a healthy one, but a healthy one streams (holds more than the primary had when it was
+    first asked). Diverged: out until its control file says it is on the primary's timeline
+    (rewound, rebuilt); streaming more of the old WAL (from an old primary back unfenced) is not
+    that."""
+    stuck, ahead = _node("stuck"), _node("ahead")
+    pool, primary, _ = _cluster(stuck, ahead)
+    lag.check_diverged(pool, primary, 1.0, 8000)  # the new primary's first answer
+    lag.replica_answered(stuck, 1.1, 1.2, 7000, 1)
+    lag.replica_answered(ahead, 1.1, 1.2, 9500, 1)
+    lag.check_diverged(pool, primary, 2.0, 9000)
+    assert not stuck.judged and not stuck.diverged  # below the first position, not moving
+    assert ahead.diverged and not ahead.judged
+    lag.replica_answered(ahead, 2.1, 2.2, 9900, 1)  # more old WAL: still timeline 1
+    lag.check_diverged(pool, primary, 3.0, 12000)
+    assert ahead.diverged and not ahead.judged
+    lag.replica_answered(ahead, 3.1, 3.2, 11000, 2)  # rewound: on timeline 2 now
+    said = lag.check_diverged(pool, primary, 4.0, 12000)
+    assert not ahead.diverged and ahead.judged and said[0][0] == logging.INFO
+    lag.replica_answered(stuck, 4.1, 4.2, 12000, 1)  # holds exactly what the primary has
+    lag.check_diverged(pool, primary, 5.0, 12000)
+    assert stuck.judged
+    pool._endpoints.append(_node("old", role="candidate"))
+    pool._endpoints[-1].state = "conflict"  # two primaries: positions are not evidence
+    lag.replica_answered(stuck, 5.1, 5.2, 12500, 1)
+    lag.check_diverged(pool, primary, 6.0, 13000)
+    assert not stuck.judged and ahead.judged  # (ahead's control file still vouches)
 
 
 def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was_seen():
-    """Before the promotion a replica's answers say nothing of whether it went on replaying the
-    old primary's WAL after it: a judgement on one of them would be a false all-clear."""
-    r, primary = _replica(), _replica("p")
-    woken = []
-    pool = types.SimpleNamespace(_endpoints=[primary, r], _primary=primary, _judgements=0,
-                                 _hurry_housekeeper=lambda: woken.append(1))
-    lag.replica_answered(r, time.monotonic() - 1.1, time.monotonic() - 1, 5000)
-    lag.check_diverged([r], primary, time.monotonic(), 6000)
+    """Before the promotion a replica's answers say nothing of whether it went on with the old
+    primary's WAL after it: a judgement on one of them would be a false all-clear."""
+    r = _node("r1")
+    pool, primary, woken = _cluster(r)
+    lag.replica_answered(r, time.monotonic() - 1.1, time.monotonic() - 1, 6000, None)
+    lag.check_diverged(pool, primary, time.monotonic(), 6000)
     assert r.judged
     lag.forget_judgements(pool)
     now = time.monotonic()
     assert not r.judged and not r.answers and pool._judgements == 1 and woken
+    assert pool._judge_base is None and pool._fast_until > now  # every node asked often a while
     assert r.monitor_at <= now < primary.monitor_at <= now + lag.RECHECK  # replicas asked first
-    lag.replica_answered(r, now - 0.5, now + 0.2, 5000)  # asked before it was seen: ignored
-    lag.check_diverged([r], primary, now + 1, 6000)
+    lag.replica_answered(r, now - 0.5, now + 0.2, 6000, None)  # asked before it was seen: ignored
+    lag.check_diverged(pool, primary, now + 1, 6000)
     assert not r.judged
-    lag.replica_answered(r, now + 0.4, now + 0.5, 5500)
-    lag.check_diverged([r], primary, now + 1, 6000)
+    lag.replica_answered(r, now + 1.1, now + 1.2, 6000, None)
+    lag.check_diverged(pool, primary, now + 2, 6000)
     assert r.judged
 
 

@@ -214,10 +214,7 @@ def test_a_replica_left_ahead_of_the_promoted_one_serves_no_read_until_it_rejoin
             assert any(r.levelno == logging.WARNING and replica2 in r.getMessage()
                        and "not on the primary's history" in r.getMessage() for r in caplog.records)
             c.rejoin("replica2")  # pg_rewind onto the new timeline: it follows the primary again
-            # Back once it holds WAL past where it was caught (a diverged one replaying what it
-            # had received never does): once the primary has written that far.
-            admin_sql(c, "replica1", "CREATE TABLE filler2 AS SELECT g, repeat('x', 200) AS pad "
-                                     "FROM generate_series(1, 90000) g")  # about 24 MB
+            # (back when its control file says it is on the new timeline: pg_rewind writes that)
             wait_until(lambda: states(p)[replica2] == ("replica", "up"), timeout=15,
                        interval=0.1, what="replica2 back in reads after its rewind")
         assert any("back in reads" in r.getMessage() for r in caplog.records)
@@ -292,3 +289,61 @@ def test_with_the_new_primary_down_too_a_new_pool_serves_no_token_read_from_the_
         assert node_of(c, q.last_endpoint) == "replica2"
     finally:
         q.close()
+
+
+def test_a_pool_started_after_the_fork_never_counts_the_diverged_replica_for_tokens(fresh, mode):
+    """A pool that was not watching at the failover (an app restarted after it) first compares
+    the nodes once the new primary has written past all replica2 holds: positions alone cannot
+    tell replica2 from a replica that lags. A red-team run had 53 of 150 such token reads miss
+    their row. A replica counts once it shows it follows the primary (it holds more than the
+    primary had when first asked, or exactly as much), or its control file names the primary's
+    timeline; replica2, stuck, does neither."""
+    c = fresh
+    p = candidates(c, mode="threaded")
+    try:
+        row_id, token = fork_replica2(c, p)
+    finally:
+        p.close()
+    admin_sql(c, "replica1", "CREATE TABLE filler2 AS SELECT g, repeat('x', 200) AS pad "
+                             "FROM generate_series(1, 150000) g")  # past all replica2 holds
+    q = candidates(c, mode=mode)
+    try:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            assert q.fetchone(SELECT_ID, (row_id,), readonly=True, after=token) == (row_id,)
+            assert node_of(c, q.last_endpoint) != "replica2"
+            time.sleep(0.01)
+    finally:
+        q.close()
+
+
+
+def test_a_diverged_replica_streaming_from_an_old_primary_back_unfenced_stays_out(fresh, mode):
+    """After the fork the old primary comes back as it was (a conflict: two primaries), and
+    replica2 streams more of its timeline-1 WAL. Once the new primary had written past it, that
+    was taken for a rewind: a red-team run had 100 of 100 token reads miss their row. Only its
+    control file naming the primary's timeline brings it back."""
+    c = fresh
+    p = warmed(c, mode)
+    replica2 = f"127.0.0.1:{c.port('replica2')}"
+    try:
+        row_id, token = fork_replica2(c, p)
+        wait_until(lambda: (p.fetchone(READ, readonly=True), states(p)[replica2])[1]
+                   == ("replica", "diverged"), timeout=3, what="replica2 found diverged")
+        c.start_node("primary", split_brain=True)  # unfenced: still a primary, timeline 1
+        admin_sql(c, "primary", "CREATE TABLE tl1_only AS SELECT g FROM generate_series(1, 1000) g")
+        (end,) = admin_sql(c, "primary", "SELECT pg_current_wal_lsn()")[0]
+        wait_until(lambda: admin_sql(c, "replica2", "SELECT pg_last_wal_replay_lsn() >= %s",
+                                     (end,))[0][0], timeout=30, interval=0.2,
+                   what="replica2 streaming from the old primary")
+        admin_sql(c, "replica1", "CREATE TABLE filler2 AS SELECT g, repeat('x', 200) AS pad "
+                                 "FROM generate_series(1, 120000) g")  # past all replica2 holds
+        end = time.monotonic() + 3  # the monitor compares them again and again
+        while time.monotonic() < end:
+            assert p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token) == (row_id,)
+            assert node_of(c, p.last_endpoint) != "replica2"
+            assert node_of(c, (p.fetchone(READ, readonly=True), p.last_endpoint)[1]) != "replica2"
+            time.sleep(0.02)
+        assert states(p)[replica2] == ("replica", "diverged")
+    finally:
+        p.close()
