@@ -154,7 +154,6 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._lag = lag.LagTracker()
         self._lag_source: Endpoint | None = None
         self._judgements = 0  # bumped whenever the replicas must be judged anew (lag.py)
-        self._judge_base: int | None = None  # the new primary's first position answered
         self._fast_until = 0.0  # every node asked every lag.RECHECK until then
         self._floor_ok = True  # may the monitor read the replicas' control files (monitor.py)
         self._surveyed_at = -1.0  # when every node was last asked out of turn (Pool._survey)

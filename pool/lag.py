@@ -36,11 +36,12 @@ under any write load is never flagged):
   whatever ``max_lag`` says, ``state: "diverged"``, WARNING; back only once its control file
   names the primary's timeline (rewound or rebuilt; streaming more of the old WAL, from an old
   primary back unfenced, is not that);
-- else ``judged`` (reads with a token count on it) if it shows it follows the primary: it holds
-  exactly the primary's position, or more than the primary had when first asked after it was
-  found, or its control file names the primary's timeline. One stuck where a failover left it
-  does none of these: tokens never go to it, and its lag grows until ``max_lag`` takes it out.
-  While two nodes claim to be primary (a conflict), only the control file counts.
+- else ``judged`` (reads with a token count on it) if it shows it follows the primary: it has
+  received more since the primary was found (positions alone cannot tell a replica a failover
+  left behind, stuck, from one that lags), or its control file names the primary's timeline.
+  A stuck one does neither: tokens never go to it, and its lag grows until ``max_lag`` takes it
+  out. An idle healthy one counts from the primary's next write. While another node answers as
+  a primary too (a conflict), only the control file counts.
 Judgements are forgotten when a new primary is found (``forget_judgements``: answers to earlier
 questions say nothing of what a replica did after the promotion); every node is then asked
 every ``RECHECK`` for ``FAST_ROUNDS``, so token reads go to the primary for about 0.15 s (in
@@ -66,6 +67,7 @@ RESURVEY = 0.25  # without read_fallback, every replica is asked again this ofte
 STALE = 5.0  # a primary position older than this cannot measure lag (the primary is gone)
 RECHECK = 0.05  # after a new primary, every node is asked this often... (forget_judgements)
 FAST_ROUNDS = 0.5  # ...for this long
+CONFLICT_LIVE = 3.0  # a node in conflict that answered this recently makes judging strict
 
 # The primary's timeline (hex, as in WAL file names), then its WAL position; tokens from before
 # the timeline was added ("0/3000148") are still read.
@@ -158,16 +160,16 @@ def replica_answered(ep: Any, asked: float, when: float, reach: int, floor: int 
 
 def check_diverged(pool: Any, primary: Any, asked: float, lsn: int) -> list[tuple[Any, ...]]:
     """The primary answered ``lsn`` to a question sent at ``asked`` or later. For each replica's
-    latest answer from before that: past it, diverged; else judged if it shows it is on the
-    primary's history: it holds exactly the primary's position, or more than the primary had
-    when it was first asked after it was found (it streams from it), or its control file says
-    it is on the primary's timeline. While a node is in conflict (two primaries), only the
-    last counts. A diverged one comes back only on that last evidence (rewound or rebuilt).
+    latest answer from before that: past it, diverged; else judged if it shows it follows the
+    primary: it has received more since the primary was found (it streams; one that a failover
+    left behind is stuck, however its position compares), or its control file says it is on
+    the primary's timeline. While another node answers as a primary too (a conflict), only the
+    latter counts. A diverged one comes back only on that evidence (rewound or rebuilt).
     Returns the log lines."""
     said: list[tuple[Any, ...]] = []
-    if pool._judge_base is None:
-        pool._judge_base = lsn
-    strict = any(ep.state is CONFLICT for ep in pool._endpoints)
+    now = time.monotonic()
+    strict = any(ep.state is CONFLICT and now - ep.status_at < CONFLICT_LIVE
+                 for ep in pool._endpoints)
     timeline = primary.timeline or 0
     for ep in pool._endpoints:
         if ep.role != REPLICA:
@@ -192,7 +194,7 @@ def check_diverged(pool: Any, primary: Any, asked: float, lsn: int) -> list[tupl
             ep.diverged = False
             said.append((logging.INFO, "replica %s is on the primary %s's timeline %s, not past "
                          "it: back in reads", ep.name, primary.name, timeline))
-        streams = reach == lsn or reach > pool._judge_base
+        streams = reach > ep.answers[0][1]  # (its first answer since the primary was found)
         ep.judged = on_timeline or streams and not strict
     return said
 
@@ -205,7 +207,6 @@ def forget_judgements(pool: Any) -> None:
     judgements come within about 0.15 s, not seconds later."""
     now = time.monotonic()
     pool._judgements += 1
-    pool._judge_base = None
     pool._fast_until = now + FAST_ROUNDS
     for ep in pool._endpoints:
         ep.judged = False

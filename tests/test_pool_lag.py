@@ -519,7 +519,8 @@ def test_lag_tracker_measures_time_since_the_primary_had_what_the_replica_lacks(
 def _node(name, role="replica", timeline=None):
     return types.SimpleNamespace(name=name, role=role, state="up", timeline=timeline,
                                  answers=collections.deque(maxlen=8), answers_since=0.0,
-                                 floor=None, diverged=False, judged=False, monitor_at=float("inf"))
+                                 floor=None, diverged=False, judged=False, monitor_at=float("inf"),
+                                 status_at=0.0)
 
 
 def _cluster(*replicas):
@@ -527,7 +528,7 @@ def _cluster(*replicas):
     primary = _node("p", role="primary", timeline=2)
     woken = []
     pool = types.SimpleNamespace(_endpoints=[primary, *replicas], _primary=primary,
-                                 _judgements=0, _judge_base=None, _fast_until=0.0,
+                                 _judgements=0, _fast_until=0.0,
                                  _hurry_housekeeper=lambda: woken.append(1))
     return pool, primary, woken
 
@@ -537,8 +538,8 @@ def test_a_replica_is_judged_only_on_evidence_from_before_the_primary_was_asked(
     pool, primary, _ = _cluster(r)
     lag.replica_answered(r, 9.9, 10.0, 5000, None)
     assert lag.check_diverged(pool, primary, 10.0, 6000) == []  # read as it was asked: nothing
-    assert not r.judged and pool._judge_base == 6000  # the primary's first position seen
-    lag.replica_answered(r, 10.4, 10.5, 6500, None)  # more than that: it streams from it
+    assert not r.judged
+    lag.replica_answered(r, 10.4, 10.5, 5500, None)  # it received more: it streams
     lag.replica_answered(r, 10.7, 10.8, 9000, None)  # (read after the question below)
     lag.check_diverged(pool, primary, 10.6, 7000)
     assert r.judged and not r.diverged
@@ -547,34 +548,38 @@ def test_a_replica_is_judged_only_on_evidence_from_before_the_primary_was_asked(
     assert "0/2328" in said[0][1] % said[0][2:]  # what it holds, 9000
 
 
-def test_a_replica_stuck_behind_or_diverged_counts_only_once_its_timeline_is_the_primary_s():
-    """Left behind by a failover by less than the new primary has written: positions cannot tell
-    it from a healthy one, but a healthy one streams (holds more than the primary had when it was
-    first asked). Diverged: out until its control file says it is on the primary's timeline
-    (rewound, rebuilt); streaming more of the old WAL (from an old primary back unfenced) is not
-    that."""
-    stuck, ahead = _node("stuck"), _node("ahead")
-    pool, primary, _ = _cluster(stuck, ahead)
-    lag.check_diverged(pool, primary, 1.0, 8000)  # the new primary's first answer
-    lag.replica_answered(stuck, 1.1, 1.2, 7000, 1)
-    lag.replica_answered(ahead, 1.1, 1.2, 9500, 1)
-    lag.check_diverged(pool, primary, 2.0, 9000)
-    assert not stuck.judged and not stuck.diverged  # below the first position, not moving
+def test_a_replica_stuck_behind_or_diverged_counts_only_once_it_shows_it_follows_the_primary():
+    """Left behind by a failover by less than the new primary has written, or by exactly as
+    much (both idle at a segment boundary): positions cannot tell it from a healthy one, but a
+    healthy one streams. Diverged: out until its control file says it is on the primary's
+    timeline (rewound, rebuilt); streaming more of the old WAL (from an old primary back
+    unfenced) is not that."""
+    stuck, ahead, idle = _node("stuck"), _node("ahead"), _node("idle")
+    pool, primary, _ = _cluster(stuck, ahead, idle)
+    for t in (1.0, 2.0):
+        lag.replica_answered(stuck, t, t + 0.1, 7000, 1)
+        lag.replica_answered(idle, t, t + 0.1, 9000, 1)
+    lag.replica_answered(ahead, 1.0, 1.1, 9500, 1)
+    lag.check_diverged(pool, primary, 3.0, 9000)
+    assert not stuck.judged and not stuck.diverged  # behind, not moving
+    assert not idle.judged and not idle.diverged  # at the primary's very position, not moving
     assert ahead.diverged and not ahead.judged
-    lag.replica_answered(ahead, 2.1, 2.2, 9900, 1)  # more old WAL: still timeline 1
-    lag.check_diverged(pool, primary, 3.0, 12000)
-    assert ahead.diverged and not ahead.judged
-    lag.replica_answered(ahead, 3.1, 3.2, 11000, 2)  # rewound: on timeline 2 now
-    said = lag.check_diverged(pool, primary, 4.0, 12000)
+    lag.replica_answered(ahead, 3.1, 3.2, 9900, 1)  # more old WAL: still timeline 1
+    lag.replica_answered(idle, 3.1, 3.2, 9800, 1)  # the primary wrote: it follows
+    lag.check_diverged(pool, primary, 4.0, 12000)
+    assert ahead.diverged and not ahead.judged and idle.judged and not stuck.judged
+    lag.replica_answered(ahead, 4.1, 4.2, 11000, 2)  # rewound: on timeline 2 now
+    said = lag.check_diverged(pool, primary, 5.0, 12000)
     assert not ahead.diverged and ahead.judged and said[0][0] == logging.INFO
-    lag.replica_answered(stuck, 4.1, 4.2, 12000, 1)  # holds exactly what the primary has
-    lag.check_diverged(pool, primary, 5.0, 12000)
-    assert stuck.judged
-    pool._endpoints.append(_node("old", role="candidate"))
-    pool._endpoints[-1].state = "conflict"  # two primaries: positions are not evidence
-    lag.replica_answered(stuck, 5.1, 5.2, 12500, 1)
+    old = _node("old", role="candidate")
+    old.state, old.status_at = "conflict", time.monotonic()  # another primary, answering
+    pool._endpoints.append(old)
+    lag.replica_answered(idle, 5.1, 5.2, 12000, 1)
     lag.check_diverged(pool, primary, 6.0, 13000)
-    assert not stuck.judged and ahead.judged  # (ahead's control file still vouches)
+    assert not idle.judged and ahead.judged  # positions are no evidence then; the floor is
+    old.status_at -= lag.CONFLICT_LIVE + 1  # ...until that node has not answered for a while
+    lag.check_diverged(pool, primary, 7.0, 13000)
+    assert idle.judged
 
 
 def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was_seen():
@@ -582,19 +587,22 @@ def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was
     primary's WAL after it: a judgement on one of them would be a false all-clear."""
     r = _node("r1")
     pool, primary, woken = _cluster(r)
-    lag.replica_answered(r, time.monotonic() - 1.1, time.monotonic() - 1, 6000, None)
-    lag.check_diverged(pool, primary, time.monotonic(), 6000)
+    now = time.monotonic()
+    lag.replica_answered(r, now - 1.2, now - 1.1, 5000, None)
+    lag.replica_answered(r, now - 1.0, now - 0.9, 6000, None)
+    lag.check_diverged(pool, primary, now - 0.5, 6000)
     assert r.judged
     lag.forget_judgements(pool)
     now = time.monotonic()
     assert not r.judged and not r.answers and pool._judgements == 1 and woken
-    assert pool._judge_base is None and pool._fast_until > now  # every node asked often a while
+    assert pool._fast_until > now  # every node asked often for a while
     assert r.monitor_at <= now < primary.monitor_at <= now + lag.RECHECK  # replicas asked first
-    lag.replica_answered(r, now - 0.5, now + 0.2, 6000, None)  # asked before it was seen: ignored
-    lag.check_diverged(pool, primary, now + 1, 6000)
-    assert not r.judged
-    lag.replica_answered(r, now + 1.1, now + 1.2, 6000, None)
-    lag.check_diverged(pool, primary, now + 2, 6000)
+    lag.replica_answered(r, now - 0.5, now + 0.2, 6500, None)  # asked before it was seen: ignored
+    lag.replica_answered(r, now + 0.3, now + 0.4, 6000, None)
+    lag.check_diverged(pool, primary, now + 1, 7000)
+    assert not r.judged  # (one answer since: no sign yet that it streams)
+    lag.replica_answered(r, now + 1.1, now + 1.2, 7000, None)
+    lag.check_diverged(pool, primary, now + 2, 7000)
     assert r.judged
 
 

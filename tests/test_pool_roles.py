@@ -347,3 +347,28 @@ def test_a_diverged_replica_streaming_from_an_old_primary_back_unfenced_stays_ou
         assert_replica2_stays_out(c, p, row_id, token)
     finally:
         p.close()
+
+
+def test_after_a_clean_switchover_token_reads_are_back_on_the_replica_at_once(fresh, mode):
+    """`promote` stops the primary first, so no replica diverges. A pool that sees replica1 out
+    of recovery before it notices the old primary stopped calls the old one a conflict, and it
+    stays one (nothing goes to it any more). While a node is in conflict, positions are no
+    evidence that a replica follows the primary; a conflict that no longer answers is no
+    conflict: replica2, streaming from replica1, serves token reads again within a second."""
+    c = fresh
+    p = warmed(c, mode)
+    try:
+        c.promote("replica1")
+        wait_until(lambda: timed(lambda: p.fetchone(INSERT, (unique_name(),)))[2] is None,
+                   timeout=20, interval=0.05, what="writes on the new primary")
+
+        def token_read_on_replica2() -> bool:
+            (row_id,) = p.fetchone(INSERT, (unique_name(),))
+            token = p.write_token()
+            assert p.fetchone(SELECT_ID, (row_id,), readonly=True, after=token) == (row_id,)
+            return node_of(c, p.last_endpoint) == "replica2"
+
+        wait_until(token_read_on_replica2, timeout=6, interval=0.05,  # (lag.CONFLICT_LIVE: 3 s)
+                   what="a token read served by replica2")
+    finally:
+        p.close()
