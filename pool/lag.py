@@ -40,8 +40,9 @@ under any write load is never flagged):
   received more since the primary was found (positions alone cannot tell a replica a failover
   left behind, stuck, from one that lags), or its control file names the primary's timeline.
   A stuck one does neither: tokens never go to it, and its lag grows until ``max_lag`` takes it
-  out. An idle healthy one counts from the primary's next write. While another node answers as
-  a primary too (a conflict), only the control file counts.
+  out. An idle healthy one counts from the primary's next write, and then for as long as this
+  primary lasts. While another node answers as a primary too (a conflict), only the control
+  file counts.
 Judgements are forgotten when a new primary is found (``forget_judgements``: answers to earlier
 questions say nothing of what a replica did after the promotion); every node is then asked
 every ``RECHECK`` for ``FAST_ROUNDS``, so token reads go to the primary for about 0.15 s (in
@@ -194,8 +195,11 @@ def check_diverged(pool: Any, primary: Any, asked: float, lsn: int) -> list[tupl
             ep.diverged = False
             said.append((logging.INFO, "replica %s is on the primary %s's timeline %s, not past "
                          "it: back in reads", ep.name, primary.name, timeline))
-        streams = reach > ep.answers[0][1]  # (its first answer since the primary was found)
-        ep.judged = on_timeline or streams and not strict
+        if strict:
+            ep.judged = on_timeline
+        else:  # seen to follow this primary once (it received more since it was found), it
+            #     stays judged through idle spells, until a new primary (forget_judgements)
+            ep.judged = ep.judged or on_timeline or reach > ep.answers[0][1]
     return said
 
 

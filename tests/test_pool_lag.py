@@ -580,6 +580,10 @@ def test_a_replica_stuck_behind_or_diverged_counts_only_once_it_shows_it_follows
     old.status_at -= lag.CONFLICT_LIVE + 1  # ...until that node has not answered for a while
     lag.check_diverged(pool, primary, 7.0, 13000)
     assert idle.judged
+    for t in range(8, 20):  # the primary idle: every answer the same, for longer than kept
+        lag.replica_answered(idle, t + 0.1, t + 0.2, 13000, 1)
+        lag.check_diverged(pool, primary, t + 1.0, 13000)
+    assert idle.judged  # seen to follow this primary: it still does
 
 
 def test_a_new_primary_judges_the_replicas_only_on_what_they_answer_after_it_was_seen():
