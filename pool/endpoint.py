@@ -140,12 +140,12 @@ class Endpoint:
         self.lag_s: float | None = None
         self.lag_bytes: int | None = None
         self.lagging = False  # behind by more than max_lag: out of read rotation (lag.py)
-        self.status_at = 0.0  # when the newest status applied here was read (monitor.py)
-        self.answers: deque[tuple[float, int]] = deque(maxlen=8)  # (when, replay position)
-        self.answers_since = 0.0  # ...only those read after this count (a new primary since)
+        self.status_at = 0.0  # when the newest status applied here was asked (monitor.py)
+        self.answers: deque[tuple[float, int]] = deque(maxlen=8)  # (when read, reach) (lag.py)
+        self.answers_since = 0.0  # ...only those asked after this count (a new primary since)
         self.floor: int | None = None  # the timeline it is on at least (its control file's)
         self.diverged = False  # ahead of the primary, so not on its history: out of reads (lag.py)
-        self.judged = False  # compared with the current primary: tokens may count on it (lag.py)
+        self.judged = False  # shown to follow the current primary: tokens count on it (lag.py)
         self.board_slot: Any = None  # its board.Slot on the shared health board (board.py)
         self.board_seq = 0  # the slot's sequence number this process last applied
         self.board_epoch = 0  # the slot's outage counter this process last saw

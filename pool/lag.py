@@ -76,6 +76,10 @@ _TOKEN = re.compile(r"^(?:([0-9A-Fa-f]{1,8}):)?([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8
 # write_token()'s one round trip: "2:0/3000148" (leading zeros of the timeline dropped)
 TOKEN_SQL = ("SELECT ltrim(substr(pg_walfile_name(lsn), 1, 8), '0') || ':' || lsn::text "
              "FROM pg_current_wal_lsn() AS lsn")
+# A replica's timeline at least, from its control file: the last restartpoint's and the minimum
+# recovery point's (they lag, never lead). Executable by everyone by default.
+FLOOR_EXPR = ("GREATEST((SELECT timeline_id FROM pg_control_checkpoint()), "
+              "(SELECT min_recovery_end_timeline FROM pg_control_recovery()))")
 
 
 def parse_lsn(text: str | None) -> int | None:

@@ -43,9 +43,7 @@ STATUS_SQL = (
 # (the last restartpoint's and the minimum recovery point's; they lag, never lead): evidence
 # that it is on the primary's history (lag.py). Those functions are executable by everyone by
 # default; where they are not, a pool asks STATUS_SQL from then on (Pool._floor_ok).
-FLOOR_SQL = STATUS_SQL + (
-    ", CASE WHEN pg_is_in_recovery() THEN GREATEST((SELECT timeline_id FROM "
-    "pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM pg_control_recovery())) END")
+FLOOR_SQL = STATUS_SQL + f", CASE WHEN pg_is_in_recovery() THEN {lag.FLOOR_EXPR} END"
 MONITOR_INTERVAL = 1.0  # seconds between questions to one endpoint
 SEEK_INTERVAL = 0.2  # ...while the candidate form has no primary up: a promotion is seen soon
 STEP_INTERVAL = 0.01

@@ -264,7 +264,7 @@ class Statements:
         """Worth asking its position for a token? If judged; or, with no primary up to compare
         it with, to be asked its timeline too (a pool started during an outage must not fail
         such reads for want of a primary it does not need)."""
-        return ep.judged or not self._monitoring or not self._writable
+        return self._judged(ep) or not self._writable
 
     @staticmethod
     def _replay_position(rec: PooledConnection, vouch: bool = False) -> tuple[int, int | None]:
@@ -292,9 +292,7 @@ def _never(ep: Any) -> bool:
 
 
 _REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text, NULL::int"
-_VOUCH_SQL = ("SELECT pg_last_wal_replay_lsn()::text, GREATEST((SELECT timeline_id FROM "
-              "pg_control_checkpoint()), (SELECT min_recovery_end_timeline FROM "
-              "pg_control_recovery()))")
+_VOUCH_SQL = f"SELECT pg_last_wal_replay_lsn()::text, {lag.FLOOR_EXPR}"
 
 
 def _fetchone(cur: Any) -> Any:
