@@ -1,5 +1,6 @@
-"""Failure behaviour, measured: what callers see when a server stalls, an address black-holes,
-a session is terminated under a queue, a NOTIFY arrives, or a login is refused.
+"""Failure behaviour, measured: what callers see when a server stalls, a statement runs past its
+deadline on a healthy one, an address black-holes, a session is terminated under a queue, a
+NOTIFY arrives, or a login is refused.
 
     python -m bench.failures [--query-timeout 2] [--out bench/results]
 
@@ -13,6 +14,7 @@ behaviour; this measures it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import logging
@@ -89,6 +91,41 @@ def stalled_primary(c: Cluster, mode: str, qt: float) -> dict:
         return {"scenario": "stalled primary (SIGSTOP), writes", "mode": mode,
                 "first_write_fails_after_s": round(first, 3), "error": type(err).__name__,
                 "next_writes_max_s": round(max(later), 4)}
+    finally:
+        p.close()
+
+
+def slow_statement(c: Cluster, mode: str, qt: float) -> dict:
+    """A report runs past query_timeout on a healthy primary that has 8 pooled sessions: how
+    long the next write waits, how many of the other 7 sessions survive, and when the server
+    stops running the report (cancelled by the pool; it would otherwise sleep on for 60 s)."""
+    p = pool.Pool(c.dsn("primary"), replicas=[c.dsn("replica1")], mode=mode, query_timeout=qt,
+                  connect_timeout=0.5, shared_state=False)
+    report = "SELECT pg_sleep(60) -- failures-bench report"
+    running = "SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'active'"
+
+    def run_report() -> None:
+        with p.connection() as conn:
+            pids.remove(conn.info.backend_pid)  # the other 7 stay in pids
+            conn.cursor().execute(report)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            pids = [stack.enter_context(p.connection()).info.backend_pid for _ in range(8)]
+        failed_after, err = timed(run_report)
+        start = time.monotonic()
+        next_write, _ = timed(lambda: p.fetchone(INSERT))
+        while admin_sql(c, "primary", running, (report,))[0][0] and time.monotonic() - start < 10:
+            p.fetchone(INSERT)  # (process mode steps the cancel request on requests)
+            time.sleep(0.01)
+        gone = admin_sql(c, "primary", running, (report,))[0][0] == 0
+        stopped = round(time.monotonic() - start, 3) if gone else None
+        kept = admin_sql(c, "primary", "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                         (pids,))[0][0]
+        return {"scenario": "a statement past query_timeout on a healthy primary (a slow report)",
+                "mode": mode, "error": type(err).__name__, "fails_after_s": round(failed_after, 3),
+                "next_write_s": round(next_write, 4), "other_sessions_kept": f"{kept}/7",
+                "report_stopped_on_server_after_s": stopped}
     finally:
         p.close()
 
@@ -171,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("threaded", "process"):
             for fn in (lambda: stalled_replica(c, mode, args.query_timeout),
                        lambda: stalled_primary(c, mode, args.query_timeout),
+                       lambda: slow_statement(c, mode, args.query_timeout),
                        lambda: black_hole(c, mode), lambda: notify(c, mode), lambda: refused(c, mode)):
                 row = fn()
                 print(row, flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import select
+import time
 from typing import Any, Callable
 
 import psycopg2
@@ -121,11 +122,12 @@ class PoolConnection(ext.connection):
     """A psycopg2 connection that knows when a loan changed it and how long it has waited.
 
     ``label`` names its endpoint in messages. The watchdog reads ``busy_since`` and
-    ``query_timeout`` and sets ``timed_out`` before it shuts the socket.
+    ``query_timeout`` and sets ``timed_out`` before it shuts the socket. ``backend_pid`` and
+    ``opened_at`` name its server process, for cancelling a statement the watchdog cut off.
     """
 
     __slots__ = ("dirty", "busy_since", "query_timeout", "timed_out", "label", "read_only_loan",
-                 "two_phase")
+                 "two_phase", "backend_pid", "opened_at")
 
     autocommit = _marking("autocommit")
     readonly = _marking("readonly")
@@ -213,8 +215,9 @@ class PoolConnection(ext.connection):
     def timeout_error(self) -> QueryTimeout:
         return QueryTimeout(
             f"{self.label}: no answer from the server within query_timeout={self.query_timeout:g}s; "
-            f"the pool closed the connection (the server may be stalled or gone) and ejected the "
-            f"endpoint; a write may or may not have been applied", self.label)
+            f"the pool closed the connection, and probes the server (cancelling the statement "
+            f"there) before lending another: a slow statement, or a stalled or unreachable "
+            f"server; a write may or may not have been applied", self.label)
 
 
 class PooledConnection:
@@ -329,6 +332,8 @@ def abandon(raw: Any) -> None:
 def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection:
     """A new session (blocking; libpq's connect_timeout bounds it). Raises OperationalError."""
     raw = psycopg2.connect(dsn, connection_factory=PoolConnection)
+    raw.opened_at = time.monotonic()  # its server process started before this
+    raw.backend_pid = raw.info.backend_pid
     raw.label = label
     raw.query_timeout = query_timeout
     raw.busy_since = 0.0

@@ -50,7 +50,7 @@ from .balance import make_balancer
 from . import lag, monitor
 from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, node_configs,
                      options_from_env)
-from .connection import RAN, PooledConnection, connect, describe_error
+from .connection import RAN, PooledConnection, connect
 from .endpoint import Endpoint, Reservation
 from .errors import EndpointUnavailable, PoolError
 from .health import Health
@@ -285,6 +285,9 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 if ep.probe is not None:
                     probes.append(ep.probe)
                     ep.probe = None
+                if ep.errand is not None:  # (the server has no one to answer any more)
+                    probes.append(ep.errand)
+                    ep.errand = None
             self._serve_waiters()
         self._wake_housekeeper()
         for probe in probes:
@@ -457,11 +460,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             self._release(res)
             if not raw.timed_out:
                 raise  # configure()'s own error: the caller's to see, not the server's fault
-            with self._lock:
-                ep.query_timeouts += 1
-            self._eject(ep, f"no answer within query_timeout={opts.query_timeout:g}s while "
-                            f"setting up a new connection ({self._redact(describe_error(exc))})",
-                        probe_now=True)
+            self._missed_deadline(ep, raw, "a statement setting up a new connection")
             return None
         with self._lock:
             ep.adopt(res, rec)
@@ -491,19 +490,32 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             return False
         idle_for = now - rec.last_used
         opts = self.options
-        if idle_for > opts.check_after and (
-                rec.closed_by_server() or idle_for > opts.ping_after and not rec.ping(
-                    max(0.001, min(deadline - monotonic(), opts.connect_timeout)))):
-            # The server ended an idle session, or did not answer a ping: it may be shutting
-            # down, stalled or gone. Probe it before anyone waits on a connect to it (a dead host
-            # can take connect_timeout to refuse).
-            timed_out = rec.raw.timed_out
-            why = ("a ping got no answer within its deadline" if timed_out
-                   else "the server closed an idle session")
+        if idle_for <= opts.check_after:
+            return True
+        if rec.closed_by_server():
+            # The server ended an idle session: it may be shutting down or restarting. Probe it
+            # before anyone waits on a connect to it (a dead host can take connect_timeout to
+            # refuse).
             self._discard(rec)
-            self._eject(ep, why, probe_now=True, share=timed_out)
+            self._eject(ep, "the server closed an idle session", probe_now=True, share=False)
             return False
-        return True
+        if idle_for <= opts.ping_after:
+            return True
+        budget = min(deadline - monotonic(), opts.connect_timeout)
+        if rec.ping(max(0.001, budget)):
+            return True
+        self._discard(rec)
+        if not rec.raw.timed_out:  # an error: the session is gone, as if the server closed it
+            self._eject(ep, "a ping found the session lost", probe_now=True, share=False)
+        elif budget >= ep.grace:  # no answer in the time a login on a server that is fine
+            self._missed_deadline(ep, rec.raw, "a ping")  # takes (Endpoint.grace)
+        else:  # the caller's time ran out first: proof of nothing but a deadline spent
+            with self._lock:
+                self._timeouts += 1
+                raise self._timeout_error(False, None, head=(
+                    f"the checkout's deadline passed while pinging an idle connection to "
+                    f"{ep.role} {ep.name} (idle {idle_for:.0f}s)"))
+        return False
 
     # -- return -------------------------------------------------------------------------------
 
@@ -552,6 +564,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if ep.monitor is not None:
                 ep.monitor.abandon()
                 ep.monitor = None
+            if ep.errand is not None:
+                ep.errand.abandon()
+                ep.errand = None
+            ep.orphans = []  # the parent's to cancel
         self._waits = self._timeouts = 0
         if self._board is not None:  # reopened by board.after_fork_in_child (the module hook)
             self._board_seq = self._board.seq_view

@@ -18,7 +18,12 @@ endpoint is ``suspect``: a request of this process that needs it meanwhile waits
 that probe (``PROBE_GRACE``, below), so a false alarm costs milliseconds, a dead server no
 connect timeout (a stalled one: that moment, once). On the shared board it is suspect too, so
 another process's request gives its own probe that moment as well; the first probe that lets it
-pass unanswered makes the endpoint plainly down everywhere. A request also waits for a probe after a
+pass unanswered makes the endpoint plainly down everywhere. A missed deadline (a statement or a
+ping) leaves the other sessions open while it is suspect (``keeping``: the generation is bumped
+only if the suspicion is confirmed), since one slow query must not cost every process its
+connections; the probe also cancels the statement the watchdog cut off (``orphans``), which
+the server would otherwise run to its end. A lost session drops them at once: the server may
+have restarted. A request also waits for a probe after a
 quiet spell (nobody saw the endpoint down for ``QUIET`` seconds: it may be back). An outage
 someone confirmed just now by a slow failure (a connect or probe that spent its deadline, or
 another process's such evidence on the board) is not worth a wait, since its next probe will
@@ -114,7 +119,7 @@ class Endpoint:
         "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "status_at",
         "answers", "answers_since", "floor", "diverged", "judged", "monitor", "monitor_at",
         "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
-        "failed_fast",
+        "failed_fast", "keeping", "orphans", "errand",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
@@ -153,6 +158,10 @@ class Endpoint:
         self.suspect = False  # down on indirect evidence only (a lost session): maybe a false alarm
         self.seen_down_at = 0.0  # the last news of a slow failure there: here, or on the board
         self.failed_fast = False  # its last failure came at once (refused, reset): cheap to retry
+        self.keeping = False  # suspect on a missed deadline, its sessions kept until confirmed
+        self.orphans: list[tuple[int, float, float]] = []  # statements cut off, to cancel there:
+        #                                       (server process id, opened at, cut off at)
+        self.errand: Any = None  # the Probe asking the server to cancel them (watchdog.py)
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -217,7 +226,8 @@ class Endpoint:
         self.last_error = error
         self.last_error_at = time.time()
 
-    def mark_down(self, now: float, error: str, probe_now: bool = False, fast: bool = False) -> bool:
+    def mark_down(self, now: float, error: str, probe_now: bool = False, fast: bool = False,
+                  keep: bool = False) -> bool:
         """Eject the endpoint after a failure. Returns True if it was up (a new outage).
 
         ``probe_now``: the evidence is indirect (a session was lost or closed by the server, a
@@ -225,15 +235,20 @@ class Endpoint:
         first backoff, and let requests wait a moment for that probe (``suspect``).
         ``fast``: the failure came within the probe grace (``saw_failure``). Indirect evidence is
         no news of that kind either way: the probe it calls for gives the verdict.
+        ``keep``: a missed deadline; the sessions stay valid until the suspicion is confirmed.
         """
         self._record(error)
         self.saw_failure(now, fast or probe_now)
         if self.state in (DOWN, REFUSED):
             self.suspect = self.suspect and probe_now
+            if not (keep and self.suspect):
+                self.stop_keeping()
             return False
         self.state = DOWN
         self.suspect = probe_now
-        self.generation += 1
+        self.keeping = keep and probe_now
+        if not self.keeping:
+            self.generation += 1
         self.down_since = now
         self.failures = 0
         self.ejections += 1
@@ -244,6 +259,7 @@ class Endpoint:
         """The server refused us (credentials, database, pg_hba). True if this is news."""
         self._record(error)
         was = self.state
+        self.stop_keeping()
         if was not in (DOWN, REFUSED):
             self.generation += 1
             self.down_since = now
@@ -261,6 +277,7 @@ class Endpoint:
         if self.state == REFUSED:  # the server no longer answers at all: an outage now
             self.state = DOWN
         self.suspect = False
+        self.stop_keeping()
         self.saw_failure(now, fast)
         self.failures += 1
         self.retry_at = now + backoff_delay(self.failures, random.random())
@@ -284,9 +301,23 @@ class Endpoint:
         if not fast:
             self.seen_down_at = now
 
+    def stop_keeping(self) -> None:
+        """The suspicion on a missed deadline is confirmed (or other evidence came): the
+        sessions kept meanwhile are as stale as after any other failure."""
+        if self.keeping:
+            self.keeping = False
+            self.generation += 1
+
+    def cut_off(self, pid: int, opened_at: float, now: float) -> None:
+        """The watchdog ended a statement of the server process ``pid`` (opened at ``opened_at``)
+        on our side: once the endpoint is up, the server is asked to cancel it (watchdog.py)."""
+        del self.orphans[:-15]  # (a bound: they are few, and each cancel request clears them)
+        self.orphans.append((pid, opened_at, now))
+
     def mark_up(self) -> None:
         self.state = UP
         self.suspect = False
+        self.keeping = False
         self.failed_fast = False
         self.failures = 0
         self.retry_at = 0.0

@@ -5,14 +5,16 @@ Mixed into Pool. Every change of an endpoint's state goes through here, under th
 ends in ``_state_changed_locked``: routes rebuilt (the primary if up; the replicas that are up and
 not lagging), waiters served again. The evidence rules (endpoint.py) are applied here: a failed
 connect or probe ejects, and is shared on the board (sharing.py); a lost session ejects with a
-probe due at once and is not shared; a refused login is a refusal, said once at ERROR.
+probe due at once and is not shared; a missed deadline ejects as a suspicion that keeps the other
+sessions until the probe's verdict, and is shared; a refused login is a refusal, said once at
+ERROR.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 
 from . import lag, monitor
@@ -58,23 +60,42 @@ class Health:
         self._eject(ep, why, probe_now=True)
 
     def _eject(self: "Pool", ep: Endpoint, error: str, probe_now: bool = False, share: bool = True,
-               fast: bool = False) -> None:
+               fast: bool = False, keep: bool = False) -> None:
         """Mark an endpoint down: everyone skips it until a probe succeeds (see Endpoint).
         ``share``: the evidence is good enough for every process (board.py); a lost session is
-        not (its immediate probe's result is). ``fast``: the failure came at once."""
+        not (its immediate probe's result is). ``fast``: the failure came at once. ``keep``: a
+        missed deadline, which leaves the other sessions open until the probe's verdict."""
         now = monotonic()
         with self._lock:
-            if not ep.mark_down(now, error, probe_now, fast):
-                return
-            doomed = self._drop_idle_locked(ep)
-            self._state_changed_locked()
+            news = ep.mark_down(now, error, probe_now, fast, keep)
+            doomed = self._drop_stale_locked(ep)  # (none if kept; all if the keeping ended)
+            if news:
+                self._state_changed_locked()
+        for rec in doomed:
+            rec.close()
+        if not news:
+            return
         if share:
             self._share(ep)
         self._publish()
-        log.warning("%s %s is down, skipping it until a probe succeeds: %s", ep.role, ep.name, error)
+        if ep.keeping:
+            log.warning("%s %s is suspect, skipped until a probe (due now) answers: %s",
+                        ep.role, ep.name, error)
+        else:
+            log.warning("%s %s is down, skipping it until a probe succeeds: %s",
+                        ep.role, ep.name, error)
         self._wake_housekeeper()
-        for rec in doomed:
-            rec.close()
+
+    def _missed_deadline(self: "Pool", ep: Endpoint, raw: Any, what: str) -> None:
+        """A statement of ours (``what``) got no answer within its deadline, and the watchdog
+        cut it off on our side: one slow query on a server that is fine, or a stalled or
+        unreachable server. The probe due at once tells which, and asks the server to cancel
+        the statement, which would otherwise run to its end there. Evidence for every process,
+        as a suspicion (board.py)."""
+        with self._lock:
+            ep.query_timeouts += 1
+            ep.cut_off(raw.backend_pid, raw.opened_at, monotonic())
+        self._eject(ep, f"{what} got no answer within its deadline", probe_now=True, keep=True)
 
     def _refuse(self: "Pool", ep: Endpoint, error: str) -> None:
         """The server refused our login: a configuration problem, said once and loudly."""
@@ -106,6 +127,16 @@ class Health:
         doomed, ep.idle = ep.idle, []
         for rec in doomed:
             ep.release(rec.key)
+        return doomed
+
+    def _drop_stale_locked(self: "Pool", ep: Endpoint) -> list[PooledConnection]:
+        """Lock held. Take ep's idle connections made before its generation changed (after a
+        failure: all of them; while it keeps them, none) out of the pool, for closing outside."""
+        doomed = [rec for rec in ep.idle if rec.generation != ep.generation]
+        if doomed:
+            ep.idle = [rec for rec in ep.idle if rec.generation == ep.generation]
+            for rec in doomed:
+                ep.release(rec.key)
         return doomed
 
     def _state_changed_locked(self: "Pool") -> None:
@@ -192,6 +223,7 @@ class Health:
                 return
             ep.suspect = False
             ep.saw_failure(now, False)
+            ep.stop_keeping()  # (its sessions kept meanwhile: retire_idle closes them)
         self._share(ep)
 
     def _new_probe(self: "Pool", ep: Endpoint, now: float) -> Probe:

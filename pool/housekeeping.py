@@ -1,14 +1,16 @@
 """Housekeeping: the jobs that keep the pool healthy between checkouts.
 
-Two named jobs never block, and run in order by ``_housekeep(now)``, which returns when it wants
+Three named jobs never block, and run in order by ``_housekeep(now)``, which returns when it wants
 to run next:
 
 - ``probe_down_endpoints``: step the non-blocking probe of each endpoint that is down and due;
   re-admit it when the probe connects, back off when it fails. Never gives up.
+- ``cancel_cut_off``: ask a server that is up to cancel the statements the watchdog cut off on
+  our side at their deadline (watchdog.py), which it would otherwise run to their end.
 - ``retire_idle``: close idle connections past their (jittered) lifetime, made before their
   endpoint's last failure, or idle longer than ``max_idle`` while above ``min_size``.
 
-The third, ``fill_min_size``, opens connections, which blocks (a connect, the user's
+The fourth, ``fill_min_size``, opens connections, which blocks (a connect, the user's
 ``configure()``), so it never runs where probes do: threaded mode gives it a thread of its own,
 started when there is something to fill; process mode runs it on a checkout, one connection at a
 time, after the probes. Whatever a job raises is logged and backed off, never raised into a
@@ -25,6 +27,7 @@ from .connection import describe_error
 from .endpoint import DOWN, QUIET, REFUSED, UP
 from .monitor import job_monitor
 from .probe import PENDING
+from .watchdog import job_cancel_cut_off
 
 if TYPE_CHECKING:
     from .core import Pool
@@ -54,7 +57,7 @@ class Housekeeping:
     def _housekeep(self: "Pool", now: float) -> float:
         """Run the non-blocking jobs once; return the monotonic time at which to run again."""
         due = now + HOUSEKEEPING_INTERVAL
-        jobs = [self._job_probe_down_endpoints, self._job_retire_idle]
+        jobs = [self._job_probe_down_endpoints, self._job_cancel_cut_off, self._job_retire_idle]
         if self._monitoring:
             jobs.append(self._job_monitor)
         if self._board is not None:
@@ -118,6 +121,10 @@ class Housekeeping:
                 self._end_probe(ep)
             due = min(due, ep.retry_at if ep.state in (DOWN, REFUSED) else due)
         return due
+
+    def _job_cancel_cut_off(self: "Pool", now: float) -> float:
+        """cancel_cut_off: what the watchdog cut off on our side, cancelled on the server."""
+        return job_cancel_cut_off(self, now)
 
     def _job_publish(self: "Pool", now: float) -> float:
         """publish: this pool's summary on the board, about once a second (board.py)."""

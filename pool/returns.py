@@ -220,9 +220,7 @@ class Returns:
         rec.close()
         if cause is not None and is_disconnect(cause, rec.raw):
             if rec.raw.timed_out:  # no answer for that long: evidence for every process
-                ep.query_timeouts += 1
-                self._eject(ep, f"a statement got no answer within query_timeout="
-                                f"{rec.raw.query_timeout:g}s", probe_now=True)
+                self._missed_deadline(ep, rec.raw, "a statement")
             else:  # one lost session is only a hint: probe at once, share the probe's result
                 self._eject(ep, f"connection lost: {self._redact(describe_error(cause))}",
                             probe_now=True, share=False)

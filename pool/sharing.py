@@ -93,12 +93,15 @@ class Sharing:
         state = boards.STATES.get(entry.state)
         if state is None or not entry.fresh(now):
             state = None  # no information (never written, or a leftover nobody refreshed)
+        suspect = state == DOWN and bool(entry.flags & boards.SUSPECT)
         if state in (DOWN, REFUSED) and ep.state not in (DOWN, REFUSED):
             ep.state = state
-            ep.generation += 1
+            ep.keeping = suspect  # a missed deadline there: maybe one slow query (endpoint.py)
+            if not suspect:
+                ep.generation += 1
             ep.down_since = now - max(0.0, entry.updated - entry.changed)
             ep.ejections += 1
-            doomed = self._drop_idle_locked(ep)
+            doomed = self._drop_stale_locked(ep)
             said.append((logging.INFO, "%s %s is %s (found by another process): %s",
                          ep.role, ep.name, state, entry.error))
         elif state == UP and ep.state in (DOWN, REFUSED):
@@ -112,7 +115,8 @@ class Sharing:
             ep.generation += 1  # an outage this process slept through: its sessions predate it
             doomed = self._drop_idle_locked(ep)
         if state in (DOWN, REFUSED):
-            suspect = state == DOWN and bool(entry.flags & boards.SUSPECT)
+            if not suspect:  # confirmed there: the sessions kept here are stale too
+                ep.stop_keeping()  # (retire_idle closes them)
             fast = bool(entry.flags & boards.FAILED_FAST)
             if (not was_down or entry.failures != ep.failures or ep.suspect and not suspect) \
                     and not fast:
@@ -175,8 +179,12 @@ class Sharing:
                                       error=ep.last_error or "")
         if entry is None or entry.state != code:  # None: a slot of its own yet to be (re)claimed
             fields["changed"] = boards.monotonic()
-            if code != boards.UP:
-                fields["epoch"] = ((entry.epoch if entry is not None else 0) + 1) & 0xFFFFFFFF
+        # The outage counter counts outages that end sessions: not a suspicion (a missed
+        # deadline) that a probe clears, which every process keeps its sessions through.
+        outage = code != boards.UP and not ep.suspect
+        if outage and not (entry is not None and entry.state in (boards.DOWN, boards.REFUSED)
+                           and not entry.flags & boards.SUSPECT):
+            fields["epoch"] = ((entry.epoch if entry is not None else 0) + 1) & 0xFFFFFFFF
         ep.board_seq = board.write(ep.board_slot, **fields)
         ep.board_epoch = fields.get("epoch", ep.board_epoch if entry is None else entry.epoch)
 

@@ -10,6 +10,13 @@ than its ``query_timeout`` gets its socket shut down. ``shutdown(2)`` makes the 
 return at once; libpq reports the connection lost, the pool sees the watchdog's mark
 (``timed_out``) and raises ``QueryTimeout``, and the endpoint is ejected with a probe due at once.
 
+Shutting our end of the socket does not stop the statement on the server: it runs to its end
+there (the server notices only when it next writes to us), which for a slow report can be
+minutes of a healthy server's time. So the endpoint is ejected as a suspect that keeps its other
+sessions while its probe decides (endpoint.py), and once it is up, a housekeeping job
+(``job_cancel_cut_off``) asks the server to cancel the statements cut off: same role, so no
+privilege beyond the default.
+
 Process mode promises "no lock, no thread", and this is the one exception, because nothing else
 can interrupt a blocked libpq call in a single-threaded worker: a signal does not (libpq retries
 ``poll()`` on EINTR, so a Python handler never runs), and psycopg2's wait callback is process-wide
@@ -30,10 +37,14 @@ import time
 import weakref
 from typing import Any
 
+from .endpoint import UP
+from .probe import OK, PENDING, Probe
+
 log = logging.getLogger("pool")
 monotonic = time.monotonic
 
 TICK = 0.05  # seconds between scans: a statement overruns its deadline by at most this much
+ERRAND_STEP = 0.01  # while a cancel request is in flight, step it this often
 IDLE_EXIT = 10.0  # with nothing to watch for this long, the thread ends
 
 
@@ -143,3 +154,45 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+
+
+def job_cancel_cut_off(pool: Any, now: float) -> float:
+    """cancel_cut_off: for each endpoint that is up with statements the watchdog cut off
+    (``Endpoint.orphans``), ask the server to cancel them: one non-blocking login and statement
+    (a Probe, ``Endpoint.errand``), stepped like the probes. Its outcome is evidence of nothing
+    (probes decide the endpoint's state), and it is tried once: if it fails, the server is
+    down or restarting, which ends those statements too. Returns when to run again."""
+    due = float("inf")
+    for ep in pool._endpoints:
+        errand = ep.errand
+        if errand is None:
+            if not ep.orphans or ep.state is not UP or pool._closed:
+                continue
+            with pool._lock:  # those cut off before ``asked`` are in it (Endpoint.cut_off)
+                asked = time.monotonic()
+                sql = cancel_sql(ep.orphans, asked)
+            errand = ep.errand = Probe(ep.config.monitor_dsn, asked, pool.options.connect_timeout,
+                                       sql)
+        if errand.step(now) == PENDING:
+            due = min(due, now + ERRAND_STEP)
+            continue
+        with pool._lock:
+            ep.orphans = [o for o in ep.orphans if o[2] >= errand.started]
+        ep.errand = None
+        if errand.status == OK and errand.rows:
+            log.info("%s: cancelled %d statement(s) cut off at their deadline", ep.name,
+                     sum(1 for (done,) in errand.rows if done))
+    return due
+
+
+def cancel_sql(orphans: list[tuple[int, float, float]], now: float) -> str:
+    """The statement that cancels, on the server, the statements the watchdog cut off.
+    ``orphans``: (server process id, when our connection to it opened, when it was cut off),
+    from ``Endpoint.cut_off``. A process counts only if it runs a statement, is our role's and
+    started before our connection opened (it is at least as old on the server's clock): a
+    process id the server has since given to another session is left alone."""
+    rows = ", ".join(f"({int(pid)}, {max(0.0, now - opened):.6f})" for pid, opened, _ in orphans)
+    return ("SELECT pg_cancel_backend(a.pid) FROM pg_stat_activity a "
+            f"JOIN (VALUES {rows}) AS o(pid, age) ON a.pid = o.pid "
+            "WHERE a.usename = session_user AND a.state = 'active' "
+            "AND a.backend_start <= now() - o.age * interval '1 second'")

@@ -258,6 +258,33 @@ def test_one_slow_statement_costs_the_other_workers_no_failed_write(db, board_pa
         w.close()
 
 
+@pytest.mark.parametrize("mode", ["process", "threaded"])
+def test_one_slow_statement_costs_no_worker_its_sessions(db, board_path, mode):
+    """The board's "suspect" used to count as an outage: a worker that read it, or that read
+    only the "up" after it (the outage counter had moved), closed every session it had to the
+    primary. A suspicion now moves the counter only once a probe confirms it; until then every
+    worker keeps its sessions. Both orders: the other worker hears of the suspicion first, or
+    only of the re-admission."""
+    spec = dict(primary=db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode,
+                board=board_path, connect_timeout=2, query_timeout=1)
+    pid = ("fetchone", "SELECT pg_backend_pid()", None, {})
+    w = Workers(2, spec, "spawn")
+    try:
+        assert w.ask(0, "write")["ok"]
+        first = w.ask(1, pid)["value"][0][0]  # worker 1's one session to the primary
+        for order in ((1, 0), (0, 1)):
+            slow = w.ask(0, "slow")
+            assert not slow["ok"] and slow["error"] == "QueryTimeout", slow
+            for i in order:
+                r = w.ask(i, pid)
+                assert r["ok"], r
+                if i == 1:
+                    assert r["value"][0][0] == first, f"worker 1 opened a new session {order}"
+        assert w.ask(1, "stats")["value"]["connects"] == 1
+    finally:
+        w.close()
+
+
 def test_after_a_refusal_the_next_write_waits_for_its_probe_and_finds_the_server_back(
         db, black_holable, board_path):
     """A restart under load: the primary's port refuses for a moment (nothing listens yet), then

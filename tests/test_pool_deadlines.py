@@ -9,6 +9,7 @@ ejection": the latency targets are measured by `make bench-failures`, not by a t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -355,6 +356,84 @@ def test_a_statement_after_a_slow_configure_is_not_timed_from_the_connect(make_p
     p = make_pool(replicas=(), query_timeout=1.0, configure=lambda raw: time.sleep(1.3))
     assert p.fetchone("SELECT pg_sleep(0.3), 1")[1] == 1
     assert p.stats()["query_timeouts"] == 0
+
+
+def _sessions(p, n):
+    """The server process ids of n sessions to the primary, lent at once."""
+    with contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(p.connection()) for _ in range(n)]
+        return {conn.info.backend_pid for conn in conns}
+
+
+def _running(db, sql):
+    return admin_sql(db, "primary", "SELECT count(*) FROM pg_stat_activity WHERE query = %s "
+                                    "AND state = 'active'", (sql,))[0][0]
+
+
+def test_a_slow_statement_past_its_deadline_costs_no_other_session_and_is_cancelled(make_pool, db):
+    """One slow query on a healthy primary (a report past its block's query_timeout) is not an
+    outage. It used to close every idle session to the primary (here and, through the board, in
+    every worker), and the statement, cut off on our side only, ran on to its end on the server.
+    Now the endpoint is suspect while its probe decides, keeps its sessions, and the server is
+    asked to cancel the statement."""
+    p = make_pool(replicas=(), query_timeout=5)
+    before = _sessions(p, 3)
+    slow = "SELECT pg_sleep(60) -- cut off"
+    with pytest.raises(pool.QueryTimeout):
+        with p.connection(query_timeout=0.5) as conn:
+            conn.cursor().execute(slow)
+    # (process mode steps the cancel request on checkouts, as it does its probes)
+    wait_until(lambda: p.fetchone("SELECT 1") and _running(db, slow) == 0, timeout=10,
+               interval=0.02, what="the statement cut off cancelled on the server")
+    after = _sessions(p, 3)
+    assert len(before & after) == 2, (before, after)  # only the one cut off was replaced
+    assert state(p, 0) == "up" and p.stats()["query_timeouts"] == 1
+
+
+def test_a_stall_confirmed_closes_the_sessions_kept_while_it_was_only_suspect(make_pool, db):
+    """The other side of keeping sessions through a suspicion: once the probe's grace passes
+    unanswered (a stalled server, not a slow query), they are as stale as after any outage."""
+    p = make_pool(replicas=(), query_timeout=0.5)
+    _sessions(p, 3)
+    with stalled(db, "primary"):
+        with pytest.raises(pool.QueryTimeout):
+            p.fetchone("SELECT 1")
+        # (process mode steps the probe on requests: these fail fast meanwhile)
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1")) and
+                   p.stats()["endpoints"][0]["idle"] == 0, timeout=10, interval=0.05,
+                   what="the sessions kept while suspect closed")
+        assert state(p, 0) == "down"
+    wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+               interval=0.05, what="writes after SIGCONT")
+
+
+def test_a_ping_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
+    """A ping gets what is left of the caller's timeout, at most connect_timeout. A few
+    milliseconds of it are evidence of nothing: a slow answer on a busy server used to eject it
+    (and put it on the board) when the caller's timeout was that short. The caller gets a
+    PoolTimeout; the endpoint stays up. A ping that had at least a probe's grace (the time a
+    login on a server that is fine takes) still ejects."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=1, ping_after=0.2)
+    try:
+        p.fetchone("SELECT 1")
+        time.sleep(0.3)  # idle past ping_after: the next checkout pings it
+        proxy.freeze()  # a server slow to answer, for as long as the caller can wait
+        with pytest.raises(pool.PoolTimeout, match="pinging an idle connection"):
+            with p.connection(timeout=0.03):  # (less than PROBE_GRACE)
+                pass
+        assert state(p, 0) == "up" and p.stats()["ejections"] == 0
+        proxy.forward()
+        assert p.fetchone("SELECT 1") == (1,)
+        time.sleep(0.3)
+        proxy.freeze()  # now with a timeout that leaves the ping all of connect_timeout
+        with pytest.raises(pool.EndpointUnavailable):
+            with p.connection(timeout=3):
+                pass
+        assert p.stats()["ejections"] == 1
+    finally:
+        p.close()
+        proxy.close()
 
 
 def test_a_dict_cursor_factory_does_not_reach_the_pools_own_statements(make_pool, db):
