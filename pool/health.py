@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from . import lag, monitor
 from .config import PRIMARY, REPLICA
 from .connection import PooledConnection, connect_failure, describe_error
-from .endpoint import DOWN, REFUSED, UP, Endpoint
+from .endpoint import DOWN, PROBE_GRACE, PROBE_GRACE_MAX, REFUSED, UP, Endpoint
 from .errors import EndpointRefused, EndpointUnavailable, PoolTimeout
-from .probe import OK, Probe, wait_for
+from .probe import OK, PENDING, Probe, wait_any, wait_for
 from .roles import UNKNOWN
 
 if TYPE_CHECKING:
@@ -183,7 +183,9 @@ class Health:
         the answers (until ``until``, at most connect_timeout): evidence of a promotion this
         process has not seen (a token from a newer timeline). At most every SURVEY_EVERY
         seconds. A node down here that answers is back (if no probe of its own is out); one
-        that does not answer is no evidence against it (probes decide that)."""
+        that does not answer is no evidence against it (probes decide that), and once another
+        has answered, it gets a probe's grace more (four times that answer's time, 50 ms to
+        0.5 s), not the caller's whole timeout: a stalled node must not hold every read up."""
         now = monotonic()
         if now - self._surveyed_at < SURVEY_EVERY or now >= until:
             return
@@ -192,7 +194,16 @@ class Health:
         sql = monitor.FLOOR_SQL if self._floor_ok else monitor.STATUS_SQL
         probes = [Probe(ep.config.monitor_dsn, now, self.options.connect_timeout, sql)
                   for ep in eps]
-        wait_for(probes, monotonic, until)
+        answered = False
+        while True:
+            t = monotonic()
+            pending = [probe for probe in probes if probe.step(t) == PENDING]
+            if not pending or t >= until:
+                break
+            if not answered and any(probe.status == OK for probe in probes):
+                answered = True
+                until = min(until, t + min(PROBE_GRACE_MAX, max(PROBE_GRACE, 4 * (t - now))))
+            wait_any(pending, min(until - t, 0.05))
         for ep, probe in zip(eps, probes):
             if probe.status == OK:
                 if ep.state in (DOWN, REFUSED) and ep.probe is None:
@@ -267,8 +278,10 @@ class Health:
             if not readonly or not self._replicas:
                 return EndpointUnavailable(f"no primary among the candidates (none is up and out "
                                            f"of recovery; still looking) [{states}]")
-            return EndpointUnavailable(f"cannot serve reads: no replica is up and there is no "
-                                       f"primary [{states}]")
+            why = "the deadline passed as the connections tried failed" if self._readable \
+                else "no replica is up"
+            return EndpointUnavailable(f"cannot serve reads: {why}, and there is no primary "
+                                       f"[{states}]")
         if not readonly:
             if ep.state is REFUSED:
                 return EndpointRefused(

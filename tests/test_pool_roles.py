@@ -14,6 +14,8 @@ import psycopg2
 import pytest
 
 import pool
+from pool import health
+from pool.endpoint import PROBE_GRACE_MAX
 from conftest import APP_PASSWORD, heal
 from native.cluster import NODES, Cluster
 from pgutil import (admin_sql, fork_replica2, node_of, throwaway_cluster, timed, unique_name,
@@ -199,6 +201,60 @@ def test_candidates_with_no_primary_up_serve_reads_and_find_it_when_it_starts(db
         finally:
             p.close()
     finally:
+        heal(db)
+
+
+def test_with_no_primary_a_silent_node_costs_a_token_read_a_moment_not_its_timeout(db, mode):
+    """With no primary up, every read with a token asks every node where it stands (the
+    survey: its primary may have been promoted where this pool cannot see it). The survey waited
+    for every answer up to connect_timeout, so one stalled node (ejected already: nothing else
+    waits on it) cost each token read 2 s here. Once the others have answered, a silent one
+    gets a probe's grace more, no longer."""
+    w = candidates(db, mode=mode)
+    try:
+        (rid,) = w.fetchone(INSERT, (unique_name(),))
+        token = w.write_token()
+    finally:
+        w.close()
+    db.wait_replayed(nodes=["replica1", "replica2"])
+    db.kill("primary")
+    p = candidates(db, mode=mode, connect_timeout=2, timeout=3)
+    db.stall("replica2")
+    try:
+        replica2 = f"127.0.0.1:{db.port('replica2')}"
+        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True)) and next(
+            e["state"] for e in p.stats()["endpoints"] if e["name"] == replica2) == "down",
+            timeout=20, interval=0.05, what="the stalled replica found down")
+        for _ in range(3):
+            time.sleep(health.SURVEY_EVERY)  # (a survey at most every SURVEY_EVERY seconds)
+            seconds, row, error = timed(lambda: p.fetchone(SELECT_ID, (rid,), readonly=True,
+                                                           after=token))
+            assert error is None and row == (rid,), (error, row)
+            assert node_of(db, p.last_endpoint) == "replica1"
+            assert seconds < PROBE_GRACE_MAX + 0.3, seconds
+    finally:
+        db.resume("replica2")
+        p.close()
+        heal(db)
+
+
+def test_with_no_primary_a_read_out_of_time_does_not_say_no_replica_is_up(db, mode):
+    """A read whose timeout (0.5 s) a connect to a stalled replica outlasted (connect_timeout
+    1 s) said "no replica is up" while the other one was up and serving."""
+    db.kill("primary")
+    p = candidates(db, mode=mode, connect_timeout=1, timeout=0.5)
+    db.stall("replica2")
+    try:
+        errors = []
+        for _ in range(4):  # round robin: one of the first two reads goes to replica2
+            errors.append(timed(lambda: p.fetchone(READ, readonly=True))[2])
+        failed = [e for e in errors if e is not None]
+        assert failed and all(isinstance(e, pool.EndpointUnavailable) for e in failed), errors
+        assert "deadline passed" in str(failed[0]) and "no replica is up" not in str(failed[0])
+        assert errors[-1] is None  # replica2 is down now: replica1 serves
+    finally:
+        db.resume("replica2")
+        p.close()
         heal(db)
 
 
