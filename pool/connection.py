@@ -85,6 +85,25 @@ def armed_cursor_class(cls: Any, named: bool = False) -> Any:
     return armed
 
 
+_ARMED_LOBJECT_METHODS = ("read", "write", "seek", "tell", "truncate", "export", "unlink", "close")
+_armed_lobject_classes: dict[type, type] = {}
+
+
+def armed_lobject_class(cls: Any) -> Any:
+    """``cls`` (psycopg2's lobject class, or a subclass) with its round trips timed: a large
+    object's read, write, seek and the rest each wait for the server (``lo_read`` & co)."""
+    armed = _armed_lobject_classes.get(cls)
+    if armed is None:
+        def __init__(self: Any, conn: Any, *args: Any, **kwargs: Any) -> None:
+            self.connection = conn  # for _armed: psycopg2's lobject does not expose it
+            cls.__init__(self, conn, *args, **kwargs)
+
+        body = {name: _armed(getattr(cls, name)) for name in _ARMED_LOBJECT_METHODS}
+        armed = _armed_lobject_classes[cls] = type(cls.__name__, (cls,), dict(body, __init__=__init__))
+        armed.__module__, armed.__qualname__ = cls.__module__, cls.__qualname__
+    return armed
+
+
 def _two_phase_step(method: Callable[..., Any], opens: bool) -> Callable[..., Any]:
     """psycopg2's tpc_begin, tpc_commit or tpc_rollback, timed, noting in ``two_phase`` whether a
     two-phase transaction is open (begun, maybe prepared): psycopg2 does not say, and refuses
@@ -210,6 +229,11 @@ class PoolConnection(ext.connection):
     @_armed
     def lobject(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
+        if len(args) >= 5:  # lobject(oid, mode, new_oid, new_file, lobject_factory)
+            args = (*args[:4], armed_lobject_class(args[4] or ext.lobject), *args[5:])
+        else:
+            kwargs["lobject_factory"] = armed_lobject_class(
+                kwargs.get("lobject_factory") or ext.lobject)
         return super().lobject(*args, **kwargs)
 
     def timeout_error(self) -> QueryTimeout:

@@ -164,6 +164,17 @@ def _named_fetch(conn, stall):
     cur.fetchone()
 
 
+def _large_object(then, *how):  # a large object written, rewound, then the server stalls
+    def step(conn, stall):
+        lo = conn.lobject(0, "rwb", *how)
+        assert not how or isinstance(lo, how[-1])  # the caller's own class, armed
+        lo.write(b"x" * 100)
+        lo.seek(0)
+        stall()
+        then(lo)
+    return step
+
+
 def _block(*steps, **loan):
     def work(p, stall):
         with p.connection(**loan) as conn:
@@ -189,6 +200,10 @@ def _prime_then(work):  # a connection pooled first, so the stall meets the loan
         p.fetchone("SELECT 1")
         return work(p, stall)
     return both
+
+
+class MyLobject(psycopg2.extensions.lobject):
+    pass
 
 
 class CheckingCursor(psycopg2.extensions.cursor):
@@ -223,6 +238,10 @@ STALLS = {
         stop, lambda c, s: c.tpc_begin(c.xid(1, "stalled", "q")))},
     "block: cursor(None, None), a positional default factory": {"work": _block(
         stop, lambda c, s: c.cursor(None, None).execute("SELECT 1"))},
+    "block: large object read": {"work": _block(_large_object(lambda lo: lo.read()))},
+    "block: large object write": {"work": _block(_large_object(lambda lo: lo.write(b"y")))},
+    "block: large object of a class of one's own, given positionally": {"work": _block(
+        _large_object(lambda lo: lo.read(), 0, None, MyLobject))},
     "block: a cursor subclass's execute making another timed call": {"work": _block(
         stop, lambda c, s: c.cursor(cursor_factory=CheckingCursor).execute("SELECT 1"))},
     # the pool's own statements
