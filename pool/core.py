@@ -485,11 +485,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         first: a server that stalls cannot hold a caller past its timeout.
         """
         ep = rec.endpoint
+        opts = self.options
+        if rec.generation != ep.generation and ep.verifying(rec) and now < rec.expires \
+                and not rec.raw.closed:
+            return self._verify_kept(rec, deadline)
         if rec.generation != ep.generation or now >= rec.expires or rec.raw.closed:
             self._discard(rec)
             return False
         idle_for = now - rec.last_used
-        opts = self.options
         if idle_for <= opts.check_after:
             return True
         if rec.closed_by_server():
@@ -507,14 +510,34 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._discard(rec)
         if not rec.raw.timed_out:  # an error: the session is gone, as if the server closed it
             self._eject(ep, "a ping found the session lost", probe_now=True, share=False)
-        elif budget >= ep.grace:  # no answer in the time a login on a server that is fine
-            self._missed_deadline(ep, rec.raw, "a ping")  # takes (Endpoint.grace)
+        elif budget >= min(ep.grace, opts.connect_timeout):
+            # No answer within the pool's own deadline, or the time a login on a server that is
+            # fine takes (Endpoint.grace): evidence
+            self._missed_deadline(ep, rec.raw, "a ping")
         else:  # the caller's time ran out first: proof of nothing but a deadline spent
             with self._lock:
                 self._timeouts += 1
                 raise self._timeout_error(False, None, head=(
                     f"the checkout's deadline passed while pinging an idle connection to "
                     f"{ep.role} {ep.name} (idle {idle_for:.0f}s)"))
+        return False
+
+    def _verify_kept(self, rec: PooledConnection, deadline: float) -> bool:
+        """A session kept through a suspicion (Endpoint.verifying): the server answered a
+        probe, but on a new connection. One ping within a probe's grace says whether this one
+        still reaches it; if not, the path to the server lost its sessions (a firewall, a NAT),
+        and every other one kept with it is presumed lost too. The server is not ejected: its
+        probe has just answered."""
+        ep = rec.endpoint
+        if rec.ping(max(0.001, min(deadline - monotonic(), ep.grace))):
+            rec.generation = ep.generation
+            return True
+        with self._lock:
+            if ep.verifying(rec):
+                ep.kept_generation = -1  # the rest are stale now: discarded as they come
+        self._discard(rec)
+        log.info("%s %s: a session kept through a suspicion did not answer a ping; the others "
+                 "kept with it are dropped", ep.role, ep.name)
         return False
 
     # -- return -------------------------------------------------------------------------------
@@ -564,10 +587,9 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if ep.monitor is not None:
                 ep.monitor.abandon()
                 ep.monitor = None
-            if ep.errand is not None:
-                ep.errand.abandon()
+            if ep.errand is not None:  # (its orphans stay: the parent, say a gunicorn master,
+                ep.errand.abandon()      # may never look after them; a second cancel is harmless)
                 ep.errand = None
-            ep.orphans = []  # the parent's to cancel
         self._waits = self._timeouts = 0
         if self._board is not None:  # reopened by board.after_fork_in_child (the module hook)
             self._board_seq = self._board.seq_view

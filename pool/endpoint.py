@@ -21,9 +21,10 @@ another process's request gives its own probe that moment as well; the first pro
 pass unanswered makes the endpoint plainly down everywhere. A missed deadline (a statement or a
 ping) leaves the other sessions open while it is suspect (``keeping``: the generation is bumped
 only if the suspicion is confirmed), since one slow query must not cost every process its
-connections; the probe also cancels the statement the watchdog cut off (``orphans``), which
-the server would otherwise run to its end. A lost session drops them at once: the server may
-have restarted. A request also waits for a probe after a
+connections. Re-admitted, each kept session is pinged before it is lent (``verifying``): the
+probe answered on a new connection. The statement the watchdog cut off (``orphans``), which the
+server would otherwise run to its end, is cancelled there (watchdog.py). A lost session drops
+them at once: the server may have restarted. A request also waits for a probe after a
 quiet spell (nobody saw the endpoint down for ``QUIET`` seconds: it may be back). An outage
 someone confirmed just now by a slow failure (a connect or probe that spent its deadline, or
 another process's such evidence on the board) is not worth a wait, since its next probe will
@@ -119,7 +120,7 @@ class Endpoint:
         "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "status_at",
         "answers", "answers_since", "floor", "diverged", "judged", "monitor", "monitor_at",
         "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
-        "failed_fast", "keeping", "orphans", "errand",
+        "failed_fast", "keeping", "kept_generation", "orphans", "errand",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
@@ -159,6 +160,7 @@ class Endpoint:
         self.seen_down_at = 0.0  # the last news of a slow failure there: here, or on the board
         self.failed_fast = False  # its last failure came at once (refused, reset): cheap to retry
         self.keeping = False  # suspect on a missed deadline, its sessions kept until confirmed
+        self.kept_generation = -1  # ...and once re-admitted, theirs: each is pinged before use
         self.orphans: list[tuple[int, float, float]] = []  # statements cut off, to cancel there:
         #                                       (server process id, opened at, cut off at)
         self.errand: Any = None  # the Probe asking the server to cancel them (watchdog.py)
@@ -301,6 +303,11 @@ class Endpoint:
         if not fast:
             self.seen_down_at = now
 
+    def verifying(self, rec: Any) -> bool:
+        """Is ``rec`` a session kept through a suspicion, not yet pinged since (``mark_up``)?
+        Any later change of generation (a failure, a role change) makes it stale instead."""
+        return rec.generation == self.kept_generation == self.generation - 1
+
     def stop_keeping(self) -> None:
         """The suspicion on a missed deadline is confirmed (or other evidence came): the
         sessions kept meanwhile are as stale as after any other failure."""
@@ -315,9 +322,15 @@ class Endpoint:
         self.orphans.append((pid, opened_at, now))
 
     def mark_up(self) -> None:
+        if self.keeping:
+            # A probe answers on a new connection: it says nothing of the sessions kept (a
+            # firewall or NAT may have forgotten them, silently). Each is pinged, within a
+            # probe's grace, before it is lent again (Pool._is_usable; ``verifying``).
+            self.keeping = False
+            self.kept_generation = self.generation
+            self.generation += 1
         self.state = UP
         self.suspect = False
-        self.keeping = False
         self.failed_fast = False
         self.failures = 0
         self.retry_at = 0.0

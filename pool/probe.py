@@ -24,7 +24,7 @@ which nothing has arrived counts in full, so a stalled server still spends the g
 from __future__ import annotations
 
 import select
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -41,7 +41,9 @@ class Probe:
     __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
                  "awaited", "leased", "_conn", "_wants", "_query", "_cur")
 
-    def __init__(self, dsn: str, now: float, timeout: float, query: str | None = None) -> None:
+    def __init__(self, dsn: str, now: float, timeout: float,
+                 query: str | Callable[[], str] | None = None) -> None:
+        """``query``, if any, is sent once connected (a callable: built then, not now)."""
         self.started = self.stepped = now
         self.timeout = timeout
         self.waited = self.silence = 0.0  # seconds, towards the deadline and towards the grace
@@ -97,7 +99,8 @@ class Probe:
             return False
         if self._cur is None:
             cur = conn.cursor()
-            cur.execute(self._query)
+            query = self._query
+            cur.execute(query() if callable(query) else query)
             self._cur = cur  # only once sent: a step cut short before sends it again
             return True
         self.rows = self._cur.fetchall()

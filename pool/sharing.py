@@ -50,6 +50,9 @@ class Sharing:
         self._board_seen = 0 if board is None else -1
         for ep in self._endpoints:
             ep.board_slot = board.slot_for(ep.config.identity) if board is not None else None
+            if board is not None:  # outages before this pool had sessions are none of its own
+                entry = board.read(ep.board_slot)
+                ep.board_epoch = entry.epoch if entry is not None else 0
 
     def _sync_board(self: "Pool") -> None:
         """Apply what other processes put on the board since this process last looked."""
@@ -111,7 +114,7 @@ class Sharing:
                 self._end_probe(ep)
             ep.mark_up()
             said.append((logging.INFO, "%s %s is back (found by another process)", ep.role, ep.name))
-        elif state == UP and ep.board_epoch and entry.epoch != ep.board_epoch:
+        elif state == UP and entry.epoch != ep.board_epoch:
             ep.generation += 1  # an outage this process slept through: its sessions predate it
             doomed = self._drop_idle_locked(ep)
         if state in (DOWN, REFUSED):

@@ -170,9 +170,11 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
                 continue
             with pool._lock:  # those cut off before ``asked`` are in it (Endpoint.cut_off)
                 asked = time.monotonic()
-                sql = cancel_sql(ep.orphans, asked)
+                orphans = list(ep.orphans)
+            # (built when sent: in process mode the login may finish requests later, and the
+            # ages must be as of the server's now() then, or the reused-pid guard widens)
             errand = ep.errand = Probe(ep.config.monitor_dsn, asked, pool.options.connect_timeout,
-                                       sql)
+                                       lambda cut=orphans: cancel_sql(cut, time.monotonic()))
         if errand.step(now) == PENDING:
             due = min(due, now + ERRAND_STEP)
             continue
@@ -182,6 +184,9 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
         if errand.status == OK and errand.rows:
             log.info("%s: cancelled %d statement(s) cut off at their deadline", ep.name,
                      sum(1 for (done,) in errand.rows if done))
+        elif errand.status != OK:
+            log.info("%s: could not cancel the statements cut off at their deadline (they run "
+                     "on to their end there): %s", ep.name, pool._redact(errand.error or ""))
     return due
 
 

@@ -6,6 +6,8 @@
     proxy.cut()                         # live connections are dropped (the client sees EOF)
     proxy.freeze()                      # a host that vanished: a black hole for new connections,
                                         # and live ones stay open but carry nothing any more
+    proxy.lose_flows()                  # a firewall or NAT that forgot its state: live connections
+                                        # stay open but carry nothing any more; new ones work
     proxy.forward()                     # back to normal
     proxy.close()
 
@@ -26,6 +28,7 @@ class Proxy:
         self.mode = "forward"
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
+        self._lost: set[socket.socket] = set()  # client sides whose flows carry nothing
         self._listener = self._listen(0)
         self.port = self._listener.getsockname()[1]
         self._closed = False
@@ -52,6 +55,10 @@ class Proxy:
             self.mode = "frozen"
             if self._listener is None:
                 self._listener = self._listen(self.port)
+
+    def lose_flows(self) -> None:
+        with self._lock:
+            self._lost.update(client for client, _ in self._pairs)
 
     def refuse(self) -> None:
         with self._lock:
@@ -126,7 +133,7 @@ class Proxy:
         try:
             while True:
                 ready, _, _ = select.select(socks, [], [], 0.5)
-                if self.mode == "frozen":  # the peer vanished: read nothing, answer nothing
+                if self.mode == "frozen" or a in self._lost:  # read nothing, answer nothing
                     ready = []
                     threading.Event().wait(0.01)
                 for s in ready:

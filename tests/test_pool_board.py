@@ -285,6 +285,32 @@ def test_one_slow_statement_costs_no_worker_its_sessions(db, board_path, mode):
         w.close()
 
 
+def test_a_worker_that_slept_through_the_first_outage_of_a_board_drops_its_sessions(
+        db, black_holable, board_path):
+    """A worker with no request during an outage learns of it from the board's outage counter
+    once the server is back. The check was skipped while the counter it remembered was 0: on a
+    new board, a process-mode worker idle through the first outage kept its sessions, and after
+    a host that came back without them (its flows forgotten) its next write paid query_timeout
+    (found by a red-team run). Process mode: a threaded worker reads the board within a second,
+    outage or not."""
+    proxy = black_holable
+    w = Workers(2, spec_for(db, proxy, board_path, query_timeout=1), "spawn")
+    try:
+        for i in range(2):
+            assert w.ask(i, "write")["ok"]
+        proxy.freeze()
+        assert w.ask(0, "write")["error"] == "QueryTimeout"
+        assert not w.ask(0, "write")["ok"]  # its probe's grace passes unanswered: confirmed
+        proxy.lose_flows()
+        proxy.forward()
+        wait_until(lambda: w.ask(0, "write")["ok"], timeout=10, interval=0.05,
+                   what="worker 0 writing again")
+        r = w.ask(1, "write")
+        assert r["ok"], r
+    finally:
+        w.close()
+
+
 def test_after_a_refusal_the_next_write_waits_for_its_probe_and_finds_the_server_back(
         db, black_holable, board_path):
     """A restart under load: the primary's port refuses for a moment (nothing listens yet), then

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 
@@ -409,6 +410,63 @@ def test_a_slow_statement_past_its_deadline_costs_no_other_session_and_is_cancel
     assert state(p, 0) == "up" and p.stats()["query_timeouts"] == 1
 
 
+def test_a_cancel_sent_requests_later_spares_a_session_younger_than_the_one_cut_off(db):
+    """The cancel request skips a server process that started after our connection opened (a
+    process id the server gave to another session since). A process-mode worker logs in for it
+    on requests, maybe seconds apart; the ages in its statement were reckoned when the login
+    started, so an idle spell widened the guard by its length, and a red-team run had an
+    innocent session's statement cancelled on a reused process id. They are reckoned when the
+    statement is sent. Here the innocent session is registered as the one cut off, directly."""
+    p = pool.Pool(db.dsn("primary"), mode="process", query_timeout=5)
+    outcome = []
+    try:
+        p.fetchone("SELECT 1")
+        opened = time.monotonic()  # "our connection to it opened" here
+        time.sleep(0.3)
+        innocent = psycopg2.connect(db.dsn("primary"))  # ...and it started after that
+        runner = threading.Thread(target=lambda: outcome.append(
+            timed(lambda: innocent.cursor().execute("SELECT pg_sleep(3)"))[2]))
+        runner.start()
+        wait_until(lambda: _running(db, "SELECT pg_sleep(3)") == 1, timeout=5)
+        ep = p._endpoints[0]
+        ep.cut_off(innocent.info.backend_pid, opened, time.monotonic())
+        p._wake_housekeeper()
+        p.fetchone("SELECT 1")  # starts the cancel request's login
+        assert ep.errand is not None
+        time.sleep(1.5)  # no request for a while
+        wait_until(lambda: p.fetchone("SELECT 1") and ep.errand is None, timeout=5,
+                   interval=0.01, what="the cancel request done")
+        runner.join(5)
+        assert outcome == [None], outcome  # not "canceling statement due to user request"
+        innocent.close()
+    finally:
+        p.close()
+
+
+def test_a_statement_cut_off_before_a_fork_is_cancelled_by_a_child(db):
+    """gunicorn --preload: a process-mode pool that forks after a statement was cut off. The
+    children dropped the parent's cancel requests, and the parent (the master) never serves
+    another request, so the statement ran on to its end on the server."""
+    p = pool.Pool(db.dsn("primary"), mode="process", query_timeout=0.5)
+    slow = "SELECT pg_sleep(60) -- cut off before a fork"
+    try:
+        with pytest.raises(pool.QueryTimeout):
+            p.fetchone(slow)
+        child = os.fork()
+        if child == 0:
+            try:
+                end = time.monotonic() + 5
+                while time.monotonic() < end and p._endpoints[0].orphans:
+                    p.fetchone("SELECT 1")
+                    time.sleep(0.01)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        wait_until(lambda: _running(db, slow) == 0, timeout=2, what="the statement cancelled")
+    finally:
+        p.close()
+
+
 def test_a_stall_confirmed_closes_the_sessions_kept_while_it_was_only_suspect(make_pool, db):
     """The other side of keeping sessions through a suspicion: once the probe's grace passes
     unanswered (a stalled server, not a slow query), they are as stale as after any outage."""
@@ -424,6 +482,46 @@ def test_a_stall_confirmed_closes_the_sessions_kept_while_it_was_only_suspect(ma
         assert state(p, 0) == "down"
     wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
                interval=0.05, what="writes after SIGCONT")
+
+
+def test_sessions_kept_through_a_suspicion_are_pinged_before_they_are_lent(db, mode):
+    """A firewall or NAT that forgot its flows: the pooled sessions go silent while new logins
+    work. The first write pays query_timeout; the probe then answers on a new connection, and
+    the sessions kept through the suspicion used to be lent as they were: each cost a caller
+    a QueryTimeout (4 of 6 writes failed; 1 before sessions were kept, found by a red-team
+    run). Each is now pinged within a probe's grace before it is lent: the first silent one
+    drops them all."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, query_timeout=1, connect_timeout=0.5)
+    try:
+        _sessions(p, 4)
+        proxy.lose_flows()
+        errors = [timed(lambda: p.fetchone("SELECT 1"))[2] for _ in range(6)]
+        assert isinstance(errors[0], pool.QueryTimeout), errors
+        assert errors[1:] == [None] * 5, errors
+        assert state(p, 0) == "up"
+    finally:
+        p.close()
+        proxy.close()
+
+
+def test_a_ping_that_spends_connect_timeout_is_evidence_even_when_logins_are_slow(db, mode):
+    """A ping was counted as cut short by the caller when its budget was under a probe's grace,
+    which grows with the logins seen (four of them, up to 0.5 s): with connect_timeout below
+    that, no ping ever counted, and every caller with time to spare got a PoolTimeout saying its
+    deadline had passed (found by a red-team run, logins slowed by a proxy)."""
+    p = pool.Pool(db.dsn("primary"), mode=mode, connect_timeout=0.3, ping_after=0.2, timeout=10)
+    try:
+        p.fetchone("SELECT 1")
+        p._endpoints[0].login_s = 0.2  # logins seen to take 0.2 s: a grace of 0.5 s
+        time.sleep(0.3)
+        with stalled(db, "primary"):
+            seconds, _, error = timed(lambda: p.fetchone("SELECT 1"))
+            assert isinstance(error, pool.EndpointUnavailable) \
+                and not isinstance(error, pool.PoolTimeout), error
+            assert p.stats()["ejections"] == 1
+    finally:
+        p.close()
 
 
 def test_a_ping_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
