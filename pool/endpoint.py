@@ -21,7 +21,7 @@ another process's request gives its own probe that moment as well; the first pro
 pass unanswered makes the endpoint plainly down everywhere. A missed deadline (a statement or a
 ping) leaves the other sessions open while it is suspect (``keeping``: the generation is bumped
 only if the suspicion is confirmed), since one slow query must not cost every process its
-connections. Re-admitted, each kept session is pinged before it is lent (``verifying``): the
+connections. Re-admitted, each kept session is pinged before it is lent (``to_verify``): the
 probe answered on a new connection. The statement the watchdog cut off (``orphans``), which the
 server would otherwise run to its end, is cancelled there (watchdog.py). A lost session drops
 them at once: the server may have restarted. A request also waits for a probe after a
@@ -120,7 +120,7 @@ class Endpoint:
         "query_timeouts", "timeline", "replay_lsn", "lag_s", "lag_bytes", "lagging", "status_at",
         "answers", "answers_since", "floor", "diverged", "judged", "monitor", "monitor_at",
         "board_slot", "board_seq", "board_epoch", "login_s", "suspect", "seen_down_at",
-        "failed_fast", "keeping", "kept_generation", "orphans", "errand",
+        "failed_fast", "keeping", "verify_from", "verify_until", "orphans", "errand",
     )
 
     def __init__(self, config: EndpointConfig, max_size: int) -> None:
@@ -160,7 +160,8 @@ class Endpoint:
         self.seen_down_at = 0.0  # the last news of a slow failure there: here, or on the board
         self.failed_fast = False  # its last failure came at once (refused, reset): cheap to retry
         self.keeping = False  # suspect on a missed deadline, its sessions kept until confirmed
-        self.kept_generation = -1  # ...and once re-admitted, theirs: each is pinged before use
+        self.verify_from = self.verify_until = -1  # generations whose sessions are pinged
+        #                                            before they are lent (``to_verify``)
         self.orphans: list[tuple[int, float, float]] = []  # statements cut off, to cancel there:
         #                                       (server process id, opened at, cut off at)
         self.errand: Any = None  # the Probe asking the server to cancel them (watchdog.py)
@@ -303,10 +304,21 @@ class Endpoint:
         if not fast:
             self.seen_down_at = now
 
+    def to_verify(self) -> None:
+        """The sessions open now are to be pinged before they are lent: they were kept through
+        a suspicion that a probe cleared on a new connection (``mark_up``), or another process
+        saw an outage this one slept through (sharing.py). A new generation for those opened
+        from now on; earlier rounds not yet pinged stay in the range, and any other change of
+        generation (a failure, a role change) closes it: what is in it is stale then."""
+        if self.verify_until != self.generation:
+            self.verify_from = self.generation
+        self.generation += 1
+        self.verify_until = self.generation
+
     def verifying(self, rec: Any) -> bool:
-        """Is ``rec`` a session kept through a suspicion, not yet pinged since (``mark_up``)?
-        Any later change of generation (a failure, a role change) makes it stale instead."""
-        return rec.generation == self.kept_generation == self.generation - 1
+        """Is ``rec`` a session to ping before it is lent (``to_verify``)?"""
+        return self.verify_until == self.generation and \
+            self.verify_from <= rec.generation < self.generation
 
     def stop_keeping(self) -> None:
         """The suspicion on a missed deadline is confirmed (or other evidence came): the
@@ -325,10 +337,9 @@ class Endpoint:
         if self.keeping:
             # A probe answers on a new connection: it says nothing of the sessions kept (a
             # firewall or NAT may have forgotten them, silently). Each is pinged, within a
-            # probe's grace, before it is lent again (Pool._is_usable; ``verifying``).
+            # probe's grace, before it is lent again (Pool._is_usable).
             self.keeping = False
-            self.kept_generation = self.generation
-            self.generation += 1
+            self.to_verify()
         self.state = UP
         self.suspect = False
         self.failed_fast = False

@@ -131,10 +131,12 @@ class Health:
 
     def _drop_stale_locked(self: "Pool", ep: Endpoint) -> list[PooledConnection]:
         """Lock held. Take ep's idle connections made before its generation changed (after a
-        failure: all of them; while it keeps them, none) out of the pool, for closing outside."""
-        doomed = [rec for rec in ep.idle if rec.generation != ep.generation]
+        failure: all of them; while it keeps them, or they await a ping, none) out of the pool,
+        for closing outside."""
+        doomed = [rec for rec in ep.idle if rec.generation != ep.generation
+                  and not ep.verifying(rec)]
         if doomed:
-            ep.idle = [rec for rec in ep.idle if rec.generation == ep.generation]
+            ep.idle = [rec for rec in ep.idle if rec not in doomed]
             for rec in doomed:
                 ep.release(rec.key)
         return doomed

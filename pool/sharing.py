@@ -115,8 +115,8 @@ class Sharing:
             ep.mark_up()
             said.append((logging.INFO, "%s %s is back (found by another process)", ep.role, ep.name))
         elif state == UP and entry.epoch != ep.board_epoch:
-            ep.generation += 1  # an outage this process slept through: its sessions predate it
-            doomed = self._drop_idle_locked(ep)
+            ep.to_verify()  # an outage (or a suspicion) this process slept through: its sessions
+            #                 predate it, and are pinged before they are lent
         if state in (DOWN, REFUSED):
             if not suspect:  # confirmed there: the sessions kept here are stale too
                 ep.stop_keeping()  # (retire_idle closes them)
@@ -182,12 +182,8 @@ class Sharing:
                                       error=ep.last_error or "")
         if entry is None or entry.state != code:  # None: a slot of its own yet to be (re)claimed
             fields["changed"] = boards.monotonic()
-        # The outage counter counts outages that end sessions: not a suspicion (a missed
-        # deadline) that a probe clears, which every process keeps its sessions through.
-        outage = code != boards.UP and not ep.suspect
-        if outage and not (entry is not None and entry.state in (boards.DOWN, boards.REFUSED)
-                           and not entry.flags & boards.SUSPECT):
-            fields["epoch"] = ((entry.epoch if entry is not None else 0) + 1) & 0xFFFFFFFF
+            if code != boards.UP:
+                fields["epoch"] = ((entry.epoch if entry is not None else 0) + 1) & 0xFFFFFFFF
         ep.board_seq = board.write(ep.board_slot, **fields)
         ep.board_epoch = fields.get("epoch", ep.board_epoch if entry is None else entry.epoch)
 

@@ -38,7 +38,7 @@ import weakref
 from typing import Any
 
 from .endpoint import UP
-from .probe import OK, PENDING, Probe
+from .probe import OK, PENDING, Probe, wait_for
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
@@ -175,6 +175,11 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
             # ages must be as of the server's now() then, or the reused-pid guard widens)
             errand = ep.errand = Probe(ep.config.monitor_dsn, asked, pool.options.connect_timeout,
                                        lambda cut=orphans: cancel_sql(cut, time.monotonic()))
+            if not pool._probes_in_background:
+                # Process mode steps it on requests, which may come further apart than the
+                # server's authentication_timeout: it would close the login half done. The
+                # request that starts it gives it a probe's grace (a login and a statement).
+                wait_for([errand], time.monotonic, asked + ep.grace)
         if errand.step(now) == PENDING:
             due = min(due, now + ERRAND_STEP)
             continue

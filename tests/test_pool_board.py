@@ -262,9 +262,9 @@ def test_one_slow_statement_costs_the_other_workers_no_failed_write(db, board_pa
 def test_one_slow_statement_costs_no_worker_its_sessions(db, board_path, mode):
     """The board's "suspect" used to count as an outage: a worker that read it, or that read
     only the "up" after it (the outage counter had moved), closed every session it had to the
-    primary. A suspicion now moves the counter only once a probe confirms it; until then every
-    worker keeps its sessions. Both orders: the other worker hears of the suspicion first, or
-    only of the re-admission."""
+    primary. A worker now keeps them through a suspicion, and pings them before it lends them
+    once the server is back (or once it finds the counter moved). Both orders: the other worker
+    hears of the suspicion first, or only of the re-admission."""
     spec = dict(primary=db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode,
                 board=board_path, connect_timeout=2, query_timeout=1)
     pid = ("fetchone", "SELECT pg_backend_pid()", None, {})
@@ -281,6 +281,29 @@ def test_one_slow_statement_costs_no_worker_its_sessions(db, board_path, mode):
                 if i == 1:
                     assert r["value"][0][0] == first, f"worker 1 opened a new session {order}"
         assert w.ask(1, "stats")["value"]["connects"] == 1
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("mode", ["process", "threaded"])
+def test_a_worker_that_missed_a_suspicion_pings_its_sessions_before_lending_them(
+        db, black_holable, board_path, mode):
+    """A firewall forgot the flows to the primary (new logins pass). Worker 0 pays the deadline;
+    its probe answers at once, so the suspicion lasts milliseconds and worker 1, with no request
+    then (or a housekeeping thread that reads the board once a second), misses it. The outage
+    counter did not move for a suspicion, so worker 1 lent its dead session: a QueryTimeout of
+    its own (found by a red-team run). The counter moves, and a worker that finds it moved
+    pings its sessions before it lends them."""
+    proxy = black_holable
+    w = Workers(2, spec_for(db, proxy, board_path, mode=mode, query_timeout=1), "spawn")
+    try:
+        for i in range(2):
+            assert w.ask(i, "write")["ok"]
+        proxy.lose_flows()
+        assert w.ask(0, "write")["error"] == "QueryTimeout"
+        assert w.ask(0, "write")["ok"]  # the probe answered: up again, on the board too
+        r = w.ask(1, "write")
+        assert r["ok"], r
     finally:
         w.close()
 
