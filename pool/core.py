@@ -524,11 +524,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
     def _verify_kept(self, rec: PooledConnection, deadline: float) -> bool:
         """A session kept through a suspicion, or through an outage another process saw
-        (Endpoint.to_verify): the server answered a probe, but on a new connection. One ping within a probe's grace says whether this one
-        still reaches it; if not, the path to the server lost its sessions (a firewall, a NAT),
-        and every other one kept with it is presumed lost too. The server is not ejected: its
-        probe has just answered."""
+        (Endpoint.to_verify): the server answered, but on a new connection. One ping within a
+        probe's grace says whether this session still reaches it; if not, the path to the
+        server lost its sessions (a firewall, a NAT), and every other one kept with it is
+        presumed lost too. The server is not ejected: it has just answered."""
         ep = rec.endpoint
+        if rec.closed_by_server():  # (this one only: say, idle_session_timeout)
+            self._discard(rec)
+            return False
         generation = ep.generation  # (one that changes during the ping leaves it stale)
         if rec.ping(max(0.001, min(deadline - monotonic(), ep.grace))):
             rec.generation = generation
@@ -537,8 +540,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if ep.verifying(rec):
                 ep.verify_until = -1  # the rest are stale now: discarded as they come
         self._discard(rec)
-        log.info("%s %s: a session kept through a suspicion did not answer a ping; the others "
-                 "kept with it are dropped", ep.role, ep.name)
+        log.info("%s %s: a session kept through an outage or a suspicion did not answer a ping; "
+                 "the others kept with it are dropped", ep.role, ep.name)
         return False
 
     # -- return -------------------------------------------------------------------------------

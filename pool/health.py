@@ -89,9 +89,9 @@ class Health:
     def _missed_deadline(self: "Pool", ep: Endpoint, raw: Any, what: str) -> None:
         """A statement of ours (``what``) got no answer within its deadline, and the watchdog
         cut it off on our side: one slow query on a server that is fine, or a stalled or
-        unreachable server. The probe due at once tells which, and asks the server to cancel
-        the statement, which would otherwise run to its end there. Evidence for every process,
-        as a suspicion (board.py)."""
+        unreachable server. The probe due at once tells which; once the server is up, the
+        statement, which would otherwise run to its end there, is cancelled (watchdog.py).
+        Evidence for every process, as a suspicion (board.py)."""
         with self._lock:
             ep.query_timeouts += 1
             ep.cut_off(raw.backend_pid, raw.opened_at, monotonic())

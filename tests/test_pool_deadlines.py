@@ -411,6 +411,26 @@ def test_a_slow_statement_past_its_deadline_costs_no_other_session_and_is_cancel
     assert state(p, 0) == "up" and p.stats()["query_timeouts"] == 2
 
 
+def test_a_kept_session_the_server_ended_meanwhile_costs_only_itself(make_pool, db):
+    """A session kept through a suspicion that the server ended meanwhile (an administrator,
+    idle_session_timeout) says so at once: it goes, and the others kept with it are still
+    pinged, not presumed lost with it."""
+    p = make_pool(replicas=(), query_timeout=5)
+    with contextlib.ExitStack() as stack:
+        lent = [stack.enter_context(p.connection()).info.backend_pid for _ in range(4)]
+    # returned in reverse: lent[0] is lent next, then lent[1]
+    slow = "SELECT pg_sleep(60) -- cut off, then one kept session ended"
+    with pytest.raises(pool.QueryTimeout):
+        with p.connection(query_timeout=0.5) as conn:
+            assert conn.info.backend_pid == lent[0]
+            conn.cursor().execute(slow)
+    admin_sql(db, "primary", "SELECT pg_terminate_backend(%s)", (lent[1],))
+    wait_until(lambda: admin_sql(db, "primary", "SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE pid = %s", (lent[1],))[0][0] == 0, timeout=5)
+    assert p.fetchone("SELECT 1") == (1,)
+    assert _sessions(p, 4) & set(lent) == set(lent[2:])
+
+
 def test_process_mode_cancels_what_was_cut_off_within_the_request_that_finds_the_server_fine(db):
     """A process-mode worker stepped the cancel request's login once per request: with
     requests further apart than the server's authentication_timeout, the server closed the
