@@ -61,7 +61,7 @@ from .statements import Statements, _fetchall, _fetchone, _first_value, _rowcoun
 from .probe import OK, Probe, wait_for
 from .session import Baseline
 from .board import after_fork_in_child as board_after_fork
-from .watchdog import WATCHDOG
+from .watchdog import WATCHDOG, cancel_at_close
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
@@ -297,6 +297,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         if self._board is not None:
             self._board.forget(id(self))
         monitor.close_monitors(self)
+        cancel_at_close(self)
         for rec in doomed:
             rec.close()
 

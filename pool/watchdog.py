@@ -195,6 +195,23 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
     return due
 
 
+def cancel_at_close(pool: Any) -> None:
+    """A pool closing with statements cut off and not yet cancelled (a worker that exits right
+    after a timeout): ask each server once, waiting a probe's grace at most, up or not (right
+    after a timeout it is suspect: if it is fine, it answers well within that)."""
+    eps = [ep for ep in pool._endpoints if ep.orphans]
+    if not eps:
+        return
+    now = time.monotonic()
+    errands = [Probe(ep.config.monitor_dsn, now, pool.options.connect_timeout,
+                     lambda cut=list(ep.orphans): cancel_sql(cut, time.monotonic()))
+               for ep in eps]
+    wait_for(errands, time.monotonic, now + max(ep.grace for ep in eps))
+    for ep, errand in zip(eps, errands):
+        errand.cancel()
+        ep.orphans = []
+
+
 def cancel_sql(orphans: list[tuple[int, float, float]], now: float) -> str:
     """The statement that cancels, on the server, the statements the watchdog cut off.
     ``orphans``: (server process id, when our connection to it opened, when it was cut off),

@@ -485,6 +485,19 @@ def test_a_cancel_sent_requests_later_spares_a_session_younger_than_the_one_cut_
         p.close()
 
 
+def test_a_pool_closed_right_after_a_timeout_still_cancels_the_statement(make_pool, db):
+    """A worker that exits right after a timeout (gunicorn recycling it) closed its pool with
+    the cancel request not yet sent, and the statement ran on to its end (found by a red-team
+    run). close() sends it, waiting a probe's grace at most."""
+    p = make_pool(replicas=(), query_timeout=0.5)
+    slow = "SELECT pg_sleep(60) -- cut off, then the pool closed"
+    with pytest.raises(pool.QueryTimeout):
+        p.fetchone(slow)
+    seconds, _, error = timed(p.close)
+    assert error is None and seconds < pool.endpoint.PROBE_GRACE_MAX + 0.2, (seconds, error)
+    wait_until(lambda: _running(db, slow) == 0, timeout=2, what="the statement cancelled")
+
+
 def test_a_statement_cut_off_before_a_fork_is_cancelled_by_a_child(db):
     """gunicorn --preload: a process-mode pool that forks after a statement was cut off. The
     children dropped the parent's cancel requests, and the parent (the master) never serves
