@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import select
+import socket
 import time
 from typing import Any, Callable
 
@@ -141,12 +142,13 @@ class PoolConnection(ext.connection):
     """A psycopg2 connection that knows when a loan changed it and how long it has waited.
 
     ``label`` names its endpoint in messages. The watchdog reads ``busy_since`` and
-    ``query_timeout`` and sets ``timed_out`` before it shuts the socket. ``backend_pid`` and
-    ``opened_at`` name its server process, for cancelling a statement the watchdog cut off.
+    ``query_timeout`` and sets ``timed_out`` before it shuts the socket. ``backend_pid``,
+    ``opened_at`` and ``client_port`` name its server process, for cancelling a statement the
+    watchdog cut off (watchdog.cancel_sql).
     """
 
     __slots__ = ("dirty", "busy_since", "query_timeout", "timed_out", "label", "read_only_loan",
-                 "two_phase", "backend_pid", "opened_at")
+                 "two_phase", "backend_pid", "opened_at", "client_port")
 
     autocommit = _marking("autocommit")
     readonly = _marking("readonly")
@@ -358,6 +360,7 @@ def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection
     raw = psycopg2.connect(dsn, connection_factory=PoolConnection)
     raw.opened_at = time.monotonic()  # its server process started before this
     raw.backend_pid = raw.info.backend_pid
+    raw.client_port = client_port(raw)
     raw.label = label
     raw.query_timeout = query_timeout
     raw.busy_since = 0.0
@@ -366,6 +369,24 @@ def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection
     raw.two_phase = False
     raw.dirty = 0
     return raw
+
+
+def client_port(raw: Any) -> int | None:
+    """Our end's port, as the server shows it (``pg_stat_activity.client_port``): -1 for a Unix
+    socket, None if it cannot be read. Behind a pooler such as pgbouncer, or a NAT, the server
+    sees another port, so a statement cut off there is never cancelled on someone else's
+    session: the process id libpq reports may not be ours alone (watchdog.cancel_sql)."""
+    try:
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except (OSError, ValueError):
+        return None
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return name[1] if isinstance(name, tuple) else -1
 
 
 def is_disconnect(exc: BaseException | None, raw: Any) -> bool:

@@ -162,8 +162,8 @@ class Endpoint:
         self.keeping = False  # suspect on a missed deadline, its sessions kept until confirmed
         self.verify_from = self.verify_until = -1  # generations whose sessions are pinged
         #                                            before they are lent (``to_verify``)
-        self.orphans: list[tuple[int, float, float]] = []  # statements cut off, to cancel there:
-        #                                       (server process id, opened at, cut off at)
+        self.orphans: list[tuple] = []  # statements cut off, to cancel there: (server process
+        #                                id, opened at, cut off at, our port: Endpoint.cut_off)
         self.errand: Any = None  # the Probe asking the server to cancel them (watchdog.py)
         self.reset_counters()
 
@@ -327,11 +327,12 @@ class Endpoint:
             self.keeping = False
             self.generation += 1
 
-    def cut_off(self, pid: int, opened_at: float, now: float) -> None:
-        """The watchdog ended a statement of the server process ``pid`` (opened at ``opened_at``)
-        on our side: once the endpoint is up, the server is asked to cancel it (watchdog.py)."""
-        del self.orphans[:-15]  # (a bound: they are few, and each cancel request clears them)
-        self.orphans.append((pid, opened_at, now))
+    def cut_off(self, raw: Any, now: float) -> None:
+        """The watchdog ended a statement of ``raw`` on our side: once the endpoint is up, the
+        server is asked to cancel it (watchdog.py). Not if its port is unknown."""
+        if raw.client_port is not None:
+            del self.orphans[:-15]  # (a bound: they are few, and each cancel request clears them)
+            self.orphans.append((raw.backend_pid, raw.opened_at, now, raw.client_port))
 
     def mark_up(self) -> None:
         if self.keeping:

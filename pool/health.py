@@ -94,7 +94,7 @@ class Health:
         Evidence for every process, as a suspicion (board.py)."""
         with self._lock:
             ep.query_timeouts += 1
-            ep.cut_off(raw.backend_pid, raw.opened_at, monotonic())
+            ep.cut_off(raw, monotonic())
         self._eject(ep, f"{what} got no answer within its deadline", probe_now=True, keep=True)
 
     def _refuse(self: "Pool", ep: Endpoint, error: str) -> None:

@@ -212,14 +212,18 @@ def cancel_at_close(pool: Any) -> None:
         ep.orphans = []
 
 
-def cancel_sql(orphans: list[tuple[int, float, float]], now: float) -> str:
+def cancel_sql(orphans: list[tuple], now: float) -> str:
     """The statement that cancels, on the server, the statements the watchdog cut off.
-    ``orphans``: (server process id, when our connection to it opened, when it was cut off),
-    from ``Endpoint.cut_off``. A process counts only if it runs a statement, is our role's and
+    ``orphans``: (server process id, when our connection to it opened, when it was cut off, our
+    port), from ``Endpoint.cut_off``. A process counts only if it runs a statement, is our
+    role's, is connected from our port (behind a pooler such as pgbouncer the process id libpq
+    reports is not a server process of ours alone, and the server sees the pooler's port), and
     started before our connection opened (it is at least as old on the server's clock): a
     process id the server has since given to another session is left alone."""
-    rows = ", ".join(f"({int(pid)}, {max(0.0, now - opened):.6f})" for pid, opened, _ in orphans)
+    rows = ", ".join(f"({int(pid)}, {max(0.0, now - opened):.6f}, {int(port)})"
+                     for pid, opened, _, port in orphans)
     return ("SELECT pg_cancel_backend(a.pid) FROM pg_stat_activity a "
-            f"JOIN (VALUES {rows}) AS o(pid, age) ON a.pid = o.pid "
+            f"JOIN (VALUES {rows}) AS o(pid, age, port) ON a.pid = o.pid "
             "WHERE a.usename = session_user AND a.state = 'active' "
+            "AND a.client_port = o.port "
             "AND a.backend_start <= now() - o.age * interval '1 second'")

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import psycopg2
 import psycopg2.extensions
@@ -23,6 +24,7 @@ import psycopg2.extras
 import pytest
 
 import pool
+from pool.connection import client_port
 from pgutil import (admin_sql, node_of, proxied, stalled, terminate_app_sessions,
                     terminate_under_queue, timed, unique_name, wait_until)
 from conftest import APP_PASSWORD
@@ -447,6 +449,39 @@ def test_process_mode_cancels_what_was_cut_off_within_the_request_that_finds_the
         p.close()
 
 
+def _as_cut_off(raw, opened_at, port=None):
+    """What Endpoint.cut_off reads off a connection the watchdog cut off, for raw's session."""
+    return types.SimpleNamespace(backend_pid=raw.info.backend_pid, opened_at=opened_at,
+                                 client_port=client_port(raw) if port is None else port)
+
+
+def test_a_cancel_spares_a_session_on_another_port_behind_a_pooler(db, mode):
+    """Behind a pooler such as pgbouncer, the process id libpq reports is not a server process
+    of ours alone (a fake one, or a server connection other clients share): the cancel would
+    hit someone else's statement of the same role. It also needs the server to see our port.
+    Here another session's process id is registered as cut off, with a port not its own."""
+    p = pool.Pool(db.dsn("primary"), mode=mode, query_timeout=5)
+    outcome = []
+    innocent = psycopg2.connect(db.dsn("primary"))
+    try:
+        runner = threading.Thread(target=lambda: outcome.append(
+            timed(lambda: innocent.cursor().execute("SELECT pg_sleep(2)"))[2]))
+        runner.start()
+        wait_until(lambda: _running(db, "SELECT pg_sleep(2)") == 1, timeout=5)
+        ep = p._endpoints[0]
+        port = client_port(innocent)
+        with p._lock:
+            ep.cut_off(_as_cut_off(innocent, time.monotonic(), port=port + 1), time.monotonic())
+        p._wake_housekeeper()
+        wait_until(lambda: p.fetchone("SELECT 1") and not ep.orphans, timeout=5,
+                   interval=0.01, what="the cancel request done")
+        runner.join(5)
+        assert outcome == [None], outcome  # not "canceling statement due to user request"
+    finally:
+        innocent.close()
+        p.close()
+
+
 def test_a_cancel_sent_requests_later_spares_a_session_younger_than_the_one_cut_off(db):
     """The cancel request skips a server process that started after our connection opened (a
     process id the server gave to another session since). A process-mode worker logs in for it
@@ -466,7 +501,7 @@ def test_a_cancel_sent_requests_later_spares_a_session_younger_than_the_one_cut_
         runner.start()
         wait_until(lambda: _running(db, "SELECT pg_sleep(5)") == 1, timeout=5)
         ep = p._endpoints[0]
-        ep.cut_off(innocent.info.backend_pid, opened, time.monotonic())
+        ep.cut_off(_as_cut_off(innocent, opened), time.monotonic())
         postmaster = db.pid("primary")
         os.kill(postmaster, signal.SIGSTOP)  # logins wait (sessions open work): the cancel
         try:                                 # request's cannot finish in the request that starts it
