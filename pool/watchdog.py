@@ -15,7 +15,8 @@ there (the server notices only when it next writes to us), which for a slow repo
 minutes of a healthy server's time. So the endpoint is ejected as a suspect that keeps its other
 sessions while its probe decides (endpoint.py), and once it is up, a housekeeping job
 (``job_cancel_cut_off``) asks the server to cancel the statements cut off: same role, so no
-privilege beyond the default.
+privilege beyond the default, and only a process connected from our port (``cancel_sql``). A
+pool that closes first asks as it closes (``cancel_at_close``).
 
 Process mode promises "no lock, no thread", and this is the one exception, because nothing else
 can interrupt a blocked libpq call in a single-threaded worker: a signal does not (libpq retries
