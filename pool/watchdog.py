@@ -171,11 +171,8 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
                 continue
             with pool._lock:  # those cut off before ``asked`` are in it (Endpoint.cut_off)
                 asked = time.monotonic()
-                orphans = list(ep.orphans)
-            # (built when sent: in process mode the login may finish requests later, and the
-            # ages must be as of the server's now() then, or the reused-pid guard widens)
-            errand = ep.errand = Probe(ep.config.monitor_dsn, asked, pool.options.connect_timeout,
-                                       lambda cut=orphans: cancel_sql(cut, time.monotonic()))
+                cut = list(ep.orphans)
+            errand = ep.errand = _cancel_request(pool, ep, asked, cut)
             if not pool._probes_in_background:
                 # Process mode steps it on requests, which may come further apart than the
                 # server's authentication_timeout: it would close the login half done. The
@@ -204,13 +201,19 @@ def cancel_at_close(pool: Any) -> None:
     if not eps:
         return
     now = time.monotonic()
-    errands = [Probe(ep.config.monitor_dsn, now, pool.options.connect_timeout,
-                     lambda cut=list(ep.orphans): cancel_sql(cut, time.monotonic()))
-               for ep in eps]
+    errands = [_cancel_request(pool, ep, now, list(ep.orphans)) for ep in eps]
     wait_for(errands, time.monotonic, now + max(ep.grace for ep in eps))
     for ep, errand in zip(eps, errands):
         errand.cancel()
         ep.orphans = []
+
+
+def _cancel_request(pool: Any, ep: Any, now: float, cut: list[tuple]) -> Probe:
+    """A login to ``ep`` that cancels the statements ``cut`` off. Its statement is built when
+    sent: in process mode the login may finish requests later, and the ages must be as of the
+    server's now() then, or the reused-pid guard widens (``cancel_sql``)."""
+    return Probe(ep.config.monitor_dsn, now, pool.options.connect_timeout,
+                 lambda: cancel_sql(cut, time.monotonic()))
 
 
 def cancel_sql(orphans: list[tuple], now: float) -> str:
