@@ -39,7 +39,7 @@ class Options:
     mode: str = "threaded"
     max_size: int = 10  # connections per endpoint, a hard bound
     min_size: int = 0  # per endpoint, kept open by housekeeping
-    timeout: float = 5.0  # seconds a caller may wait for a connection (threaded mode)
+    timeout: float = 5.0  # seconds a checkout may take: a wait (threaded mode), a ping, a connect
     connect_timeout: float = 2.0  # seconds per connection attempt, enforced by the pool
     query_timeout: float | None = 30.0  # seconds any statement may wait for the server
     max_lifetime: float = 1800.0  # a connection is replaced after this (minus up to 10% jitter)
@@ -88,13 +88,14 @@ class Options:
     @property
     def libpq_connect_timeout(self) -> int:
         """What libpq is told: whole seconds, at least its floor. The pool itself enforces the
-        exact value when libpq cannot (see ``connection.open_connection``)."""
-        return max(LIBPQ_CONNECT_FLOOR, math.ceil(self.connect_timeout))
+        exact value when libpq cannot (``Pool._open``)."""
+        return libpq_seconds(self.connect_timeout)
 
-    @property
-    def precheck_connect(self) -> bool:
-        """True when libpq alone would wait longer than connect_timeout (0.5 s, 1.5 s, ...)."""
-        return self.libpq_connect_timeout > self.connect_timeout
+
+def libpq_seconds(limit: float) -> int:
+    """libpq's connect_timeout for a connect bounded by ``limit`` seconds: whole seconds, at
+    least its floor, so never less than ``limit``."""
+    return max(LIBPQ_CONNECT_FLOOR, math.ceil(limit))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -355,9 +355,14 @@ def abandon(raw: Any) -> None:
     _ABANDONED.append(raw)
 
 
-def connect(dsn: str, label: str, query_timeout: float | None) -> PoolConnection:
-    """A new session (blocking; libpq's connect_timeout bounds it). Raises OperationalError."""
-    raw = psycopg2.connect(dsn, connection_factory=PoolConnection)
+def connect(dsn: str, label: str, query_timeout: float | None,
+            connect_timeout: int | None = None) -> PoolConnection:
+    """A new session (blocking; libpq's connect_timeout bounds it: the DSN's, or the one given,
+    in whole seconds). Raises OperationalError."""
+    if connect_timeout is None:
+        raw = psycopg2.connect(dsn, connection_factory=PoolConnection)
+    else:
+        raw = psycopg2.connect(dsn, connection_factory=PoolConnection, connect_timeout=connect_timeout)
     raw.opened_at = time.monotonic()  # its server process started before this
     raw.backend_pid = raw.info.backend_pid
     raw.client_port = client_port(raw)

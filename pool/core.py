@@ -48,9 +48,9 @@ import psycopg2.extensions as ext
 
 from .balance import make_balancer
 from . import lag, monitor
-from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, node_configs,
-                     options_from_env)
-from .connection import RAN, PooledConnection, connect
+from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, libpq_seconds,
+                     node_configs, options_from_env)
+from .connection import RAN, PooledConnection, connect, connect_failure, describe_error
 from .endpoint import Endpoint, Reservation
 from .errors import EndpointUnavailable, PoolError
 from .health import Health
@@ -75,6 +75,9 @@ _STATUS_READY = ext.STATUS_READY
 from .config import DEFAULT as _DEFAULT  # noqa: E402  ("the pool's own setting")
 ISSUED = object()  # a reusable Checkout handed out by connection() and not yet entered
 BOARD_EVERY = 0.001  # seconds between a checkout's looks at the shared board
+INFINITY = float("inf")
+PRECHECK_SLACK = 0.1  # seconds libpq's whole-second count may overshoot a connect's bound before
+#                       the pool prechecks (a second login) to keep the bound exactly
 
 
 class Pool(Housekeeping, Sharing, Health, Returns, Statements):
@@ -191,10 +194,11 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
         Leaving the block normally commits; an exception rolls back and propagates. With
         ``readonly=True`` the connection is to a replica (or the primary if none is up and
-        ``read_fallback``) and nothing it does can write. ``timeout`` overrides the pool's wait
-        for a connection; ``query_timeout`` the deadline of each statement in the block
-        (``None``: no deadline, for a long report or a bulk COPY). ``after`` (a read): a token
-        from ``write_token()``; the block reads from a server that has that write.
+        ``read_fallback``) and nothing it does can write. ``timeout`` overrides the checkout's
+        deadline (the wait for a connection, a ping, a connect); ``query_timeout`` the deadline
+        of each statement in the block (``None``: no deadline, for a long report or a bulk
+        COPY). ``after`` (a read): a token from ``write_token()``; the block reads from a server
+        that has that write.
         """
         return Checkout(self, readonly, timeout, query_timeout,
                         lag.parse_token(after) if after is not None and readonly else None)
@@ -362,7 +366,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                         grant.endpoint.generation and now < grant.expires and not grant.raw.closed:
                     return grant  # handed over by the caller who just used it: nothing to vet
             if grant.__class__ is Reservation:
-                rec = self._open(grant)
+                rec = self._open(grant, deadline)
             else:
                 rec = grant if self._is_usable(grant, now, deadline) else None
             grant = None
@@ -422,8 +426,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             return min(self._readable, key=lambda ep: ep.in_use)
         return self._primary or self._endpoints[0]
 
-    def _open(self, res: Reservation) -> PooledConnection | None:
+    def _open(self, res: Reservation, deadline: float = INFINITY) -> PooledConnection | None:
         """Connect in a slot _take reserved. None if the endpoint failed (and was ejected).
+
+        The attempt is bounded by connect_timeout and by the caller's deadline, whichever comes
+        first. libpq counts whole seconds: when its count would overshoot that bound by more
+        than PRECHECK_SLACK, a non-blocking probe reaches the server first, within the exact
+        bound (_precheck). A connect cut short by the caller's deadline (less time left than
+        both a probe's grace and connect_timeout) is evidence of nothing, as for a ping: the
+        caller gets PoolTimeout, and the endpoint stays up.
 
         Only a failed connect, or a statement setting the connection up that got no answer
         within query_timeout, is evidence against the server. Any other error from the user's
@@ -432,19 +443,31 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         ep = res.endpoint
         opts = self.options
         self._start_housekeeping()  # connections now exist: they will need looking after
+        started = monotonic()
+        limit = max(0.001, min(opts.connect_timeout, deadline - started))
         try:
-            started = monotonic()
-            if opts.precheck_connect:
-                self._precheck(ep)
-            raw = connect(ep.dsn, ep.name, opts.query_timeout)
-            ep.logged_in(monotonic() - started)
+            seconds = libpq_seconds(limit)
+            if seconds - limit > PRECHECK_SLACK:
+                self._precheck(ep, limit)
+            login = monotonic()
+            raw = connect(ep.dsn, ep.name, opts.query_timeout,
+                          None if seconds == opts.libpq_connect_timeout else seconds)
+            ep.logged_in(monotonic() - login)
         except BaseException as exc:
             self._release(res)
-            with self._lock:
-                ep.connect_errors += 1
             if not isinstance(exc, psycopg2.OperationalError):
                 raise  # not the server's fault: a bad option, ^C
-            self._connect_failed(ep, exc, fast=ep.at_once(monotonic() - started))
+            spent = monotonic() - started
+            if spent >= limit and limit < min(ep.grace, opts.connect_timeout) \
+                    and connect_failure(describe_error(exc)) == "down":
+                with self._lock:  # the caller's time ran out first: proof of nothing
+                    self._timeouts += 1
+                    raise self._timeout_error(False, None, head=(
+                        f"the checkout's deadline passed while connecting to {ep.role} "
+                        f"{ep.name} ({limit:.3f}s were left)"))
+            with self._lock:
+                ep.connect_errors += 1
+            self._connect_failed(ep, exc, fast=ep.at_once(spent))
             return None
         try:
             res.raw = raw  # watched from now on: configure() and the baseline may wait for it
@@ -469,12 +492,12 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         log.debug("opened a connection to %s %s (size %d)", ep.role, ep.name, ep.size)
         return rec
 
-    def _precheck(self, ep: Endpoint) -> None:
-        """connect_timeout is finer than libpq can count (0.5 s, 1.5 s): reach the server first
-        with a non-blocking probe that keeps the exact deadline, then connect for real. It costs
-        a second login, and only then; a server that stalls between the two costs libpq's
-        whole-second timeout."""
-        probe = Probe(ep.dsn, monotonic(), self.options.connect_timeout)
+    def _precheck(self, ep: Endpoint, limit: float) -> None:
+        """The connect's bound is finer than libpq can count (connect_timeout=0.5, or a caller
+        with 0.3 s left): reach the server first with a non-blocking probe that keeps the exact
+        bound, then connect for real. It costs a second login, and only then; a server that
+        stalls between the two costs libpq's whole-second timeout."""
+        probe = Probe(ep.dsn, monotonic(), limit)
         wait_for([probe], monotonic)
         if probe.status != OK:
             raise psycopg2.OperationalError(probe.error or "no answer")

@@ -86,7 +86,7 @@ class Probe:
                     self._fail(exc)
                     break
             elif self.waited >= self.timeout:
-                self._finish(FAILED, f"no answer within {self.timeout:g}s")
+                self._finish(FAILED, f"no answer within {round(self.timeout, 2) or self.timeout:g}s")
             elif not self._ready(state):
                 self._wants = state
                 break

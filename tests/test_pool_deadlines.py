@@ -84,15 +84,17 @@ def test_a_ping_to_a_stalled_primary_is_bounded_by_the_checkout_timeout(make_poo
 
 
 def test_a_read_out_of_time_after_a_failed_connect_says_what_happened(make_pool, db):
-    """timeout=0.3 and a connect that fails after 0.5 s (a stalled replica, no connection open
-    to it): the read is out of time. The error said "no replica is up and read_fallback is
-    off" while replica2 and the primary were up and read_fallback was on."""
+    """timeout=0.3 and a connect to a stalled replica (no connection open to it), which gets
+    those 0.3 s of connect_timeout's 0.5: the read is out of time. The error said "no replica is
+    up and read_fallback is off" while replica2 and the primary were up and read_fallback was
+    on."""
     p = make_pool(connect_timeout=0.5, timeout=0.3)  # a fresh pool's first read: replica1
     with stalled(db, "replica1"):
         _, _, error = timed(lambda: p.fetchone(READ, readonly=True))
     assert isinstance(error, pool.EndpointUnavailable), error
     assert "read_fallback is off" not in str(error) and "no replica is up" not in str(error)
-    assert "deadline" in str(error) and "no answer within 0.5s" in str(error), error
+    assert "deadline" in str(error) and "no answer within 0.3s" in str(error), error
+
 
 def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool, db):
     p = make_pool(query_timeout=1.0, connect_timeout=0.5)
@@ -641,6 +643,44 @@ def test_a_ping_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
     finally:
         p.close()
         proxy.close()
+
+
+def test_a_connect_is_bounded_by_the_checkout_timeout_too(db, mode):
+    """A checkout that had to connect waited libpq's connect_timeout whatever its own timeout
+    said: 3 s against a stalled server for a caller with timeout=0.5. The connect now gets what
+    is left of the caller's time, at most connect_timeout, kept exactly (a precheck where
+    libpq's whole seconds would overshoot it); that much unanswered is evidence."""
+    p = pool.Pool(db.dsn("primary"), mode=mode, connect_timeout=3)
+    try:
+        assert state(p, 0) == "up" and p.stats()["size"] == 0  # the checkout has to connect
+        with stalled(db, "primary"):
+            seconds, _, error = timed(lambda: p.connection(timeout=0.5).__enter__())
+            assert isinstance(error, pool.EndpointUnavailable) \
+                and not isinstance(error, pool.PoolTimeout), error
+            assert seconds < 0.5 + 0.5
+            assert state(p, 0) == "down"
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+                   interval=0.05, what="writes after SIGCONT")
+    finally:
+        p.close()
+
+
+def test_a_connect_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
+    """A connect with a few milliseconds of the caller's time left is evidence of nothing, as a
+    ping is: the caller gets a PoolTimeout and the endpoint stays up. (Before connects honoured
+    the caller's timeout, this one waited connect_timeout and ejected the server.)"""
+    p = pool.Pool(db.dsn("primary"), mode=mode, connect_timeout=3)
+    try:
+        with stalled(db, "primary"):
+            seconds, _, error = timed(lambda: p.connection(timeout=0.03).__enter__())
+            assert isinstance(error, pool.PoolTimeout), error  # (less than PROBE_GRACE)
+            assert "while connecting to primary" in str(error), error
+            assert seconds < 0.5
+        assert state(p, 0) == "up" and p.stats()["ejections"] == 0
+        assert p.stats()["connect_errors"] == 0 and p.stats()["timeouts"] == 1
+        assert p.fetchone("SELECT 1") == (1,)
+    finally:
+        p.close()
 
 
 def test_a_dict_cursor_factory_does_not_reach_the_pools_own_statements(make_pool, db):

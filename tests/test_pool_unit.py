@@ -259,8 +259,8 @@ def test_endpoint_config_adds_defaults_and_keeps_user_settings():
     assert primary.name == "db1:5433" and primary.password == SECRET
     assert "target_session_attrs=read-write" in primary.dsn
     assert f"connect_timeout={pool.config.LIBPQ_CONNECT_FLOOR}" in primary.dsn  # whole seconds
-    assert opts.precheck_connect  # ...so the pool enforces the 0.5 s itself
-    assert not Options(connect_timeout=2).precheck_connect
+    assert pool.config.libpq_seconds(0.5) > 0.5 + pool.core.PRECHECK_SLACK  # ...so the pool
+    assert pool.config.libpq_seconds(2) == 2  # enforces the 0.5 s itself; 2 s is libpq's to keep
     assert "keepalives=1" in primary.dsn and "tcp_user_timeout=10000" in primary.dsn
     replica = endpoint_config("host=db2 connect_timeout=7 options='-c work_mem=8MB'", "replica", "r", opts)
     assert replica.name == "db2:5432"
