@@ -551,15 +551,25 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         (Endpoint.to_verify): the server answered, but on a new connection. One ping within a
         probe's grace says whether this session still reaches it; if not, the path to the
         server lost its sessions (a firewall, a NAT), and every other one kept with it is
-        presumed lost too. The server is not ejected: it has just answered."""
+        presumed lost too. The server is not ejected: it has just answered. A ping cut short
+        by the caller's deadline (less time left than the grace) says nothing of the others:
+        the caller gets PoolTimeout, and they stay kept for the next one to verify."""
         ep = rec.endpoint
         if rec.closed_by_server():  # (this one only: say, idle_session_timeout)
             self._discard(rec)
             return False
         generation = ep.generation  # (one that changes during the ping leaves it stale)
-        if rec.ping(max(0.001, min(deadline - monotonic(), ep.grace))):
+        budget = min(deadline - monotonic(), ep.grace)
+        if rec.ping(max(0.001, budget)):
             rec.generation = generation
             return True
+        if rec.raw.timed_out and budget < ep.grace:
+            self._discard(rec)
+            with self._lock:
+                self._timeouts += 1
+                raise self._timeout_error(False, None, head=(
+                    f"the checkout's deadline passed while pinging a connection to {ep.role} "
+                    f"{ep.name} kept through an outage or a suspicion"))
         with self._lock:
             if ep.verifying(rec):
                 ep.verify_until = -1  # the rest are stale now: discarded as they come

@@ -683,6 +683,34 @@ def test_a_connect_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
         p.close()
 
 
+def test_a_kept_sessions_ping_cut_short_by_the_callers_deadline_spares_the_others(db, mode):
+    """Sessions kept through a suspicion are each pinged, within a probe's grace, before they
+    are lent; the first silent one drops the rest. A ping cut short by the caller's own timeout
+    counted as silent too, and dropped sessions that were fine. Now the caller gets a
+    PoolTimeout, and the others stay kept for the next caller to verify."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, query_timeout=5, connect_timeout=1)
+    try:
+        _sessions(p, 4)
+        with pytest.raises(pool.QueryTimeout):  # (not cancelled: the server sees the proxy's port)
+            with p.connection(query_timeout=0.3) as conn:
+                conn.cursor().execute("SELECT pg_sleep(1)")
+        with p.connection():  # re-admitted after the probe; one kept session verified
+            connects = p.stats()["connects"]
+            proxy.freeze()
+            with pytest.raises(pool.PoolTimeout, match="kept through an outage"):
+                with p.connection(timeout=0.03):  # (less than PROBE_GRACE)
+                    pass
+            proxy.forward()
+        with p.connection(), p.connection():  # the verified one, and the last one kept
+            pass
+        assert p.stats()["connects"] == connects, "a session kept and fine was dropped"
+        assert state(p, 0) == "up"
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_a_dict_cursor_factory_does_not_reach_the_pools_own_statements(make_pool, db):
     """The pool's statements ran on the connection's cursor_factory: with RealDictCursor from
     configure() the baseline read column names for values (every reset then failed and each
