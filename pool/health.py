@@ -289,6 +289,11 @@ class Health:
                 return EndpointRefused(
                     f"primary {ep.name} refused the connection (check the user, password, "
                     f"database and pg_hba.conf): {ep.last_error}", ep.name)
+            if ep.state is UP:  # the checkout's time ran out as the connections tried failed
+                return EndpointUnavailable(
+                    f"cannot write: the deadline passed as the connections tried to primary "
+                    f"{ep.name} failed, though it is up "
+                    f"[{'; '.join(e.describe(now) for e in self._endpoints)}]", ep.name)
             return EndpointUnavailable(
                 f"primary {ep.name} is down (for {now - ep.down_since:.1f}s; next probe in "
                 f"{max(0.0, ep.retry_at - now):.1f}s); last error: {ep.last_error}", ep.name)

@@ -96,6 +96,17 @@ def test_a_read_out_of_time_after_a_failed_connect_says_what_happened(make_pool,
     assert "deadline" in str(error) and "no answer within 0.3s" in str(error), error
 
 
+def test_a_write_out_of_time_with_the_primary_up_does_not_say_it_is_down(make_pool, db):
+    """A write whose deadline passed as the connections tried failed (kept sessions that a
+    firewall forgot, say) while the primary was up: the error said "primary ... is down (for
+    0.1s ...)", with the time since some earlier outage."""
+    p = make_pool(replicas=())
+    p.fetchone("SELECT 1")
+    with p._lock:
+        error = p._unavailable(False)
+    assert "is down" not in str(error) and "deadline passed" in str(error), error
+    assert f"[primary {p.stats()['endpoints'][0]['name']} up " in str(error), error
+
 def test_a_write_to_a_stalled_primary_fails_at_query_timeout_then_fast(make_pool, db):
     p = make_pool(query_timeout=1.0, connect_timeout=0.5)
     p.fetchone("SELECT 1")
