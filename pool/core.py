@@ -450,7 +450,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if seconds - limit > PRECHECK_SLACK:
                 self._precheck(ep, limit)
             login = monotonic()
-            raw = connect(ep.dsn, ep.name, opts.query_timeout,
+            raw = connect(ep.dsn, ep.name, opts.query_timeout, max(0.001, limit - (login - started)),
                           None if seconds == opts.libpq_connect_timeout else seconds)
             ep.logged_in(monotonic() - login)
         except BaseException as exc:

@@ -1,8 +1,9 @@
 """A non-blocking connection attempt (and, optionally, one query) that says whether a server is
 back, and what it is.
 
-Probes use libpq's asynchronous connect (``psycopg2.connect(async_=True)``) and are advanced with
-``step()``, which never blocks. That lets one mechanism serve both modes: the threaded pool's
+Probes use libpq's asynchronous connect (``psycopg2.connect(async_=True)``), after a host name
+lookup with a deadline of its own (resolve.py), and are advanced with ``step()``, which never
+blocks. That lets one mechanism serve both modes: the threaded pool's
 housekeeping thread steps probes, and a process-mode pool steps them on checkout, so a request
 never waits on a dead server's connect timeout. The probe uses the endpoint's own DSN, so for
 the primary libpq also checks that the server accepts writes.
@@ -24,12 +25,14 @@ which nothing has arrived counts in full, so a stalled server still spends the g
 from __future__ import annotations
 
 import select
+import time
 from typing import Any, Callable, Sequence
 
 import psycopg2
 import psycopg2.extensions as ext
 
 from .connection import abandon, connect_failure, describe_error
+from .resolve import STEP, Resolution
 
 PENDING, OK, FAILED, REFUSED, STANDBY = "pending", "ok", "failed", "refused", "standby"
 ATTENDED = 0.1  # steps further apart than this count as this much waiting, no more
@@ -39,7 +42,7 @@ PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the 
 
 class Probe:
     __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
-                 "awaited", "leased", "_conn", "_wants", "_query", "_cur")
+                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn", "_resolution")
 
     def __init__(self, dsn: str, now: float, timeout: float,
                  query: str | Callable[[], str] | None = None) -> None:
@@ -56,11 +59,24 @@ class Probe:
         self._cur: Any = None
         self._query = query
         self._wants = ext.POLL_WRITE
+        self._dsn = dsn
+        self._resolution: Resolution | None = Resolution(dsn, now, timeout)
+        self._connect(now)
+
+    def _connect(self, now: float) -> None:
+        """Start the connect once the host name is resolved (or has waited long enough)."""
+        resolution = self._resolution
+        if resolution is None or not resolution.settled(now):
+            return
+        self._resolution = None
         try:
-            # libpq resolves the host name here, synchronously; the rest is non-blocking.
-            self._conn = psycopg2.connect(dsn, async_=True)
+            conn = psycopg2.connect(self._dsn, async_=True, **resolution.params())
         except psycopg2.Error as exc:
             self._fail(exc)
+            return
+        self._conn = conn
+        if self.status != PENDING:  # cancelled by close() from another thread meanwhile
+            self._finish(self.status, self.error)
 
     def step(self, now: float) -> str:
         """Advance the handshake (and the query) as far as it goes without waiting."""
@@ -72,7 +88,12 @@ class Probe:
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
             if conn is None:
-                break
+                if self._resolution is None:
+                    break
+                self._connect(now)  # (still looking its host up: nothing to poll yet)
+                if self._conn is None:
+                    break
+                continue
             try:
                 state = conn.poll()
             except psycopg2.Error as exc:
@@ -147,6 +168,7 @@ class Probe:
 
     def _finish(self, status: str, error: str | None) -> None:
         self.status, self.error = status, error
+        self._resolution = None
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -182,14 +204,21 @@ class Monitor(Probe):
 
 
 def wait_any(probes: Sequence[Probe], timeout: float) -> None:
-    """Sleep until one of the pending probes' sockets is ready, or for at most `timeout`."""
+    """Sleep until one of the pending probes' sockets is ready, or for at most `timeout` (a
+    probe still looking its host up has no socket: then for a few ms at a time)."""
     reads, writes = [], []
+    resolving = False
     for p in probes:
         if p.status == PENDING and p._conn is not None:
             fd, wants_read = p.fileno_and_events()
             (reads if wants_read else writes).append(fd)
+        elif p.status == PENDING and p._resolution is not None:
+            resolving = True
+    timeout = max(0.0, min(timeout, STEP if resolving else ATTENDED))
     if reads or writes:
-        select.select(reads, writes, [], max(0.0, min(timeout, ATTENDED)))
+        select.select(reads, writes, [], timeout)
+    elif resolving:
+        time.sleep(timeout)
 
 
 def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -> None:

@@ -7,12 +7,13 @@ against real servers in test_pool_*.py.
 from __future__ import annotations
 
 import collections
+import socket
+import time
 
 import pytest
 
-import socket
-
 import pool
+import pool.resolve
 from pool.balance import LeastBusy, RoundRobin, make_balancer, pick_random
 from pool.config import (Options, Redactor, endpoint_config, endpoint_configs,
                          options_from_env)
@@ -345,3 +346,20 @@ def test_locust_is_never_imported_into_pytest():
     """`import locust` monkey-patches threads and sockets with gevent: it runs as a subprocess."""
     import sys
     assert "locust" not in sys.modules and "gevent" not in sys.modules
+
+
+@pytest.mark.parametrize("dsn, host", [
+    ("host=db1 port=5432 dbname=app", "db1"),
+    ("postgresql://app:secret@db1.example:5433/app", "db1.example"),
+    ("host=127.0.0.1 port=5432", None),
+    ("host=::1", None),
+    ("host=/var/run/postgresql", None),
+    ("host=db1 hostaddr=10.0.0.1", None),
+    ("dbname=app", None),
+])
+def test_the_pool_looks_up_only_the_names_libpq_would_look_up(dsn, host):
+    """resolve.py bounds host name lookups; addresses, sockets and a hostaddr are libpq's."""
+    assert pool.resolve._host_to_look_up(dsn) == host
+    if host is None:
+        resolution = pool.resolve.Resolution(dsn, time.monotonic(), 1.0)
+        assert resolution.settled(time.monotonic()) and resolution.params() == {}

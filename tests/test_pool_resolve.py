@@ -1,0 +1,107 @@
+"""A name server that stalls must not hold the pool (pool/resolve.py): real PostgreSQL, and a
+real name server (dnsmasq) SIGSTOPped, as an overloaded cluster DNS or a firewall dropping its
+packets would leave it.
+
+libpq looks a host name up with getaddrinfo() before its connect_timeout counts, and the C
+library waits 5 s an attempt, twice. Each test runs its pool in a child process with a mount
+namespace of its own, where /etc/resolv.conf names a dnsmasq on 127.0.0.77 that answers for
+db.pooltest; the machine's resolver is never touched. Needs root (unshare, mount) and dnsmasq
+(CI installs dnsmasq-base). The bounds only prove "no hang", not a latency target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from conftest import require
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
+
+DNS_ADDRESS = "127.0.0.77"
+NAME = "db.pooltest"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def nameserver(tmp_path_factory):
+    dnsmasq = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq")
+                                          else None)
+    if dnsmasq is None:
+        require("dnsmasq not installed (apt-get install dnsmasq-base)")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        require("a private /etc/resolv.conf needs root and unshare(1)")
+    if _listening():
+        pytest.fail(f"{DNS_ADDRESS}:53 is taken by another process: the tests need their own")
+    where = tmp_path_factory.mktemp("dns")
+    resolv = where / "resolv.conf"
+    resolv.write_text(f"nameserver {DNS_ADDRESS}\n")  # the C library's defaults: 5 s, 2 attempts
+    proc = subprocess.Popen([dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                             f"--listen-address={DNS_ADDRESS}", "--bind-interfaces", "--port=53",
+                             f"--address=/{NAME}/127.0.0.1", f"--pid-file={where / 'pid'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not _listening():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"dnsmasq did not start: {proc.stderr.read().decode(errors='replace')}")
+        time.sleep(0.05)
+    assert proc.poll() is None, "dnsmasq exited"
+    yield types.SimpleNamespace(pid=proc.pid, resolv=str(resolv))
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.kill()
+    proc.wait()
+
+
+def _listening() -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((DNS_ADDRESS, 53))
+        except OSError:
+            return True  # taken: dnsmasq has it
+    return False
+
+
+def run_child(nameserver, db, scenario: str, mode: str) -> dict:
+    dsn = db.dsn("primary").replace("host=127.0.0.1", f"host={NAME}")
+    assert f"host={NAME}" in dsn
+    env = dict(os.environ, POOL_TEST_DSN=dsn, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    script = os.path.join(HERE, "resolvechild.py")
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+         nameserver.resolv, sys.executable, script, scenario, mode, str(nameserver.pid)],
+        env=env, capture_output=True, text=True, timeout=150)
+    os.kill(nameserver.pid, signal.SIGCONT)  # (whatever the child did)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_stalled_name_server_holds_no_pool_start_and_no_write(nameserver, db, mode):
+    """The name server stalls before the pool ever had an answer. The pool's start (its first
+    probe) and the first write each waited the C library's 10 s; now a start waits a probe's
+    connect_timeout at most, the write fails as fast as for a server that is down, naming the
+    lookup, and the pool writes again once the name server answers."""
+    r = run_child(nameserver, db, "first_lookup_stalled", mode)
+    assert r["built_s"] < 2.0, r
+    assert r["write_s"] < 2.0 and "EndpointUnavailable" in (r["write_error"] or ""), r
+    assert r["state"] == "down" and f'could not translate host name "{NAME}"' in r["last_error"], r
+    assert r["lookups"] == 1, r  # one thread waits on the silent name server, not one an attempt
+    assert 0 <= r["back_s"] < 15, r
+
+
+def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mode):
+    """The name server stalls after the pool had an answer (no longer fresh). A new connection
+    waited 10 s for the lookup, and so did a new pool's start; now each waits STALE_AFTER and
+    takes the last answer, as a resolver serves stale data when its upstream is down."""
+    r = run_child(nameserver, db, "later_lookup_stalled", mode)
+    assert r["connect_error"] is None and r["connect_s"] < 1.0, r
+    assert r["built_error"] is None and r["built_s"] < 1.0 and r["state"] == "up", r
