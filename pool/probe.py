@@ -25,7 +25,6 @@ which nothing has arrived counts in full, so a stalled server still spends the g
 from __future__ import annotations
 
 import select
-import time
 from typing import Any, Callable, Sequence
 
 import psycopg2
@@ -61,6 +60,9 @@ class Probe:
         self._wants = ext.POLL_WRITE
         self._dsn = dsn
         self._resolution: Resolution | None = Resolution(dsn, now, timeout)
+        # A lookup that answers within a few ms (a local or cluster resolver usually does) lets
+        # the connect start now: in process mode the next step may be a request away.
+        self._resolution.wait(STEP)
         self._connect(now)
 
     def _connect(self, now: float) -> None:
@@ -207,18 +209,17 @@ def wait_any(probes: Sequence[Probe], timeout: float) -> None:
     """Sleep until one of the pending probes' sockets is ready, or for at most `timeout` (a
     probe still looking its host up has no socket: then for a few ms at a time)."""
     reads, writes = [], []
-    resolving = False
+    resolving = None
     for p in probes:
         if p.status == PENDING and p._conn is not None:
             fd, wants_read = p.fileno_and_events()
             (reads if wants_read else writes).append(fd)
         elif p.status == PENDING and p._resolution is not None:
-            resolving = True
-    timeout = max(0.0, min(timeout, STEP if resolving else ATTENDED))
+            resolving = p._resolution
     if reads or writes:
-        select.select(reads, writes, [], timeout)
-    elif resolving:
-        time.sleep(timeout)
+        select.select(reads, writes, [], max(0.0, min(timeout, STEP if resolving else ATTENDED)))
+    elif resolving is not None:
+        resolving.wait(max(0.0, min(timeout, ATTENDED)))  # (wakes as its lookup answers)
 
 
 def wait_for(probes: Sequence[Probe], clock: Any, until: float = float("inf")) -> None:

@@ -26,6 +26,7 @@ takes no pool lock and touches no pool state, only the answers kept here.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import threading
@@ -35,9 +36,12 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
+log = logging.getLogger("pool")
+
 FRESH = 1.0  # seconds an answer is used as it is; after that an attempt asks again
 STALE_AFTER = 0.1  # seconds an attempt waits for a new answer before it takes the last one
-STEP = 0.005  # how often a waiting prober looks at a lookup in progress (it has no socket)
+STEP = 0.005  # a prober waits on a lookup this long at a time: a new probe before it steps on
+#               (a local resolver has answered by then), a wait on several probes between looks
 
 # host -> (when answered, addresses). Shared by every pool of the process; plain dict operations
 # (atomic under the GIL) are all that touch it, from lookup threads and pools alike.
@@ -50,14 +54,28 @@ class _Lookup:
     """One ``getaddrinfo()`` on a thread of its own. Sets ``done`` when it returns; a stalled
     name server keeps the thread (a daemon) until the resolver gives up, and nobody waits."""
 
-    __slots__ = ("host", "done", "error")
+    __slots__ = ("host", "done", "error", "started", "warned")
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.done = threading.Event()
         self.error: str | None = None
+        self.started = time.monotonic()
+        self.warned = False  # (an attempt that took the last answer instead has said so)
         _IN_FLIGHT[host] = self  # (before the thread starts: it may end at once)
-        threading.Thread(target=self._run, name=f"pool-resolve {host}", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name=f"pool-resolve {host}", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: this lookup failed
+            self.error = f"could not start a lookup: {exc}"
+            self._done()
+        except BaseException:  # (^C): never leave a lookup in flight that nobody runs
+            self._done()
+            raise
+
+    def _done(self) -> None:
+        if _IN_FLIGHT.get(self.host) is self:
+            del _IN_FLIGHT[self.host]
+        self.done.set()
 
     def _run(self) -> None:
         try:
@@ -70,9 +88,7 @@ class _Lookup:
             if getattr(exc, "errno", None) != socket.EAI_AGAIN:  # no such name: forget it
                 _ANSWERS.pop(self.host, None)  # (a temporary failure keeps it for a stall)
         finally:
-            if _IN_FLIGHT.get(self.host) is self:
-                del _IN_FLIGHT[self.host]
-            self.done.set()
+            self._done()
 
 
 class Resolution:
@@ -101,10 +117,11 @@ class Resolution:
         lookup = self._lookup
         return lookup is None or lookup.done.is_set() or now - self.started >= self._patience
 
-    def wait(self) -> None:
+    def wait(self, timeout: float = float("inf")) -> None:
+        """Block until settled, or for ``timeout`` seconds at most."""
         lookup = self._lookup
         if lookup is not None:
-            lookup.done.wait(max(0.0, self.started + self._patience - time.monotonic()))
+            lookup.done.wait(max(0.0, min(timeout, self.started + self._patience - time.monotonic())))
 
     def params(self) -> dict[str, str]:
         """What to add to the DSN: every address, the name kept as ``host``. Raises
@@ -120,6 +137,11 @@ class Resolution:
             raise psycopg2.OperationalError(
                 f'could not translate host name "{self.host}" to address: {why}')
         addresses = answer[1]
+        if lookup is not None and not lookup.done.is_set() and not lookup.warned:
+            lookup.warned = True
+            log.warning('the name server has not answered for %.1fs about "%s": connecting to its '
+                        'last known address%s, %s', time.monotonic() - lookup.started, self.host,
+                        "es" if len(addresses) > 1 else "", ", ".join(addresses))
         return {"host": ",".join([self.host] * len(addresses)), "hostaddr": ",".join(addresses)}
 
 

@@ -8,6 +8,7 @@ comes in the environment (POOL_TEST_DSN), never on the command line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -59,6 +60,10 @@ def first_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
 def later_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
     """The name server stalls after the pool had an answer that is no longer fresh: a new
     connection, a probe and a pool's start all take the last answer."""
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("pool").addHandler(handler)
     p = pool.Pool(dsn, mode=mode, connect_timeout=0.5)
     p.fetchone("SELECT 1")
     time.sleep(FRESH + 0.2)
@@ -73,7 +78,8 @@ def later_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
     finally:
         os.kill(dns, signal.SIGCONT)
     return dict(connect_s=connect_s, connect_error=connect_error, built_s=built_s,
-                built_error=built_error, state=state)
+                built_error=built_error, state=state,
+                warnings=[m for m in said if "has not answered" in m])
 
 
 if __name__ == "__main__":

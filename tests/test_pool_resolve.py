@@ -105,3 +105,4 @@ def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mod
     r = run_child(nameserver, db, "later_lookup_stalled", mode)
     assert r["connect_error"] is None and r["connect_s"] < 1.0, r
     assert r["built_error"] is None and r["built_s"] < 1.0 and r["state"] == "up", r
+    assert len(r["warnings"]) == 1 and "127.0.0.1" in r["warnings"][0], r  # said once a stall
