@@ -26,7 +26,6 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from .errors import PoolError, QueryTimeout
-from .resolve import Resolution
 from .session import Baseline, base_cursor, make_read_only, own_statement, set_autocommit, timed_call
 
 
@@ -356,16 +355,13 @@ def abandon(raw: Any) -> None:
     _ABANDONED.append(raw)
 
 
-def connect(dsn: str, label: str, query_timeout: float | None, bound: float,
+def connect(dsn: str, label: str, query_timeout: float | None, params: dict[str, str],
             connect_timeout: int | None = None) -> PoolConnection:
-    """A new session (blocking). The host name lookup waits ``bound`` seconds at most
-    (resolve.py); libpq's connect_timeout bounds the rest: the DSN's, or the one given, in whole
-    seconds. Raises OperationalError."""
-    resolution = Resolution(dsn, time.monotonic(), bound)
-    resolution.wait()
-    params = resolution.params()
+    """A new session (blocking; libpq's connect_timeout bounds it: the DSN's, or the one given,
+    in whole seconds). ``params``: the host's addresses, looked up already (resolve.py). Raises
+    OperationalError."""
     if connect_timeout is not None:
-        params["connect_timeout"] = str(connect_timeout)
+        params = dict(params, connect_timeout=str(connect_timeout))
     raw = psycopg2.connect(dsn, connection_factory=PoolConnection, **params)
     raw.opened_at = time.monotonic()  # its server process started before this
     raw.backend_pid = raw.info.backend_pid

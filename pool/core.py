@@ -51,6 +51,7 @@ from . import lag, monitor
 from .config import (PRIMARY, EndpointSpec, Options, Redactor, endpoint_configs, libpq_seconds,
                      node_configs, options_from_env)
 from .connection import RAN, PooledConnection, connect, connect_failure, describe_error
+from .resolve import Resolution
 from .endpoint import Endpoint, Reservation
 from .errors import EndpointUnavailable, PoolError
 from .health import Health
@@ -443,14 +444,19 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         ep = res.endpoint
         opts = self.options
         self._start_housekeeping()  # connections now exist: they will need looking after
-        started = monotonic()
+        started = served = monotonic()
         limit = max(0.001, min(opts.connect_timeout, deadline - started))
         try:
-            seconds = libpq_seconds(limit)
-            if seconds - limit > PRECHECK_SLACK:
-                self._precheck(ep, limit)
+            resolution = Resolution(ep.dsn, started, limit)  # the host's addresses (resolve.py)
+            resolution.wait()
+            params = resolution.params()
+            served = monotonic()  # the server's share of the attempt starts here
+            rest = max(0.001, limit - (served - started))
+            seconds = libpq_seconds(rest)
+            if seconds - rest > PRECHECK_SLACK:
+                self._precheck(ep, rest, params)
             login = monotonic()
-            raw = connect(ep.dsn, ep.name, opts.query_timeout, max(0.001, limit - (login - started)),
+            raw = connect(ep.dsn, ep.name, opts.query_timeout, params,
                           None if seconds == opts.libpq_connect_timeout else seconds)
             ep.logged_in(monotonic() - login)
         except BaseException as exc:
@@ -458,13 +464,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if not isinstance(exc, psycopg2.OperationalError):
                 raise  # not the server's fault: a bad option, ^C
             spent = monotonic() - started
-            if spent >= limit and limit < min(ep.grace, opts.connect_timeout) \
+            share = limit - (served - started)  # the server's, or the lookup's if it failed
+            if spent >= limit and share < min(ep.grace, opts.connect_timeout) \
                     and connect_failure(describe_error(exc)) == "down":
                 with self._lock:  # the caller's time ran out first: proof of nothing
                     self._timeouts += 1
                     raise self._timeout_error(False, None, head=(
                         f"the checkout's deadline passed while connecting to {ep.role} "
-                        f"{ep.name} ({limit:.3f}s were left)"))
+                        f"{ep.name} ({limit:.3f}s were left"
+                        f"{f', {share:.3f}s after the name lookup' if share < limit else ''})"))
             with self._lock:
                 ep.connect_errors += 1
             self._connect_failed(ep, exc, fast=ep.at_once(spent))
@@ -492,15 +500,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         log.debug("opened a connection to %s %s (size %d)", ep.role, ep.name, ep.size)
         return rec
 
-    def _precheck(self, ep: Endpoint, limit: float) -> None:
+    def _precheck(self, ep: Endpoint, limit: float, params: dict[str, str]) -> None:
         """The connect's bound is finer than libpq can count (connect_timeout=0.5, or a caller
         with 0.3 s left): reach the server first with a non-blocking probe that keeps the exact
         bound, then connect for real. It costs a second login, and only then; a server that
         stalls between the two costs libpq's whole-second timeout."""
-        probe = Probe(ep.dsn, monotonic(), limit)
+        probe = Probe(ep.dsn, monotonic(), limit, params=params)
         wait_for([probe], monotonic)
         if probe.status != OK:
-            raise psycopg2.OperationalError(probe.error or "no answer")
+            raise psycopg2.OperationalError(probe.reason or "no answer")
 
     def _is_usable(self, rec: PooledConnection, now: float, deadline: float) -> bool:
         """Cheap local checks always; a socket check or a ping only after idling a while.

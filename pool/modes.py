@@ -232,7 +232,8 @@ class ProcessPool(Pool):
             young = [ep for ep in self._endpoints if ep.awaiting_probe(now) and ep.probe is not None]
             if young:
                 wait_for([ep.probe for ep in young], monotonic,
-                         until=max(ep.probe.started + ep.grace for ep in young))
+                         until=max(min(ep.probe.due(ep.grace), ep.probe.started + PROBE_GRACE_MAX)
+                                   for ep in young))
                 self._housekeep_now(monotonic())  # re-admits those that answered
         finally:
             self._probing = False

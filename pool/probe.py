@@ -41,11 +41,14 @@ PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the 
 
 class Probe:
     __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
-                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn", "_resolution")
+                 "awaited", "leased", "connecting", "_conn", "_wants", "_query", "_cur", "_dsn",
+                 "_resolution")
 
     def __init__(self, dsn: str, now: float, timeout: float,
-                 query: str | Callable[[], str] | None = None) -> None:
-        """``query``, if any, is sent once connected (a callable: built then, not now)."""
+                 query: str | Callable[[], str] | None = None,
+                 params: dict[str, str] | None = None) -> None:
+        """``query``, if any, is sent once connected (a callable: built then, not now).
+        ``params``: the host's addresses if the caller looked them up already (resolve.py)."""
         self.started = self.stepped = now
         self.timeout = timeout
         self.waited = self.silence = 0.0  # seconds, towards the deadline and towards the grace
@@ -59,20 +62,28 @@ class Probe:
         self._query = query
         self._wants = ext.POLL_WRITE
         self._dsn = dsn
-        self._resolution: Resolution | None = Resolution(dsn, now, timeout)
-        # A lookup that answers within a few ms (a local or cluster resolver usually does) lets
-        # the connect start now: in process mode the next step may be a request away.
-        self._resolution.wait(STEP)
-        self._connect(now)
+        self.connecting = now  # when the connect started (after the host name lookup)
+        self._resolution: Resolution | None = None
+        if params is None:
+            self._resolution = Resolution(dsn, now, timeout)
+            # A lookup that answers within a few ms (a local or cluster resolver usually does)
+            # lets the connect start now: in process mode the next step may be a request away.
+            self._resolution.wait(STEP)
+        self._connect(now, params)
 
-    def _connect(self, now: float) -> None:
+    def _connect(self, now: float, params: dict[str, str] | None = None) -> None:
         """Start the connect once the host name is resolved (or has waited long enough)."""
         resolution = self._resolution
-        if resolution is None or not resolution.settled(now):
+        if resolution is not None:
+            if not resolution.settled(now):
+                return
+            self._resolution = None
+        elif params is None:  # (close() cancelled it from another thread meanwhile)
             return
-        self._resolution = None
+        self.connecting = now
         try:
-            conn = psycopg2.connect(self._dsn, async_=True, **resolution.params())
+            conn = psycopg2.connect(self._dsn, async_=True,
+                                    **(params if resolution is None else resolution.params()))
         except psycopg2.Error as exc:
             self._fail(exc)
             return
@@ -84,8 +95,9 @@ class Probe:
         """Advance the handshake (and the query) as far as it goes without waiting."""
         gap = max(0.0, now - self.stepped)
         self.waited += min(gap, ATTENDED)
-        late = gap > PROMPT and self.status == PENDING and self._ready(self._wants)
-        self.silence += PROMPT if late else gap
+        if self._resolution is None:  # (a name server's silence is not the server's)
+            late = gap > PROMPT and self.status == PENDING and self._ready(self._wants)
+            self.silence += PROMPT if late else gap
         self.stepped = now
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
@@ -147,6 +159,19 @@ class Probe:
     def fileno_and_events(self) -> tuple[int, bool]:
         """The socket and whether the probe waits to read (True) or to write (False)."""
         return self._conn.fileno(), self._wants == ext.POLL_READ
+
+    def due(self, grace: float) -> float:
+        """When a server that is fine has answered: ``grace`` after the connect started, which
+        waits for the host name lookup first (resolve.py: at most STALE_AFTER if the name has
+        an earlier answer)."""
+        resolution = self._resolution
+        return (self.connecting if resolution is None else resolution.settles_by()) + grace
+
+    @property
+    def reason(self) -> str | None:
+        """The error without its class name (to raise it again as one)."""
+        error = self.error
+        return error.split(": ", 1)[1] if error and error.startswith("OperationalError: ") else error
 
     @property
     def remaining(self) -> float:

@@ -10,13 +10,15 @@ longer than the attempt's own bound, and hands libpq the addresses (``hostaddr``
 kept for TLS and ``.pgpass``), all of them, in the resolver's order, as libpq would try them.
 
 An answer is reused for ``FRESH`` seconds; after that each attempt asks again, so a name that a
-failover moved is followed as libpq would follow it. While the name server answers, whatever it
-says (an address, no such name, a failure) is what libpq would have got. Only its silence
-changes anything: an attempt that has waited ``STALE_AFTER`` for a lookup still unanswered
-takes the name's last answer, as resolvers serve stale data when their upstream is down (RFC
-8767); with no earlier answer, it fails at its bound as an unreachable server would. IP
-addresses, Unix sockets and a ``hostaddr`` given in the DSN are libpq's to handle, as before (it
-does no lookup for them).
+failover moved is followed as libpq would follow it. An answer, addresses or "no such name", is
+final, as it is for libpq. A name server that fails (a temporary failure: down, refusing, its
+resolver's own timeout) or is silent (a lookup ``STALE_AFTER`` unanswered, or for half the
+attempt's bound) is not an answer: attempts take the name's last answer, as resolvers serve
+stale data when their upstream is down (RFC 8767), and say so once at WARNING; with no earlier
+answer, an attempt fails as an unreachable server would, at its bound if the name server is
+silent. So a name server slower than ``STALE_AFTER`` counts as silent. IP addresses, Unix
+sockets and a ``hostaddr`` given in the DSN (or ``PGHOSTADDR``) are libpq's to handle, as before
+(it does no lookup for them); a name from ``PGHOST`` is looked up like one in the DSN.
 
 In process mode the lookup threads are, with the watchdog, the exceptions to "no thread", for
 the same reason: nothing else bounds a blocking C call. Each lives for one ``getaddrinfo()``,
@@ -48,18 +50,23 @@ STEP = 0.005  # a prober waits on a lookup this long at a time: a new probe befo
 _ANSWERS: dict[str, tuple[float, list[str]]] = {}
 _IN_FLIGHT: dict[str, "_Lookup"] = {}
 _HOSTS: dict[str, str | None] = {}  # dsn -> the name to look up, or None (libpq's business)
+# getaddrinfo()'s "the name has no address": the name server's answer. Anything else (a
+# temporary failure, the resolver's own timeout) is a failure to answer.
+_NO_SUCH_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+                 if hasattr(socket, name)}
 
 
 class _Lookup:
     """One ``getaddrinfo()`` on a thread of its own. Sets ``done`` when it returns; a stalled
     name server keeps the thread (a daemon) until the resolver gives up, and nobody waits."""
 
-    __slots__ = ("host", "done", "error", "started", "warned")
+    __slots__ = ("host", "done", "error", "final", "started", "warned")
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.done = threading.Event()
         self.error: str | None = None
+        self.final = False  # the error is the name server's word (no such name), not a failure
         self.started = time.monotonic()
         self.warned = False  # (an attempt that took the last answer instead has said so)
         _IN_FLIGHT[host] = self  # (before the thread starts: it may end at once)
@@ -85,8 +92,9 @@ class _Lookup:
                 _ANSWERS[self.host] = (time.monotonic(), addresses)
         except (OSError, UnicodeError) as exc:
             self.error = str(exc.args[-1] if exc.args else exc)
-            if getattr(exc, "errno", None) != socket.EAI_AGAIN:  # no such name: forget it
-                _ANSWERS.pop(self.host, None)  # (a temporary failure keeps it for a stall)
+            if getattr(exc, "errno", None) in _NO_SUCH_NAME:  # the name is gone: forget it
+                self.final = True
+                _ANSWERS.pop(self.host, None)
         finally:
             self._done()
 
@@ -107,21 +115,31 @@ class Resolution:
                 lookup = _IN_FLIGHT.get(self.host)
                 self._lookup = lookup if lookup is not None else _Lookup(self.host)
 
-    @property
-    def _patience(self) -> float:
-        """How long to wait for the lookup: a bit if an older answer can stand in, else all."""
-        return min(STALE_AFTER, self.bound) if self.host in _ANSWERS else self.bound
+    def _until(self, lookup: _Lookup) -> float:
+        """When to stop waiting for the lookup: at the attempt's bound; or, if an older answer
+        can stand in, once the lookup has gone STALE_AFTER unanswered (an attempt that joins a
+        lookup already that late takes the older answer at once), and before half the bound
+        is spent (the server gets the other half)."""
+        until = self.started + self.bound
+        if self.host in _ANSWERS:
+            until = min(until - self.bound / 2, lookup.started + STALE_AFTER)
+        return until
+
+    def settles_by(self) -> float:
+        """When the attempt goes on at the latest (now, if it may already)."""
+        lookup = self._lookup
+        return self.started if lookup is None or lookup.done.is_set() else self._until(lookup)
 
     def settled(self, now: float) -> bool:
         """May the attempt go on: the lookup answered, or it has been waited for long enough?"""
         lookup = self._lookup
-        return lookup is None or lookup.done.is_set() or now - self.started >= self._patience
+        return lookup is None or lookup.done.is_set() or now >= self._until(lookup)
 
     def wait(self, timeout: float = float("inf")) -> None:
         """Block until settled, or for ``timeout`` seconds at most."""
         lookup = self._lookup
         if lookup is not None:
-            lookup.done.wait(max(0.0, min(timeout, self.started + self._patience - time.monotonic())))
+            lookup.done.wait(max(0.0, min(timeout, self._until(lookup) - time.monotonic())))
 
     def params(self) -> dict[str, str]:
         """What to add to the DSN: every address, the name kept as ``host``. Raises
@@ -129,19 +147,20 @@ class Resolution:
         if self.host is None:
             return {}
         lookup = self._lookup
-        failed = lookup is not None and lookup.done.is_set() and lookup.error is not None
-        answer = None if failed else _ANSWERS.get(self.host)
+        answered = lookup is None or lookup.done.is_set() and lookup.error is None
+        answer = None if lookup is not None and lookup.final else _ANSWERS.get(self.host)
         if answer is None:
-            why = lookup.error if failed else \
-                f"no answer from the name server within {round(self.bound, 2) or self.bound:g}s"
+            why = lookup.error if lookup is not None and lookup.done.is_set() and lookup.error \
+                else f"no answer from the name server within {round(self.bound, 2) or self.bound:g}s"
             raise psycopg2.OperationalError(
                 f'could not translate host name "{self.host}" to address: {why}')
         addresses = answer[1]
-        if lookup is not None and not lookup.done.is_set() and not lookup.warned:
+        if not answered and not lookup.warned:  # silent, or failing: the last answer stands in
             lookup.warned = True
-            log.warning('the name server has not answered for %.1fs about "%s": connecting to its '
-                        'last known address%s, %s', time.monotonic() - lookup.started, self.host,
-                        "es" if len(addresses) > 1 else "", ", ".join(addresses))
+            log.warning('the name server %s about "%s": connecting to its last known address%s, %s',
+                        f"failed ({lookup.error})" if lookup.done.is_set() else
+                        f"has not answered for {time.monotonic() - lookup.started:.1f}s",
+                        self.host, "es" if len(addresses) > 1 else "", ", ".join(addresses))
         return {"host": ",".join([self.host] * len(addresses)), "hostaddr": ",".join(addresses)}
 
 
@@ -156,9 +175,9 @@ def _host_to_look_up(dsn: str) -> str | None:
         params: dict[str, Any] = parse_dsn(dsn)
     except psycopg2.Error:
         params = {}  # (libpq will say what is wrong with it)
-    host = params.get("host") or None
-    if host is not None and (params.get("hostaddr") or "," in host or host[0] in "/@"
-                             or _is_address(host)):
+    host = params.get("host") or os.environ.get("PGHOST") or None
+    if host is not None and (params.get("hostaddr") or os.environ.get("PGHOSTADDR")
+                             or "," in host or host[0] in "/@" or _is_address(host)):
         host = None
     if len(_HOSTS) > 256:
         _HOSTS.clear()

@@ -7,15 +7,18 @@ comes in the environment (POOL_TEST_DSN), never on the command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 import pool
+from native.cluster import _descendants
 from pool.resolve import FRESH
 
 monotonic = time.monotonic
@@ -80,6 +83,90 @@ def later_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
     return dict(connect_s=connect_s, connect_error=connect_error, built_s=built_s,
                 built_error=built_error, state=state,
                 warnings=[m for m in said if "has not answered" in m])
+
+
+def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
+    """After the pool had an answer (no longer fresh), the name server stalls, then fails
+    (nothing listens at the address resolv.conf names: a temporary failure at once). Callers
+    with little time left, a false alarm on a healthy server, and a server that stalls too must
+    all come out as they would with the name server answering."""
+    p = pool.Pool(dsn, mode=mode, connect_timeout=0.5, query_timeout=5)
+    with contextlib.ExitStack() as held:  # three sessions, idle afterwards
+        for _ in range(3):
+            held.enter_context(p.connection())
+    r: dict = {}
+    p._endpoints[0].login_s = 0.005  # logins seen fast: a probe's grace at its floor, 50 ms
+    time.sleep(FRESH + 0.2)
+    os.kill(dns, signal.SIGSTOP)
+    try:
+        with contextlib.ExitStack() as held:  # the idle ones lent: the next one has to connect
+            for _ in range(3):
+                held.enter_context(p.connection())
+            r["short_s"], _, r["short_error"] = timed(
+                lambda: p.connection(timeout=0.08).__enter__().cursor().execute("SELECT 1"))
+        idle_before = p.stats()["idle"]
+        def slow_report():  # a false alarm: QueryTimeout expected
+            with p.connection(query_timeout=0.3) as conn:
+                conn.cursor().execute("SELECT pg_sleep(1)")
+        r["alarm_error"] = timed(slow_report)[2]
+        _, _, r["after_alarm_error"] = timed(lambda: p.fetchone("SELECT 1"))
+        r["idle_before"], r["idle_after"] = idle_before, p.stats()["idle"]
+        other = pool.Pool(dsn, mode=mode, connect_timeout=3)  # (the last answer: no session)
+        stopped = stall_server(os.environ["POOL_TEST_DATADIR"])
+        try:
+            r["held_s"], _, r["held_error"] = timed(
+                lambda: other.connection(timeout=1.95).__enter__())
+        finally:
+            resume_server(stopped)
+    finally:
+        os.kill(dns, signal.SIGCONT)
+    r["ejections_before"] = p.stats()["ejections"]
+    subprocess.run(["mount", "--bind", os.environ["POOL_TEST_REFUSED_RESOLV"], "/etc/resolv.conf"],
+                   check=True)
+    time.sleep(FRESH + 0.2)
+    with contextlib.ExitStack() as held:
+        while p.stats()["idle"]:
+            held.enter_context(p.connection())
+        r["failing_s"], _, r["failing_error"] = timed(
+            lambda: p.connection(timeout=5).__enter__().cursor().execute("SELECT 1"))
+    r["ejections"] = p.stats()["ejections"]
+    return r
+
+
+def false_alarm_stalled(mode: str, dsn: str, dns: int) -> dict:
+    """A statement past its deadline on a healthy primary, with the name server stalled after
+    an answer (no longer fresh): the probe that clears the suspicion waits for the lookup first,
+    and that wait must not count as the server's silence."""
+    p = pool.Pool(dsn, mode=mode, connect_timeout=2, query_timeout=0.5, max_size=4)
+    with contextlib.ExitStack() as held:
+        for _ in range(4):
+            held.enter_context(p.connection()).cursor().execute("SELECT 1")
+    time.sleep(FRESH + 0.3)
+    os.kill(dns, signal.SIGSTOP)
+    try:
+        _, _, slow_error = timed(lambda: p.fetchone("SELECT pg_sleep(1)"))
+        write_s, _, write_error = timed(lambda: p.fetchone("SELECT 1"))
+        stats = p.stats()
+    finally:
+        os.kill(dns, signal.SIGCONT)
+    return dict(slow_error=slow_error, write_s=write_s, write_error=write_error,
+                idle=stats["idle"], state=stats["endpoints"][0]["state"])
+
+
+def stall_server(datadir: str) -> list[int]:
+    """SIGSTOP a postmaster and every process below it (as Cluster.stall does)."""
+    postmaster = int(open(os.path.join(datadir, "postmaster.pid")).readline())
+    victims = [postmaster, *_descendants(postmaster)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):  # (a backend that just exited)
+            os.kill(pid, signal.SIGSTOP)
+    return victims
+
+
+def resume_server(victims: list[int]) -> None:
+    for pid in reversed(victims):  # the children first: the postmaster reaps them
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from conftest import require
 pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
 DNS_ADDRESS = "127.0.0.77"
+REFUSED_ADDRESS = "127.0.0.76"
 NAME = "db.pooltest"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +46,8 @@ def nameserver(tmp_path_factory):
     where = tmp_path_factory.mktemp("dns")
     resolv = where / "resolv.conf"
     resolv.write_text(f"nameserver {DNS_ADDRESS}\n")  # the C library's defaults: 5 s, 2 attempts
+    refused = where / "refused.conf"  # a name server that is down: nothing listens there
+    refused.write_text(f"nameserver {REFUSED_ADDRESS}\n")
     proc = subprocess.Popen([dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
                              f"--listen-address={DNS_ADDRESS}", "--bind-interfaces", "--port=53",
                              f"--address=/{NAME}/127.0.0.1", f"--pid-file={where / 'pid'}"],
@@ -56,7 +59,7 @@ def nameserver(tmp_path_factory):
             pytest.fail(f"dnsmasq did not start: {proc.stderr.read().decode(errors='replace')}")
         time.sleep(0.05)
     assert proc.poll() is None, "dnsmasq exited"
-    yield types.SimpleNamespace(pid=proc.pid, resolv=str(resolv))
+    yield types.SimpleNamespace(pid=proc.pid, resolv=str(resolv), refused=str(refused))
     os.kill(proc.pid, signal.SIGCONT)
     proc.kill()
     proc.wait()
@@ -74,13 +77,16 @@ def _listening() -> bool:
 def run_child(nameserver, db, scenario: str, mode: str) -> dict:
     dsn = db.dsn("primary").replace("host=127.0.0.1", f"host={NAME}")
     assert f"host={NAME}" in dsn
-    env = dict(os.environ, POOL_TEST_DSN=dsn, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    env = dict(os.environ, POOL_TEST_DSN=dsn, POOL_TEST_DATADIR=str(db.datadir("primary")),
+               POOL_TEST_REFUSED_RESOLV=nameserver.refused,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     script = os.path.join(HERE, "resolvechild.py")
     out = subprocess.run(
         ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
          nameserver.resolv, sys.executable, script, scenario, mode, str(nameserver.pid)],
         env=env, capture_output=True, text=True, timeout=150)
-    os.kill(nameserver.pid, signal.SIGCONT)  # (whatever the child did)
+    os.kill(nameserver.pid, signal.SIGCONT)  # (whatever the child did to either)
+    db.resume("primary")
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -91,11 +97,11 @@ def test_a_stalled_name_server_holds_no_pool_start_and_no_write(nameserver, db, 
     connect_timeout at most, the write fails as fast as for a server that is down, naming the
     lookup, and the pool writes again once the name server answers."""
     r = run_child(nameserver, db, "first_lookup_stalled", mode)
-    assert r["built_s"] < 2.0, r
-    assert r["write_s"] < 2.0 and "EndpointUnavailable" in (r["write_error"] or ""), r
-    assert r["state"] == "down" and f'could not translate host name "{NAME}"' in r["last_error"], r
-    assert r["lookups"] == 1, r  # one thread waits on the silent name server, not one an attempt
-    assert 0 <= r["back_s"] < 15, r
+    assert r["built_s"] < 2.0, str(r)
+    assert r["write_s"] < 2.0 and "EndpointUnavailable" in (r["write_error"] or ""), str(r)
+    assert r["state"] == "down" and f'could not translate host name "{NAME}"' in r["last_error"], str(r)
+    assert r["lookups"] == 1, str(r)  # one thread waits on the silent name server, not one an attempt
+    assert 0 <= r["back_s"] < 15, str(r)
 
 
 def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mode):
@@ -103,6 +109,37 @@ def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mod
     waited 10 s for the lookup, and so did a new pool's start; now each waits STALE_AFTER and
     takes the last answer, as a resolver serves stale data when its upstream is down."""
     r = run_child(nameserver, db, "later_lookup_stalled", mode)
-    assert r["connect_error"] is None and r["connect_s"] < 1.0, r
-    assert r["built_error"] is None and r["built_s"] < 1.0 and r["state"] == "up", r
-    assert len(r["warnings"]) == 1 and "127.0.0.1" in r["warnings"][0], r  # said once a stall
+    assert r["connect_error"] is None and r["connect_s"] < 1.0, str(r)
+    assert r["built_error"] is None and r["built_s"] < 1.0 and r["state"] == "up", str(r)
+    assert len(r["warnings"]) == 1 and "127.0.0.1" in r["warnings"][0], str(r)  # said once a stall
+
+
+def test_a_name_server_that_stalls_or_fails_costs_no_request_its_answer_would_not(nameserver, db,
+                                                                                 mode):
+    """Found by a red-team run, each with the name server stalled after an answer: a checkout
+    with 0.08 s left spent it on the lookup and ejected a healthy primary; a statement past its
+    deadline on a healthy primary failed the next write and dropped every session kept (the
+    probe counted the lookup's wait as the server's silence); a checkout with timeout=1.95
+    against a stalled server was held 2.10 s (the lookup's wait came on top of libpq's whole
+    seconds); and with the name server failing outright (a temporary failure), every write
+    failed although the last answer was good."""
+    r = run_child(nameserver, db, "name_server_failing", mode)
+    assert r["short_error"] is None and r["short_s"] < 0.5, str(r)
+    assert (r["alarm_error"] or "").startswith("QueryTimeout") and r["after_alarm_error"] is None, \
+        str(r)
+    assert r["idle_after"] >= r["idle_before"] - 1, str(r)  # only the session cut off is gone
+    assert r["held_error"] is not None and r["held_s"] < 1.95 + 0.1, str(r)
+    assert r["failing_error"] is None, str(r)
+    assert r["ejections"] == r["ejections_before"], str(r)
+
+
+def test_a_false_alarm_during_a_name_server_stall_costs_no_write_and_no_session(nameserver, db,
+                                                                                 mode):
+    """Found by a red-team run: with the name server stalled, the probe that clears a suspicion
+    (a statement past its deadline on a healthy primary) counted its wait for the lookup as the
+    server's silence, and a process-mode request gave up on it a grace after it started. The
+    next write failed and every session kept was dropped."""
+    r = run_child(nameserver, db, "false_alarm_stalled", mode)
+    assert (r["slow_error"] or "").startswith("QueryTimeout"), str(r)
+    assert r["write_error"] is None and r["state"] == "up", str(r)
+    assert r["idle"] >= 3, str(r)  # the sessions kept through the suspicion

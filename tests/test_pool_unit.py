@@ -363,3 +363,12 @@ def test_the_pool_looks_up_only_the_names_libpq_would_look_up(dsn, host):
     if host is None:
         resolution = pool.resolve.Resolution(dsn, time.monotonic(), 1.0)
         assert resolution.settled(time.monotonic()) and resolution.params() == {}
+
+
+def test_a_host_name_from_pghost_is_looked_up_by_the_pool_too(monkeypatch):
+    """libpq takes the host from PGHOST when the DSN names none, and looks it up unbounded (a
+    red-team run: a pool's start took 10 s during a name server stall)."""
+    monkeypatch.setenv("PGHOST", "db.from-env")
+    assert pool.resolve._host_to_look_up("dbname=app user=from_pghost") == "db.from-env"
+    monkeypatch.setenv("PGHOSTADDR", "10.0.0.1")  # then libpq does no lookup
+    assert pool.resolve._host_to_look_up("dbname=app user=from_pghostaddr") is None
