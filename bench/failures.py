@@ -1,6 +1,6 @@
 """Failure behaviour, measured: what callers see when a server stalls, a statement runs past its
 deadline on a healthy one, an address black-holes, a session is terminated under a queue, a
-NOTIFY arrives, or a login is refused.
+NOTIFY arrives, a login is refused, or the name server stalls (as root, with dnsmasq).
 
     python -m bench.failures [--query-timeout 2] [--out bench/results]
 
@@ -32,6 +32,7 @@ from native.cluster import Cluster  # noqa: E402
 from pgutil import (admin_sql, proxied, stalled, terminate_under_queue,  # noqa: E402  (test helpers)
                     throwaway_cluster)
 from proxy import Proxy  # noqa: E402
+import nameserver  # noqa: E402
 
 READ = "SELECT inet_server_port()"
 INSERT = "INSERT INTO items (name) VALUES ('failures-bench') RETURNING id"
@@ -197,6 +198,25 @@ def terminated_under_queue(c: Cluster) -> dict:
             "failed_queued_callers": sum(isinstance(e, pool.PoolError) for e in errors)}
 
 
+def name_server_stall(c: Cluster, mode: str) -> dict:
+    """A name server that stalls (dnsmasq SIGSTOPped, seen by a child as its only one; see
+    tests/nameserver.py): before the pool ever had an answer, and after (no longer fresh)."""
+    why = nameserver.missing()
+    if why:
+        return {"scenario": "the name server stalls", "mode": mode, "skipped": why}
+    with nameserver.name_server("127.0.0.75", "127.0.0.74") as ns:
+        first = nameserver.run_scenario(ns, c, "first_lookup_stalled", mode)
+        later = nameserver.run_scenario(ns, c, "later_lookup_stalled", mode)
+    return {"scenario": "the name server stalls", "mode": mode,
+            "no_answer_yet_pool_start_s": round(first["built_s"], 3),
+            "no_answer_yet_write_s": round(first["write_s"], 4),
+            "no_answer_yet_write_error": (first["write_error"] or "")[-90:],
+            "writes_again_after_sigcont_s": round(first["back_s"], 3),
+            "last_answer_new_connection_s": round(later["connect_s"], 3),
+            "last_answer_pool_start_s": round(later["built_s"], 3),
+            "last_answer_failed": later["connect_error"] or later["built_error"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--query-timeout", type=float, default=2.0)
@@ -209,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             for fn in (lambda: stalled_replica(c, mode, args.query_timeout),
                        lambda: stalled_primary(c, mode, args.query_timeout),
                        lambda: slow_statement(c, mode, args.query_timeout),
-                       lambda: black_hole(c, mode), lambda: notify(c, mode), lambda: refused(c, mode)):
+                       lambda: black_hole(c, mode), lambda: notify(c, mode), lambda: refused(c, mode),
+                       lambda: name_server_stall(c, mode)):
                 row = fn()
                 print(row, flush=True)
                 rows.append(row)

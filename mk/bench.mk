@@ -12,5 +12,5 @@ bench: $(BENCH_STAMP) ## pool vs pgdbpool, psycopg2, DBUtils, SQLAlchemy, psycop
 	cd $(ROOT) && $(VPY) -m bench.bench $(BENCH_ARGS)
 
 .PHONY: bench-failures
-bench-failures: venv ## failure behaviour measured: stalls, a black hole, NOTIFY, refusals, terminations (~2 min)
+bench-failures: venv ## failure behaviour measured: stalls, a black hole, NOTIFY, refusals, terminations, a stalled name server (~3 min)
 	cd $(ROOT) && $(VPY) -m bench.failures $(BENCH_ARGS)

@@ -5,90 +5,29 @@ packets would leave it.
 libpq looks a host name up with getaddrinfo() before its connect_timeout counts, and the C
 library waits 5 s an attempt, twice. Each test runs its pool in a child process with a mount
 namespace of its own, where /etc/resolv.conf names a dnsmasq on 127.0.0.77 that answers for
-db.pooltest; the machine's resolver is never touched. Needs root (unshare, mount) and dnsmasq
-(CI installs dnsmasq-base). The bounds only prove "no hang", not a latency target.
+db.pooltest (tests/nameserver.py); the machine's resolver is never touched. Needs root (unshare,
+mount) and dnsmasq (CI installs dnsmasq-base). The bounds only prove "no hang", not a latency target.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import types
-
 import pytest
 
 from conftest import require
+from nameserver import NAME, missing, name_server, run_scenario
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
-DNS_ADDRESS = "127.0.0.77"
-REFUSED_ADDRESS = "127.0.0.76"
-NAME = "db.pooltest"
-HERE = os.path.dirname(os.path.abspath(__file__))
+DNS_ADDRESS, REFUSED_ADDRESS = "127.0.0.77", "127.0.0.76"  # (make bench-failures: .75 and .74)
 
 
 @pytest.fixture(scope="module")
-def nameserver(tmp_path_factory):
-    dnsmasq = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq")
-                                          else None)
-    if dnsmasq is None:
-        require("dnsmasq not installed (apt-get install dnsmasq-base)")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        require("a private /etc/resolv.conf needs root and unshare(1)")
-    if _listening():
-        pytest.fail(f"{DNS_ADDRESS}:53 is taken by another process: the tests need their own")
-    where = tmp_path_factory.mktemp("dns")
-    resolv = where / "resolv.conf"
-    resolv.write_text(f"nameserver {DNS_ADDRESS}\n")  # the C library's defaults: 5 s, 2 attempts
-    refused = where / "refused.conf"  # a name server that is down: nothing listens there
-    refused.write_text(f"nameserver {REFUSED_ADDRESS}\n")
-    proc = subprocess.Popen([dnsmasq, "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                             f"--listen-address={DNS_ADDRESS}", "--bind-interfaces", "--port=53",
-                             f"--address=/{NAME}/127.0.0.1", f"--pid-file={where / 'pid'}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not _listening():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"dnsmasq did not start: {proc.stderr.read().decode(errors='replace')}")
-        time.sleep(0.05)
-    assert proc.poll() is None, "dnsmasq exited"
-    yield types.SimpleNamespace(pid=proc.pid, resolv=str(resolv), refused=str(refused))
-    os.kill(proc.pid, signal.SIGCONT)
-    proc.kill()
-    proc.wait()
-
-
-def _listening() -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((DNS_ADDRESS, 53))
-        except OSError:
-            return True  # taken: dnsmasq has it
-    return False
-
-
-def run_child(nameserver, db, scenario: str, mode: str) -> dict:
-    dsn = db.dsn("primary").replace("host=127.0.0.1", f"host={NAME}")
-    assert f"host={NAME}" in dsn
-    env = dict(os.environ, POOL_TEST_DSN=dsn, POOL_TEST_DATADIR=str(db.datadir("primary")),
-               POOL_TEST_REFUSED_RESOLV=nameserver.refused,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-    script = os.path.join(HERE, "resolvechild.py")
-    out = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
-         nameserver.resolv, sys.executable, script, scenario, mode, str(nameserver.pid)],
-        env=env, capture_output=True, text=True, timeout=150)
-    os.kill(nameserver.pid, signal.SIGCONT)  # (whatever the child did to either)
-    db.resume("primary")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def nameserver():
+    why = missing()
+    if why:
+        require(why)
+    with name_server(DNS_ADDRESS, REFUSED_ADDRESS) as ns:
+        yield ns
 
 
 def test_a_stalled_name_server_holds_no_pool_start_and_no_write(nameserver, db, mode):
@@ -96,7 +35,7 @@ def test_a_stalled_name_server_holds_no_pool_start_and_no_write(nameserver, db, 
     probe) and the first write each waited the C library's 10 s; now a start waits a probe's
     connect_timeout at most, the write fails as fast as for a server that is down, naming the
     lookup, and the pool writes again once the name server answers."""
-    r = run_child(nameserver, db, "first_lookup_stalled", mode)
+    r = run_scenario(nameserver, db, "first_lookup_stalled", mode)
     assert r["built_s"] < 2.0, str(r)
     assert r["write_s"] < 2.0 and "EndpointUnavailable" in (r["write_error"] or ""), str(r)
     assert r["state"] == "down" and f'could not translate host name "{NAME}"' in r["last_error"], str(r)
@@ -108,7 +47,7 @@ def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mod
     """The name server stalls after the pool had an answer (no longer fresh). A new connection
     waited 10 s for the lookup, and so did a new pool's start; now each waits STALE_AFTER and
     takes the last answer, as a resolver serves stale data when its upstream is down."""
-    r = run_child(nameserver, db, "later_lookup_stalled", mode)
+    r = run_scenario(nameserver, db, "later_lookup_stalled", mode)
     assert r["connect_error"] is None and r["connect_s"] < 1.0, str(r)
     assert r["built_error"] is None and r["built_s"] < 1.0 and r["state"] == "up", str(r)
     assert len(r["warnings"]) == 1 and "127.0.0.1" in r["warnings"][0], str(r)  # said once a stall
@@ -123,7 +62,7 @@ def test_a_name_server_that_stalls_or_fails_costs_no_request_its_answer_would_no
     against a stalled server was held 2.10 s (the lookup's wait came on top of libpq's whole
     seconds); and with the name server failing outright (a temporary failure), every write
     failed although the last answer was good."""
-    r = run_child(nameserver, db, "name_server_failing", mode)
+    r = run_scenario(nameserver, db, "name_server_failing", mode)
     assert r["short_error"] is None and r["short_s"] < 0.5, str(r)
     assert (r["alarm_error"] or "").startswith("QueryTimeout") and r["after_alarm_error"] is None, \
         str(r)
@@ -139,7 +78,7 @@ def test_a_false_alarm_during_a_name_server_stall_costs_no_write_and_no_session(
     (a statement past its deadline on a healthy primary) counted its wait for the lookup as the
     server's silence, and a process-mode request gave up on it a grace after it started. The
     next write failed and every session kept was dropped."""
-    r = run_child(nameserver, db, "false_alarm_stalled", mode)
+    r = run_scenario(nameserver, db, "false_alarm_stalled", mode)
     assert (r["slow_error"] or "").startswith("QueryTimeout"), str(r)
     assert r["write_error"] is None and r["state"] == "up", str(r)
     assert r["idle"] >= 3, str(r)  # the sessions kept through the suspicion
