@@ -4,21 +4,25 @@ libpq resolves a host name with the C library's ``getaddrinfo()`` before its con
 counts, and nothing interrupts that call: a name server that stalls (an overloaded cluster DNS,
 a firewall dropping its packets) holds every connect, probe and monitor for the resolver's own
 timeouts (``/etc/resolv.conf``: 5 s an attempt, 2 attempts), the housekeeping thread and process
-mode's requests included. So the pool looks names up itself, on a short-lived daemon thread (one
-lookup per name at a time, shared by every attempt that needs it), waits for the answer no
-longer than the attempt's own bound, and hands libpq the addresses (``hostaddr``, with ``host``
-kept for TLS and ``.pgpass``), all of them, in the resolver's order, as libpq would try them.
+mode's requests included. So the pool looks names up itself, on short-lived daemon threads,
+waits for the answer no longer than the attempt's own bound, and hands libpq the addresses
+(``hostaddr``, with ``host`` kept for TLS and ``.pgpass``), all of them, in the resolver's
+order, as libpq would try them.
 
-An answer is reused for ``FRESH`` seconds; after that each attempt asks again, so a name that a
-failover moved is followed as libpq would follow it. An answer, addresses or "no such name", is
-final, as it is for libpq. A name server that fails (a temporary failure: down, refusing, its
-resolver's own timeout) or is silent (a lookup ``STALE_AFTER`` unanswered, or for half the
-attempt's bound) is not an answer: attempts take the name's last answer, as resolvers serve
-stale data when their upstream is down (RFC 8767), and say so once at WARNING; with no earlier
-answer, an attempt fails as an unreachable server would, at its bound if the name server is
-silent. So a name server slower than ``STALE_AFTER`` counts as silent. IP addresses, Unix
-sockets and a ``hostaddr`` given in the DSN (or ``PGHOSTADDR``) are libpq's to handle, as before
-(it does no lookup for them); a name from ``PGHOST`` is looked up like one in the DSN.
+Every attempt asks, as libpq does: a name that a failover moved is followed, and a name that is
+gone (a stopped container's, in Docker) fails the attempt at once instead of sending it to an
+address that no longer answers. A lookup in progress is shared by the attempts that need the
+name, for ``ASK_AGAIN`` at most (a query lost on the way would otherwise hold the name for the
+resolver's 10 s): so a silent name server costs a thread a second, not one an attempt. An
+answer, addresses or "no such name", is final, as it is for libpq. A name server that fails (a
+temporary failure: down, refusing, its resolver's own timeout) or is silent (a lookup
+``STALE_AFTER`` unanswered, or for half the attempt's bound) is not an answer: attempts take the
+name's last answer, as resolvers serve stale data when their upstream is down (RFC 8767), and
+say so once at WARNING; with no earlier answer, an attempt fails as an unreachable server would,
+at its bound if the name server is silent. So a name server slower than ``STALE_AFTER`` counts
+as silent. IP addresses, Unix sockets and a ``hostaddr`` given in the DSN (or ``PGHOSTADDR``)
+are libpq's to handle, as before (it does no lookup for them); a name from ``PGHOST`` is looked
+up like one in the DSN.
 
 In process mode the lookup threads are, with the watchdog, the exceptions to "no thread", for
 the same reason: nothing else bounds a blocking C call. Each lives for one ``getaddrinfo()``,
@@ -40,15 +44,16 @@ from psycopg2.extensions import parse_dsn
 
 log = logging.getLogger("pool")
 
-FRESH = 1.0  # seconds an answer is used as it is; after that an attempt asks again
 STALE_AFTER = 0.1  # seconds an attempt waits for a new answer before it takes the last one
+ASK_AGAIN = 1.0  # a lookup unanswered this long is joined no more: the next attempt asks anew
 STEP = 0.005  # a prober waits on a lookup this long at a time: a new probe before it steps on
 #               (a local resolver has answered by then), a wait on several probes between looks
 
-# host -> (when answered, addresses). Shared by every pool of the process; plain dict operations
-# (atomic under the GIL) are all that touch it, from lookup threads and pools alike.
+# host -> (when answered, its last addresses): whichever lookup answers last. Shared by every
+# pool of the process; plain dict operations (atomic under the GIL) are all that touch it, from
+# lookup threads and pools alike.
 _ANSWERS: dict[str, tuple[float, list[str]]] = {}
-_IN_FLIGHT: dict[str, "_Lookup"] = {}
+_IN_FLIGHT: dict[str, "_Lookup"] = {}  # host -> its newest lookup still in progress
 _HOSTS: dict[str, str | None] = {}  # dsn -> the name to look up, or None (libpq's business)
 # getaddrinfo()'s "the name has no address": the name server's answer. Anything else (a
 # temporary failure, the resolver's own timeout) is a failure to answer.
@@ -109,11 +114,13 @@ class Resolution:
         self.host = _host_to_look_up(dsn)
         self.started, self.bound = now, bound
         self._lookup: _Lookup | None = None
-        if self.host is not None:
-            answer = _ANSWERS.get(self.host)
-            if answer is None or now - answer[0] >= FRESH:
-                lookup = _IN_FLIGHT.get(self.host)
-                self._lookup = lookup if lookup is not None else _Lookup(self.host)
+        if self.host is not None:  # (every attempt asks, as libpq does: a name just looked
+            #                           up may be gone, a stopped container's in Docker)
+            lookup = _IN_FLIGHT.get(self.host)
+            if lookup is None or now - lookup.started >= ASK_AGAIN:
+                lookup = _Lookup(self.host)  # (a query lost on the way, or a name server that
+                #                               is back, must not wait out the old one's 10 s)
+            self._lookup = lookup
 
     def _until(self, lookup: _Lookup) -> float:
         """When to stop waiting for the lookup: at the attempt's bound; or, if an older answer

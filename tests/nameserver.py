@@ -2,7 +2,9 @@
 name, and a child process that sees it as its only name server.
 
 ``name_server(address)`` starts dnsmasq on ``address``:53 (a loopback address of the caller's
-own, so runs never share one) answering for ``NAME``; ``run_scenario`` runs one scenario of
+own, so runs never share one) answering for ``NAME`` from a hosts file (rewrite it and SIGHUP
+dnsmasq to move or remove the name: then it answers "no such name", as Docker's name server does
+for a stopped container); ``run_scenario`` runs one scenario of
 ``resolvechild.py`` in a mount namespace of its own, where /etc/resolv.conf names it: the
 machine's resolver is never touched. Needs root (unshare, mount) and dnsmasq (dnsmasq-base).
 """
@@ -47,15 +49,19 @@ def name_server(address: str, refused_address: str) -> Iterator[types.SimpleName
     if _taken(address):
         raise RuntimeError(f"{address}:53 is taken by another process: a run needs its own")
     with tempfile.TemporaryDirectory(prefix="pool-dns-") as where:
+        os.chmod(where, 0o755)  # (dnsmasq reads its hosts file as an unprivileged user)
         resolv = os.path.join(where, "resolv.conf")
         with open(resolv, "w") as f:
             f.write(f"nameserver {address}\n")  # the C library's defaults: 5 s, 2 attempts
         refused = os.path.join(where, "refused.conf")
         with open(refused, "w") as f:
             f.write(f"nameserver {refused_address}\n")
+        names = os.path.join(where, "names")
+        with open(names, "w") as f:
+            f.write(f"127.0.0.1 {NAME}\n")
         proc = subprocess.Popen([dnsmasq(), "--keep-in-foreground", "--no-resolv", "--no-hosts",
                                  f"--listen-address={address}", "--bind-interfaces", "--port=53",
-                                 f"--address=/{NAME}/127.0.0.1"],
+                                 f"--addn-hosts={names}", f"--local=/{NAME.split('.', 1)[1]}/"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 10
@@ -66,7 +72,8 @@ def name_server(address: str, refused_address: str) -> Iterator[types.SimpleName
                 time.sleep(0.05)
             if proc.poll() is not None:
                 raise RuntimeError("dnsmasq exited")
-            yield types.SimpleNamespace(pid=proc.pid, resolv=resolv, refused=refused)
+            yield types.SimpleNamespace(pid=proc.pid, resolv=resolv, refused=refused, names=names,
+                                        address=address)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
@@ -79,7 +86,9 @@ def run_scenario(ns: types.SimpleNamespace, cluster: Any, scenario: str, mode: s
     dsn = cluster.dsn("primary").replace("host=127.0.0.1", f"host={NAME}")
     assert f"host={NAME}" in dsn
     env = dict(os.environ, POOL_TEST_DSN=dsn, POOL_TEST_DATADIR=str(cluster.datadir("primary")),
-               POOL_TEST_REFUSED_RESOLV=ns.refused,
+               POOL_TEST_REFUSED_RESOLV=ns.refused, POOL_TEST_NAMES=ns.names,
+               POOL_TEST_DNS_ADDRESS=ns.address,
+               POOL_TEST_PORT=str(cluster.port("primary")),
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     try:
         out = subprocess.run(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import time
 
 import pool
 from native.cluster import _descendants
-from pool.resolve import FRESH
+from proxy import Proxy
 
 monotonic = time.monotonic
 
@@ -61,15 +62,14 @@ def first_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
 
 
 def later_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
-    """The name server stalls after the pool had an answer that is no longer fresh: a new
-    connection, a probe and a pool's start all take the last answer."""
+    """The name server stalls after the pool had an answer: a new connection, a probe and a
+    pool's start all take the last answer."""
     said = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
     logging.getLogger("pool").addHandler(handler)
     p = pool.Pool(dsn, mode=mode, connect_timeout=0.5)
     p.fetchone("SELECT 1")
-    time.sleep(FRESH + 0.2)
     os.kill(dns, signal.SIGSTOP)
     try:
         def two_at_once():  # the second one has to connect
@@ -86,7 +86,7 @@ def later_lookup_stalled(mode: str, dsn: str, dns: int) -> dict:
 
 
 def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
-    """After the pool had an answer (no longer fresh), the name server stalls, then fails
+    """After the pool had an answer, the name server stalls, then fails
     (nothing listens at the address resolv.conf names: a temporary failure at once). Callers
     with little time left, a false alarm on a healthy server, and a server that stalls too must
     all come out as they would with the name server answering."""
@@ -96,7 +96,6 @@ def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
             held.enter_context(p.connection())
     r: dict = {}
     p._endpoints[0].login_s = 0.005  # logins seen fast: a probe's grace at its floor, 50 ms
-    time.sleep(FRESH + 0.2)
     os.kill(dns, signal.SIGSTOP)
     try:
         with contextlib.ExitStack() as held:  # the idle ones lent: the next one has to connect
@@ -120,10 +119,10 @@ def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
             resume_server(stopped)
     finally:
         os.kill(dns, signal.SIGCONT)
+    r["back_s"] = back(p)  # (the stalled server's outage, on the board in process mode)
     r["ejections_before"] = p.stats()["ejections"]
     subprocess.run(["mount", "--bind", os.environ["POOL_TEST_REFUSED_RESOLV"], "/etc/resolv.conf"],
                    check=True)
-    time.sleep(FRESH + 0.2)
     with contextlib.ExitStack() as held:
         while p.stats()["idle"]:
             held.enter_context(p.connection())
@@ -135,13 +134,12 @@ def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
 
 def false_alarm_stalled(mode: str, dsn: str, dns: int) -> dict:
     """A statement past its deadline on a healthy primary, with the name server stalled after
-    an answer (no longer fresh): the probe that clears the suspicion waits for the lookup first,
+    an answer: the probe that clears the suspicion waits for the lookup first,
     and that wait must not count as the server's silence."""
     p = pool.Pool(dsn, mode=mode, connect_timeout=2, query_timeout=0.5, max_size=4)
     with contextlib.ExitStack() as held:
         for _ in range(4):
             held.enter_context(p.connection()).cursor().execute("SELECT 1")
-    time.sleep(FRESH + 0.3)
     os.kill(dns, signal.SIGSTOP)
     try:
         _, _, slow_error = timed(lambda: p.fetchone("SELECT pg_sleep(1)"))
@@ -151,6 +149,67 @@ def false_alarm_stalled(mode: str, dsn: str, dns: int) -> dict:
         os.kill(dns, signal.SIGCONT)
     return dict(slow_error=slow_error, write_s=write_s, write_error=write_error,
                 idle=stats["idle"], state=stats["endpoints"][0]["state"])
+
+
+def name_gone(mode: str, dsn: str, dns: int) -> dict:
+    """The server's host goes away just after the pool looked its name up (a container killed):
+    its address black-holes and the name server says there is no such name. libpq, looking the
+    name up on each connect, failed at once; the pool must not connect to the address it had."""
+    proxy = Proxy(int(os.environ["POOL_TEST_PORT"]))  # the server's address, which can vanish
+    try:
+        p = pool.Pool(dsn.replace(f"port={os.environ['POOL_TEST_PORT']}", f"port={proxy.port}"),
+                      mode=mode, connect_timeout=2)
+        state = p.stats()["endpoints"][0]["state"]  # (its start looked the name up just now)
+        proxy.blackhole()
+        with open(os.environ["POOL_TEST_NAMES"], "w"):
+            pass
+        os.kill(dns, signal.SIGHUP)  # (dnsmasq reads its hosts file again)
+        time.sleep(0.05)
+        write_s, _, write_error = timed(lambda: p.fetchone("SELECT 1"))
+        p.close()
+    finally:
+        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
+            f.write(f"127.0.0.1 {dsn.split('host=')[1].split()[0]}\n")
+        os.kill(dns, signal.SIGHUP)
+        proxy.close()
+    return dict(state=state, write_s=write_s, write_error=write_error)
+
+
+def lost_query(mode: str, dsn: str, dns: int) -> dict:
+    """A query lost on the way (the stalled name server's socket full): its lookup waits for the
+    resolver's retransmit, 5 s. Attempts joined it for as long, and took the last answer, after
+    the name server was back and said the name was gone; a lookup unanswered for ASK_AGAIN is
+    joined no more."""
+    p = pool.Pool(dsn, mode=mode, connect_timeout=2)
+    p.fetchone("SELECT 1")
+    name = dsn.split("host=")[1].split()[0]
+    os.kill(dns, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:  # fill its socket
+            flood.setblocking(False)
+            for _ in range(4000):
+                with contextlib.suppress(BlockingIOError):
+                    flood.sendto(b"\0" * 1024, (os.environ["POOL_TEST_DNS_ADDRESS"], 53))
+        pool.Pool(dsn, mode=mode, connect_timeout=2).close()  # its lookup's query is lost
+        with open(os.environ["POOL_TEST_NAMES"], "w"):
+            pass  # the name is gone once the name server is back
+        os.kill(dns, signal.SIGHUP)
+    finally:
+        os.kill(dns, signal.SIGCONT)
+    back = monotonic()
+    gone_s = -1.0
+    while monotonic() - back < 8:
+        q = pool.Pool(dsn, mode=mode, connect_timeout=2)
+        error = q.stats()["endpoints"][0]["last_error"] or ""
+        q.close()
+        if "could not translate" in error:
+            gone_s = monotonic() - back
+            break
+        time.sleep(0.05)
+    with open(os.environ["POOL_TEST_NAMES"], "w") as f:
+        f.write(f"127.0.0.1 {name}\n")
+    os.kill(dns, signal.SIGHUP)
+    return dict(gone_s=gone_s)
 
 
 def stall_server(datadir: str) -> list[int]:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -93,7 +94,8 @@ def test_a_read_out_of_time_after_a_failed_connect_says_what_happened(make_pool,
         _, _, error = timed(lambda: p.fetchone(READ, readonly=True))
     assert isinstance(error, pool.EndpointUnavailable), error
     assert "read_fallback is off" not in str(error) and "no replica is up" not in str(error)
-    assert "deadline" in str(error) and "no answer within 0.3s" in str(error), error
+    assert "deadline" in str(error), error
+    assert re.search(r"no answer within 0\.(2\d|3)s", str(error)), error  # (not 0.5)
 
 
 def test_a_write_out_of_time_with_the_primary_up_does_not_say_it_is_down(make_pool, db):

@@ -39,12 +39,12 @@ def test_a_stalled_name_server_holds_no_pool_start_and_no_write(nameserver, db, 
     assert r["built_s"] < 2.0, str(r)
     assert r["write_s"] < 2.0 and "EndpointUnavailable" in (r["write_error"] or ""), str(r)
     assert r["state"] == "down" and f'could not translate host name "{NAME}"' in r["last_error"], str(r)
-    assert r["lookups"] == 1, str(r)  # one thread waits on the silent name server, not one an attempt
+    assert r["lookups"] <= 2, str(r)  # a thread a second on the silent name server, not one an attempt
     assert 0 <= r["back_s"] < 15, str(r)
 
 
 def test_a_stalled_name_server_falls_back_on_the_last_answer(nameserver, db, mode):
-    """The name server stalls after the pool had an answer (no longer fresh). A new connection
+    """The name server stalls after the pool had an answer. A new connection
     waited 10 s for the lookup, and so did a new pool's start; now each waits STALE_AFTER and
     takes the last answer, as a resolver serves stale data when its upstream is down."""
     r = run_scenario(nameserver, db, "later_lookup_stalled", mode)
@@ -82,3 +82,24 @@ def test_a_false_alarm_during_a_name_server_stall_costs_no_write_and_no_session(
     assert (r["slow_error"] or "").startswith("QueryTimeout"), str(r)
     assert r["write_error"] is None and r["state"] == "up", str(r)
     assert r["idle"] >= 3, str(r)  # the sessions kept through the suspicion
+
+
+def test_a_host_gone_just_after_its_lookup_fails_fast_as_with_libpq(nameserver, db, mode):
+    """A container killed just after the pool looked its name up: the address black-holes and
+    Docker's name server says there is no such name. Reusing an answer for a second (as an early
+    version of resolve.py did) sent the next connect into the black hole for connect_timeout
+    (found by make loadtest-outage: a fresh worker paid 2 s after the primary was killed); libpq,
+    asking on each connect, failed at once, and so must the pool."""
+    r = run_scenario(nameserver, db, "name_gone", mode)
+    assert r["state"] == "up", str(r)
+    assert r["write_s"] < 1.0 and "EndpointUnavailable" in (r["write_error"] or ""), str(r)
+    assert "could not translate host name" in r["write_error"], str(r)
+
+
+def test_a_query_lost_on_the_way_holds_the_name_no_longer_than_a_second(nameserver, db, mode):
+    """Found by a red-team run: a lookup whose query was lost waits for the resolver's
+    retransmit (5 s), and every attempt joined it and took the last answer meanwhile, though the
+    name server was back and answering otherwise (the name had moved: 64 writes failed). A
+    lookup unanswered for ASK_AGAIN (1 s) is joined no more: the next attempt asks anew."""
+    r = run_scenario(nameserver, db, "lost_query", mode)
+    assert 0 <= r["gone_s"] < 2.5, str(r)
