@@ -18,11 +18,11 @@ answer, addresses or "no such name", is final, as it is for libpq. A name server
 temporary failure: down, refusing, its resolver's own timeout) or is silent (a lookup
 ``STALE_AFTER`` unanswered, or for half the attempt's bound) is not an answer: attempts take the
 name's last answer, as resolvers serve stale data when their upstream is down (RFC 8767), and
-say so once at WARNING; with no earlier answer, an attempt fails as an unreachable server would,
-at its bound if the name server is silent. So a name server slower than ``STALE_AFTER`` counts
-as silent. IP addresses, Unix sockets and a ``hostaddr`` given in the DSN (or ``PGHOSTADDR``)
-are libpq's to handle, as before (it does no lookup for them); a name from ``PGHOST`` is looked
-up like one in the DSN.
+say so at WARNING (every WARN_EVERY at most); with no earlier answer, an attempt fails as an
+unreachable server would, at its bound if the name server is silent. So a name server slower
+than ``STALE_AFTER`` counts as silent. IP addresses, Unix sockets and a ``hostaddr`` given in
+the DSN (or ``PGHOSTADDR``) are libpq's to handle, as before (it does no lookup for them); a
+name from ``PGHOST`` is looked up like one in the DSN.
 
 In process mode the lookup threads are, with the watchdog, the exceptions to "no thread", for
 the same reason: nothing else bounds a blocking C call. Each lives for one ``getaddrinfo()``,
@@ -46,6 +46,7 @@ log = logging.getLogger("pool")
 
 STALE_AFTER = 0.1  # seconds an attempt waits for a new answer before it takes the last one
 ASK_AGAIN = 1.0  # a lookup unanswered this long is joined no more: the next attempt asks anew
+WARN_EVERY = 10.0  # seconds between two warnings that a name's last answer stands in
 STEP = 0.005  # a prober waits on a lookup this long at a time: a new probe before it steps on
 #               (a local resolver has answered by then), a wait on several probes between looks
 
@@ -55,6 +56,7 @@ STEP = 0.005  # a prober waits on a lookup this long at a time: a new probe befo
 _ANSWERS: dict[str, tuple[float, list[str]]] = {}
 _IN_FLIGHT: dict[str, "_Lookup"] = {}  # host -> its newest lookup still in progress
 _HOSTS: dict[str, str | None] = {}  # dsn -> the name to look up, or None (libpq's business)
+_WARN_AFTER: dict[str, float] = {}  # host -> when a stand-in answer may be logged again
 # getaddrinfo()'s "the name has no address": the name server's answer. Anything else (a
 # temporary failure, the resolver's own timeout) is a failure to answer.
 _NO_SUCH_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
@@ -65,7 +67,7 @@ class _Lookup:
     """One ``getaddrinfo()`` on a thread of its own. Sets ``done`` when it returns; a stalled
     name server keeps the thread (a daemon) until the resolver gives up, and nobody waits."""
 
-    __slots__ = ("host", "done", "error", "final", "started", "warned")
+    __slots__ = ("host", "done", "error", "final", "started")
 
     def __init__(self, host: str) -> None:
         self.host = host
@@ -73,7 +75,6 @@ class _Lookup:
         self.error: str | None = None
         self.final = False  # the error is the name server's word (no such name), not a failure
         self.started = time.monotonic()
-        self.warned = False  # (an attempt that took the last answer instead has said so)
         _IN_FLIGHT[host] = self  # (before the thread starts: it may end at once)
         try:
             threading.Thread(target=self._run, name=f"pool-resolve {host}", daemon=True).start()
@@ -162,11 +163,12 @@ class Resolution:
             raise psycopg2.OperationalError(
                 f'could not translate host name "{self.host}" to address: {why}')
         addresses = answer[1]
-        if not answered and not lookup.warned:  # silent, or failing: the last answer stands in
-            lookup.warned = True
+        now = time.monotonic()
+        if not answered and now >= _WARN_AFTER.get(self.host, 0.0):  # the last answer stands in
+            _WARN_AFTER[self.host] = now + WARN_EVERY
             log.warning('the name server %s about "%s": connecting to its last known address%s, %s',
                         f"failed ({lookup.error})" if lookup.done.is_set() else
-                        f"has not answered for {time.monotonic() - lookup.started:.1f}s",
+                        f"has not answered for {now - lookup.started:.1f}s",
                         self.host, "es" if len(addresses) > 1 else "", ", ".join(addresses))
         return {"host": ",".join([self.host] * len(addresses)), "hostaddr": ",".join(addresses)}
 
