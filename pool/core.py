@@ -431,11 +431,12 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         """Connect in a slot _take reserved. None if the endpoint failed (and was ejected).
 
         The attempt is bounded by connect_timeout and by the caller's deadline, whichever comes
-        first. libpq counts whole seconds: when its count would overshoot that bound by more
-        than PRECHECK_SLACK, a non-blocking probe reaches the server first, within the exact
-        bound (_precheck). A connect cut short by the caller's deadline (less time left than
-        both a probe's grace and connect_timeout) is evidence of nothing, as for a ping: the
-        caller gets PoolTimeout, and the endpoint stays up.
+        first. The host name is looked up first, once for the whole attempt (resolve.py); what
+        is left of the bound is the server's share. libpq counts whole seconds: when its count
+        would overshoot that share by more than PRECHECK_SLACK, a non-blocking probe reaches the
+        server first, within it exactly (_precheck). A connect cut short by the caller's
+        deadline (a share smaller than both a probe's grace and connect_timeout) is evidence of
+        nothing, as for a ping: the caller gets PoolTimeout, and the endpoint stays up.
 
         Only a failed connect, or a statement setting the connection up that got no answer
         within query_timeout, is evidence against the server. Any other error from the user's
