@@ -468,12 +468,9 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             share = limit - (served - started)  # the server's, or the lookup's if it failed
             if spent >= limit and share < min(ep.grace, opts.connect_timeout) \
                     and connect_failure(describe_error(exc)) == "down":
-                with self._lock:  # the caller's time ran out first: proof of nothing
-                    self._timeouts += 1
-                    raise self._timeout_error(False, None, head=(
-                        f"the checkout's deadline passed while connecting to {ep.role} "
-                        f"{ep.name} ({limit:.3f}s were left"
-                        f"{f', {share:.3f}s after the name lookup' if share < limit else ''})"))
+                self._deadline_spent(  # the caller's time ran out first: proof of nothing
+                    f"connecting to {ep.role} {ep.name} ({limit:.3f}s were left"
+                    f"{f', {share:.3f}s after the name lookup' if share < limit else ''})")
             with self._lock:
                 ep.connect_errors += 1
             self._connect_failed(ep, exc, fast=ep.at_once(spent))
@@ -519,8 +516,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         """
         ep = rec.endpoint
         opts = self.options
-        if rec.generation != ep.generation and ep.verifying(rec) and now < rec.expires \
-                and not rec.raw.closed:
+        if ep.verifying(rec) and now < rec.expires and not rec.raw.closed:
             return self._verify_kept(rec, deadline)
         if rec.generation != ep.generation or now >= rec.expires or rec.raw.closed:
             self._discard(rec)
@@ -548,11 +544,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             # fine takes (Endpoint.grace): evidence
             self._missed_deadline(ep, rec.raw, "a ping")
         else:  # the caller's time ran out first: proof of nothing but a deadline spent
-            with self._lock:
-                self._timeouts += 1
-                raise self._timeout_error(False, None, head=(
-                    f"the checkout's deadline passed while pinging an idle connection to "
-                    f"{ep.role} {ep.name} (idle {idle_for:.0f}s)"))
+            self._deadline_spent(f"pinging an idle connection to {ep.role} {ep.name} "
+                                 f"(idle {idle_for:.0f}s)")
         return False
 
     def _verify_kept(self, rec: PooledConnection, deadline: float) -> bool:
@@ -574,11 +567,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             return True
         if rec.raw.timed_out and budget < ep.grace:
             self._discard(rec)
-            with self._lock:
-                self._timeouts += 1
-                raise self._timeout_error(False, None, head=(
-                    f"the checkout's deadline passed while pinging a connection to {ep.role} "
-                    f"{ep.name} kept through an outage or a suspicion"))
+            self._deadline_spent(f"pinging a connection to {ep.role} {ep.name} kept through an "
+                                 f"outage or a suspicion")
         with self._lock:
             if ep.verifying(rec):
                 ep.verify_until = -1  # the rest are stale now: discarded as they come

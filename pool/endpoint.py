@@ -320,6 +320,11 @@ class Endpoint:
         return self.verify_until == self.generation and \
             self.verify_from <= rec.generation < self.generation
 
+    def stale(self, rec: Any) -> bool:
+        """Was ``rec`` made before this endpoint's last failure (and is not a session kept
+        through it, awaiting its ping)? Then it is closed, not lent."""
+        return rec.generation != self.generation and not self.verifying(rec)
+
     def stop_keeping(self) -> None:
         """The suspicion on a missed deadline is confirmed (or other evidence came): the
         sessions kept meanwhile are as stale as after any other failure."""

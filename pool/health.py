@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 
 from . import lag, monitor
@@ -133,10 +133,9 @@ class Health:
         """Lock held. Take ep's idle connections made before its generation changed (after a
         failure: all of them; while it keeps them, or they await a ping, none) out of the pool,
         for closing outside."""
-        doomed = [rec for rec in ep.idle if rec.generation != ep.generation
-                  and not ep.verifying(rec)]
+        doomed = [rec for rec in ep.idle if ep.stale(rec)]
         if doomed:
-            ep.idle = [rec for rec in ep.idle if rec not in doomed]
+            ep.idle = [rec for rec in ep.idle if not ep.stale(rec)]
             for rec in doomed:
                 ep.release(rec.key)
         return doomed
@@ -309,6 +308,14 @@ class Health:
         cls = EndpointRefused if all(e.state is REFUSED for e in self._endpoints
                                      if e is not ep or self.options.read_fallback) else EndpointUnavailable
         return cls(f"cannot serve reads: {why} [{states}]")
+
+    def _deadline_spent(self: "Pool", what: str) -> NoReturn:
+        """The checkout's deadline passed while it was ``what`` (a ping, a connect): too soon to
+        be evidence against the server, so no ejection, only PoolTimeout."""
+        with self._lock:
+            self._timeouts += 1
+            raise self._timeout_error(False, None,
+                                      head=f"the checkout's deadline passed while {what}")
 
     def _timeout_error(self: "Pool", readonly: bool, waited: float | None,
                        head: str | None = None) -> PoolTimeout:

@@ -147,8 +147,7 @@ class Housekeeping:
                 keep = []
                 # The idle list is a stack: the bottom holds the longest-idle connections.
                 for rec in ep.idle:
-                    stale = rec.generation != ep.generation and not ep.verifying(rec) \
-                        or now >= rec.expires
+                    stale = ep.stale(rec) or now >= rec.expires
                     surplus = now - rec.last_used > opts.max_idle and ep.size > opts.min_size
                     if stale or surplus:
                         doomed.append(rec)

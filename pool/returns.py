@@ -97,7 +97,7 @@ class Returns:
                 if raw.info.transaction_status != _TX_IDLE:
                     raise _Broken
             raw.dirty = 0
-            if rec.generation != rec.endpoint.generation and not rec.endpoint.verifying(rec):
+            if rec.endpoint.stale(rec):
                 raise _Broken  # made before its endpoint's last failure
         except (_Broken, psycopg2.Error, QueryTimeout) as e:  # (QueryTimeout: the reset= hook's)
             self._discard(rec, cause=error or exc or (None if isinstance(e, _Broken) else e))

@@ -21,11 +21,12 @@ pool that closes first asks as it closes (``cancel_at_close``).
 Process mode promises "no lock, no thread", and this is one of two exceptions (the other: name
 lookups, resolve.py), because nothing else can interrupt a blocked libpq call in a
 single-threaded worker: a signal does not (libpq retries ``poll()`` on EINTR, so a Python
-handler never runs), and psycopg2's wait callback is process-wide and disables COPY. The thread keeps the pool's promise in spirit: it takes no pool lock and
-changes no pool state; it reads two attributes per connection and may shut a socket. It watches
-a new connection from before ``configure()`` runs on it, leaves after ``IDLE_EXIT`` with no open
-connection in the process (looking once more, under its lock, as it goes), and is started again,
-lazily, when a connection opens, in a forked child too.
+handler never runs), and psycopg2's wait callback is process-wide and disables COPY. The thread
+keeps the pool's promise in spirit: it takes no pool lock and changes no pool state; it reads
+two attributes per connection and may shut a socket. It watches a new connection from before
+``configure()`` runs on it, leaves after ``IDLE_EXIT`` with no open connection in the process
+(looking once more, under its lock, as it goes), and is started again, lazily, when a connection
+opens, in a forked child too.
 """
 
 from __future__ import annotations
