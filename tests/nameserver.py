@@ -85,7 +85,8 @@ def run_scenario(ns: types.SimpleNamespace, cluster: Any, scenario: str, mode: s
     """One scenario of resolvechild.py against the cluster's primary, reached as ``NAME``."""
     dsn = cluster.dsn("primary").replace("host=127.0.0.1", f"host={NAME}")
     assert f"host={NAME}" in dsn
-    env = dict(os.environ, POOL_TEST_DSN=dsn, POOL_TEST_DATADIR=str(cluster.datadir("primary")),
+    env = dict(os.environ, POOL_TEST_DSN=dsn, POOL_TEST_BASEDIR=str(cluster.basedir),
+               POOL_TEST_PORTS=",".join(str(cluster.ports[node]) for node in cluster.ports),
                POOL_TEST_REFUSED_RESOLV=ns.refused, POOL_TEST_NAMES=ns.names,
                POOL_TEST_DNS_ADDRESS=ns.address,
                POOL_TEST_PORT=str(cluster.port("primary")),

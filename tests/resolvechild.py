@@ -18,20 +18,18 @@ import sys
 import threading
 import time
 
+import pgutil
 import pool
-from native.cluster import _descendants
+from native.cluster import Cluster
 from proxy import Proxy
 
 monotonic = time.monotonic
 
 
 def timed(fn):
-    start = monotonic()
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - the parent judges it
-        return monotonic() - start, None, f"{type(exc).__name__}: {exc}"
-    return monotonic() - start, result, None
+    """pgutil.timed, with the error as text (for the JSON the parent judges)."""
+    seconds, result, error = pgutil.timed(fn)
+    return seconds, result, None if error is None else f"{type(error).__name__}: {error}"
 
 
 def back(p: pool.Pool) -> float:
@@ -111,12 +109,9 @@ def name_server_failing(mode: str, dsn: str, dns: int) -> dict:
         _, _, r["after_alarm_error"] = timed(lambda: p.fetchone("SELECT 1"))
         r["idle_before"], r["idle_after"] = idle_before, p.stats()["idle"]
         other = pool.Pool(dsn, mode=mode, connect_timeout=3)  # (the last answer: no session)
-        stopped = stall_server(os.environ["POOL_TEST_DATADIR"])
-        try:
+        with pgutil.stalled(the_cluster(), "primary"):
             r["held_s"], _, r["held_error"] = timed(
                 lambda: other.connection(timeout=1.95).__enter__())
-        finally:
-            resume_server(stopped)
     finally:
         os.kill(dns, signal.SIGCONT)
     r["back_s"] = back(p)  # (the stalled server's outage, on the board in process mode)
@@ -212,20 +207,9 @@ def lost_query(mode: str, dsn: str, dns: int) -> dict:
     return dict(gone_s=gone_s)
 
 
-def stall_server(datadir: str) -> list[int]:
-    """SIGSTOP a postmaster and every process below it (as Cluster.stall does)."""
-    postmaster = int(open(os.path.join(datadir, "postmaster.pid")).readline())
-    victims = [postmaster, *_descendants(postmaster)]
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):  # (a backend that just exited)
-            os.kill(pid, signal.SIGSTOP)
-    return victims
-
-
-def resume_server(victims: list[int]) -> None:
-    for pid in reversed(victims):  # the children first: the postmaster reaps them
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+def the_cluster() -> Cluster:
+    """The parent's cluster (to stall its primary as Cluster.stall does)."""
+    return Cluster(os.environ["POOL_TEST_BASEDIR"], ports=os.environ["POOL_TEST_PORTS"].split(","))
 
 
 if __name__ == "__main__":
