@@ -327,8 +327,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                   among: tuple | None = None) -> PooledConnection:
         now = monotonic()
         if now >= self._due:  # housekeeping due (process mode), a look at the board, or closed
-            self._tick(now)
+            deadline = now + (self.options.timeout if timeout is None else timeout)
+            self._tick(now, deadline)  # (what it spends on the pool's work is the caller's time)
             now = monotonic()  # (a probe may have waited; `now` also starts the statement's clock)
+            timeout = max(0.0, deadline - now)
         if self._owner is not None and get_ident() != self._owner:  # process mode: one thread
             self._check_owner()
         rec = None
@@ -336,7 +338,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             try:
                 rec = self._take(readonly, among)
             except EndpointUnavailable:
-                rec = self._take_after_probe(readonly)
+                rec = self._take_after_probe(
+                    readonly, now + (self.options.timeout if timeout is None else timeout))
             if not (rec.__class__ is PooledConnection and rec.generation == rec.endpoint.generation
                     and now - rec.last_used <= self._check_after and now < rec.expires):
                 grant, rec = rec, None  # from here on _checkout_slow owns it, and cleans up
@@ -383,13 +386,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             try:
                 grant = self._take(readonly)
             except EndpointUnavailable:
-                grant = self._take_after_probe(readonly)
+                grant = self._take_after_probe(readonly, deadline)
 
-    def _take_after_probe(self, readonly: bool) -> Any:
+    def _take_after_probe(self, readonly: bool, deadline: float) -> Any:
         """No endpoint is up for this request. If one is being probed right now (say, after a
-        lost session), give the probe a moment (Endpoint.grace), then route once more: raises
-        EndpointUnavailable, with the state as it is then, if nothing came back."""
-        self._probe_on_demand(monotonic())
+        lost session), give the probe a moment (Endpoint.grace; no later than the caller's
+        ``deadline``), then route once more: raises EndpointUnavailable, with the state as it
+        is then, if nothing came back."""
+        self._probe_on_demand(monotonic(), deadline)
         return self._take(readonly)
 
     def _take_locked(self, readonly: bool, among: tuple | None = None) -> Any:
@@ -683,12 +687,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
     def _reset_after_fork(self) -> None:
         raise NotImplementedError
 
-    def _probe_on_demand(self, now: float) -> None:
+    def _probe_on_demand(self, now: float, deadline: float) -> None:
         """A request found no endpoint up: if a probe is due or just started, give it up to
-        its grace to re-admit its endpoint (process mode runs it; threaded mode waits)."""
+        its grace to re-admit its endpoint, and no later than the request's ``deadline``
+        (process mode runs it; threaded mode waits)."""
         raise NotImplementedError
 
-    def _housekeep_now(self, now: float) -> None:
+    def _housekeep_now(self, now: float, deadline: float = INFINITY) -> None:
+        """Housekeeping run by a caller (process mode), which may spend on it no later than
+        ``deadline``."""
         self._hk_due = self._housekeep(now)
 
     # One comparison on the hot path, ``now >= self._due``, covers all that a checkout may have
@@ -698,11 +705,12 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
     _due = 0.0
     _hk_due = float("inf")
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float, deadline: float = INFINITY) -> None:
+        """What a caller does when ``_due`` comes: ``deadline`` is its own."""
         if self._board is not None and self._board_seq[0] != self._board_seen:
             self._sync_board()
         if now >= self._hk_due and not self._closed:
-            self._housekeep_now(now)
+            self._housekeep_now(now, deadline)
         if self._closed:
             self._due = 0.0
         else:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import logging
 import traceback
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .connection import describe_error
 from .endpoint import DOWN, QUIET, REFUSED, UP
+from .errors import PoolTimeout
 from .monitor import job_monitor
 from .probe import PENDING
 from .watchdog import job_cancel_cut_off
@@ -53,6 +55,10 @@ class Housekeeping:
     _probes_in_background = True  # a thread steps probes between requests (not process mode)
     _fill_retry_at: float = 0.0
     _fill_failures: int = 0
+    # Process mode runs the jobs on a request, whose deadline this is while they run: the jobs
+    # that wait (a min_size connect, a cancel request's login) stop there and go on in a later
+    # request. Threads have no caller to hold up.
+    _until: float = float("inf")
 
     def _housekeep(self: "Pool", now: float) -> float:
         """Run the non-blocking jobs once; return the monotonic time at which to run again."""
@@ -172,6 +178,8 @@ class Housekeeping:
 
         A connect that fails ejects its endpoint (evidence) and filling skips it; any other
         error (the user's configure(), say) is logged, and filling waits, doubling the delay.
+        In process mode a connect ends at the request's deadline (``_until``); with less left
+        than a login takes (Endpoint.grace), it waits for the next request.
         """
         if now < self._fill_retry_at:
             return False
@@ -181,11 +189,13 @@ class Housekeeping:
                 with self._lock:
                     if ep.state is not UP or ep.size >= self.options.min_size:
                         break
-                    if budget == 0:
+                    if budget == 0 or self._until - monotonic() < ep.grace:
                         return False
                     res = ep.reserve()
                 try:
-                    rec = self._open(res)
+                    rec = self._open(res, self._until)
+                except PoolTimeout:  # cut short by the request's deadline: proof of nothing
+                    return False
                 except Exception as exc:
                     first, cap = FILL_BACKOFF
                     delay = min(cap, first * 2 ** self._fill_failures)

@@ -26,7 +26,7 @@ from typing import Any
 from .config import MODES, REPLICA
 from .balance import RoundRobin
 from .connection import PooledConnection
-from .core import _DEFAULT, _STATUS_READY, ISSUED, Checkout, Pool
+from .core import _DEFAULT, _STATUS_READY, INFINITY, ISSUED, Checkout, Pool
 from .endpoint import PROBE_GRACE, PROBE_GRACE_MAX, UP, Reservation
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .housekeeping import log_failure
@@ -193,14 +193,18 @@ class ProcessPool(Pool):
     def _start_housekeeping(self) -> None:
         pass  # checkouts run it when due
 
-    def _housekeep_now(self, now: float) -> None:
+    def _housekeep_now(self, now: float, deadline: float = INFINITY) -> None:
         # Advance the due time first: if a job raises anyway, the next request must not repeat it.
         self._hk_due = now + 1.0
-        self._hk_due = self._housekeep(now)
-        if self._fill_wanted and not self._job_fill_min_size(now):
-            self._hk_due = min(self._hk_due, max(now, self._fill_retry_at))
-        else:
-            self._fill_wanted = False
+        self._until = deadline  # the jobs that wait (a min_size connect, a cancel request's
+        try:                    # login) stop there, and go on in a later request
+            self._hk_due = self._housekeep(now)
+            if self._fill_wanted and not self._job_fill_min_size(now):
+                self._hk_due = min(self._hk_due, max(now, self._fill_retry_at))
+            else:
+                self._fill_wanted = False
+        finally:
+            self._until = INFINITY
         self._due = min(self._due, self._hk_due)
         if not self._probing:
             self._release_probe_leases()
@@ -214,12 +218,13 @@ class ProcessPool(Pool):
             if ep.probe is not None:
                 self._end_probe(ep)
 
-    def _probe_on_demand(self, now: float) -> None:
+    def _probe_on_demand(self, now: float, deadline: float) -> None:
         """With no thread, nothing probes between requests. So a request that needs a down
-        endpoint starts its due probe and gives it its grace: if the server is fine (a lost
-        session was a false alarm) or back (the worker sat idle through the outage), that
-        request succeeds instead of failing fast. A probe older than connect_timeout proves
-        nothing (nobody was waiting on it: this worker had no requests) and is started afresh."""
+        endpoint starts its due probe and gives it its grace (until its own deadline at most):
+        if the server is fine (a lost session was a false alarm) or back (the worker sat idle
+        through the outage), that request succeeds instead of failing fast. A probe older than
+        connect_timeout proves nothing (nobody was waiting on it: this worker had no requests)
+        and is started afresh."""
         for ep in self._endpoints:
             probe = ep.probe
             if probe is not None and now - probe.started > self.options.connect_timeout:
@@ -228,13 +233,12 @@ class ProcessPool(Pool):
                 ep.retry_at = now
         self._probing = True
         try:
-            self._housekeep_now(now)  # starts due probes, steps running ones
+            self._housekeep_now(now, deadline)  # starts due probes, steps running ones
             young = [ep for ep in self._endpoints if ep.awaiting_probe(now) and ep.probe is not None]
             if young:
-                wait_for([ep.probe for ep in young], monotonic,
-                         until=max(min(ep.probe.due(ep.grace), ep.probe.started + PROBE_GRACE_MAX)
-                                   for ep in young))
-                self._housekeep_now(monotonic())  # re-admits those that answered
+                wait_for([ep.probe for ep in young], monotonic, until=min(deadline, max(
+                    min(ep.probe.due(ep.grace), ep.probe.started + PROBE_GRACE_MAX) for ep in young)))
+                self._housekeep_now(monotonic(), deadline)  # re-admits those that answered
         finally:
             self._probing = False
             self._release_probe_leases()
@@ -468,16 +472,18 @@ class ThreadedPool(Pool):
                 target=_filler_main, args=(weakref.ref(self),), name="pool-fill", daemon=True)
         thread.start()
 
-    def _probe_on_demand(self, now: float) -> None:
+    def _probe_on_demand(self, now: float, deadline: float) -> None:
         """The housekeeping thread runs the probes; a request that needs a down endpoint waits
-        while a probe is due or younger than its grace, at most PROBE_GRACE_MAX in all. Later
-        requests fail at once while a slow probe (a black hole) goes on in the background."""
+        while a probe is due or younger than its grace, at most PROBE_GRACE_MAX in all and no
+        later than its deadline. Later requests fail at once while a slow probe (a black hole)
+        goes on in the background."""
         self._wake_housekeeper()
+        end = min(now + PROBE_GRACE_MAX, deadline)
         while True:
             t = monotonic()
             with self._lock:
                 young = self._grace_pending(t)
-            if not young or t >= now + PROBE_GRACE_MAX:
+            if not young or t >= end:
                 return
             time.sleep(0.001)  # the outcome is one housekeeping step away
 

@@ -180,7 +180,7 @@ class Statements:
                     if now >= deadline:
                         break
                     if now >= self._due:  # process mode: the monitors advance on checkouts
-                        self._tick(now)
+                        self._tick(now, end)
                     time.sleep(min(pause, max(0.0, deadline - monotonic())))
                     pause = min(2 * pause, 0.05)
                     if not fallback and now - surveyed >= lag.RESURVEY:  # who caught up?
@@ -234,7 +234,7 @@ class Statements:
                     f"within {now - start:.2f}s this pool saw no primary newer than {primary.name} "
                     f"(timeline {known}): a promotion it has not found")
             if now >= self._due:  # process mode: the monitors advance on checkouts
-                self._tick(now)
+                self._tick(now, end)
             time.sleep(min(pause, max(0.0, end - monotonic())))
             pause = min(2 * pause, 0.05)
 

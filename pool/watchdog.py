@@ -177,8 +177,9 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
             if not pool._probes_in_background:
                 # Process mode steps it on requests, which may come further apart than the
                 # server's authentication_timeout: it would close the login half done. The
-                # request that starts it gives it a probe's grace (a login and a statement).
-                wait_for([errand], time.monotonic, asked + ep.grace)
+                # request that starts it gives it a probe's grace (a login and a statement),
+                # within its own deadline.
+                wait_for([errand], time.monotonic, min(asked + ep.grace, pool._until))
         if errand.step(now) == PENDING:
             due = min(due, now + ERRAND_STEP)
             continue

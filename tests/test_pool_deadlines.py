@@ -975,3 +975,88 @@ def test_process_mode_a_probe_left_pending_between_requests_proves_nothing(db):
     finally:
         p.close()
         proxy.close()
+
+
+# -- the caller's timeout bounds what the pool does on its behalf ------------------------------
+
+def _select_one(p, timeout):
+    with p.connection(timeout=timeout) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        return cur.fetchone()
+
+
+def test_a_request_waiting_on_a_probe_is_held_no_longer_than_its_own_timeout(db, mode):
+    """A request that finds its endpoint down with a probe running waits for the probe's
+    verdict, a grace of up to PROBE_GRACE_MAX (a false alarm then costs it milliseconds, not a
+    failure). That wait ignored the request's own timeout: timeout=0.05 was held the whole
+    grace, 0.5 s here, against a stalled server. It now ends at the caller's deadline."""
+    p = pool.Pool(db.dsn("primary"), mode=mode, query_timeout=0.3, connect_timeout=3)
+    try:
+        p.fetchone("SELECT 1")
+        ep = p._endpoints[0]
+        with stalled(db, "primary"):
+            with pytest.raises(pool.QueryTimeout):
+                p.fetchone("SELECT 1")
+            ep.login_s = 0.125  # a grace of 0.5 s (the most it can be): logins seen as slow
+            seconds, _, error = timed(lambda: p.connection(timeout=0.05).__enter__())
+            assert isinstance(error, pool.EndpointUnavailable), error
+            assert seconds < 0.05 + 0.15, seconds
+            assert ep.probe is not None or mode == "process", "no probe was running"
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None, timeout=10,
+                   interval=0.05, what="writes after SIGCONT")
+    finally:
+        p.close()
+
+
+def test_process_mode_a_min_size_connect_is_bounded_by_the_requests_timeout(db):
+    """Process mode opens min_size connections on requests, one per request, before serving it.
+    That connect was bounded by connect_timeout only: with a replica stalled, a write with
+    timeout=0.3 (and an idle connection to the primary waiting for it) was held 3 s. It now
+    gets what is left of the request's time; that much unanswered is evidence, as for any
+    connect, so the replica is ejected and the write goes on."""
+    p = pool.Pool([db.dsn("primary"), db.dsn("replica1")], mode="process", min_size=1,
+                  connect_timeout=3)
+    try:
+        p.fetchone("SELECT 1")  # fills the primary's min_size connection, on this request
+        assert [e["size"] for e in p.stats(housekeep=False)["endpoints"]] == [1, 0]
+        with stalled(db, "replica1"):
+            seconds, row, error = timed(lambda: _select_one(p, timeout=0.3))
+            assert error is None and row == (1,), error
+            assert seconds < 0.3 + 0.3, seconds
+            assert state(p, 1) == "down"
+        wait_until(lambda: p.fetchone("SELECT 1") and state(p, 1) == "up"
+                   and p.stats(housekeep=False)["endpoints"][1]["size"] == 1, timeout=10,
+                   interval=0.05, what="the replica re-admitted and filled after SIGCONT")
+    finally:
+        p.close()
+
+
+def test_process_mode_a_cancel_requests_login_is_bounded_by_the_requests_timeout(db):
+    """Process mode asks the server to cancel a statement cut off at its deadline on the next
+    request that finds the server up, and gives that login a probe's grace within the request
+    (it cannot wait for the next one: the server would close a login half done). The request's
+    own timeout was ignored: timeout=0.05 was held 0.5 s with logins stalled. The login now
+    goes on in later requests."""
+    p = pool.Pool(db.dsn("primary"), mode="process", query_timeout=5)
+    try:
+        p.fetchone("SELECT 1")  # a pooled session for the requests below
+        other = psycopg2.connect(db.dsn("primary"))
+        ep = p._endpoints[0]
+        ep.cut_off(_as_cut_off(other, time.monotonic()), time.monotonic())
+        ep.login_s = 0.125  # a grace of 0.5 s (the most it can be)
+        postmaster = db.pid("primary")
+        os.kill(postmaster, signal.SIGSTOP)  # logins wait; the pooled session works
+        try:
+            p._wake_housekeeper()
+            seconds, row, error = timed(lambda: _select_one(p, timeout=0.05))
+            assert error is None and row == (1,), error
+            assert ep.errand is not None, "no cancel request was started"
+            assert seconds < 0.05 + 0.15, seconds
+        finally:
+            os.kill(postmaster, signal.SIGCONT)
+        wait_until(lambda: p.fetchone("SELECT 1") and ep.errand is None, timeout=5,
+                   interval=0.01, what="the cancel request done")
+        other.close()
+    finally:
+        p.close()
