@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -195,11 +196,13 @@ def endpoint_config(spec: EndpointSpec, role: str, label: str, options: Options)
     read = dict(params)
     read.pop("target_session_attrs", None)
     read["options"] = (params.get("options", "") + " -c default_transaction_read_only=on").strip()
-    where = host or "localhost"
-    identity = "|".join((where, port or "5432", params.get("dbname") or params.get("user") or "",
+    # Named as libpq connects: with no host or port in the DSN, from PGHOST (PGHOSTADDR) and PGPORT.
+    where = host or os.environ.get("PGHOST") or os.environ.get("PGHOSTADDR") or "localhost"
+    port = port or os.environ.get("PGPORT") or "5432"
+    identity = "|".join((where, port, params.get("dbname") or params.get("user") or "",
                          params.get("user") or ""))
     return EndpointConfig(
-        name=name or f"{where}:{port or 5432}",
+        name=name or f"{where}:{port}",
         role=role,
         write_dsn=make_dsn(**write),
         read_dsn=make_dsn(**read),

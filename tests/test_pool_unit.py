@@ -272,6 +272,20 @@ def test_endpoint_config_adds_defaults_and_keeps_user_settings():
     assert named.name == "analytics"
 
 
+def test_an_endpoint_whose_host_and_port_come_from_the_environment_is_named_after_them(
+        monkeypatch):
+    """With no host or port in the DSN, libpq takes PGHOST (or PGHOSTADDR) and PGPORT: the
+    endpoint was named localhost:5432 in every error, log line and stats entry all the same."""
+    monkeypatch.setenv("PGHOST", "db.from-env")
+    monkeypatch.setenv("PGPORT", "6432")
+    cfg = endpoint_config("dbname=app user=app", "primary", "p", Options())
+    assert cfg.name == "db.from-env:6432" and cfg.identity == "db.from-env|6432|app|app"
+    assert endpoint_config("host=db1 dbname=app", "replica", "r", Options()).name == "db1:6432"
+    monkeypatch.delenv("PGHOST")
+    monkeypatch.setenv("PGHOSTADDR", "10.0.0.1")
+    assert endpoint_config("dbname=app", "primary", "p", Options()).name == "10.0.0.1:6432"
+
+
 def test_endpoint_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
         endpoint_configs("host=db1", ["host=db1"], Options())
