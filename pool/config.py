@@ -40,7 +40,7 @@ class Options:
     mode: str = "threaded"
     max_size: int = 10  # connections per endpoint, a hard bound
     min_size: int = 0  # per endpoint, kept open by housekeeping
-    timeout: float = 5.0  # seconds a checkout may take: a wait (threaded mode), a ping, a connect
+    timeout: float = 5.0  # seconds a checkout may take: waits, pings, connects, probes it awaits
     connect_timeout: float = 2.0  # seconds per connection attempt, enforced by the pool
     query_timeout: float | None = 30.0  # seconds any statement may wait for the server
     max_lifetime: float = 1800.0  # a connection is replaced after this (minus up to 10% jitter)
