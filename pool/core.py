@@ -390,11 +390,22 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
     def _take_after_probe(self, readonly: bool, deadline: float) -> Any:
         """No endpoint is up for this request. If one is being probed right now (say, after a
-        lost session), give the probe a moment (Endpoint.grace; no later than the caller's
-        ``deadline``), then route once more: raises EndpointUnavailable, with the state as it
-        is then, if nothing came back."""
+        lost session), give the probe a moment (Endpoint.grace), then route once more: raises
+        EndpointUnavailable, with the state as it is then, if nothing came back. PoolTimeout if
+        the caller's ``deadline`` came first, with the probe still worth waiting for: its
+        server may be fine, and is merely slower to answer than the caller could wait."""
         self._probe_on_demand(monotonic(), deadline)
-        return self._take(readonly)
+        try:
+            return self._take(readonly)
+        except EndpointUnavailable:
+            now = monotonic()
+            if now >= deadline:
+                with self._lock:
+                    awaited = [ep for ep in self._endpoints if ep.awaiting_probe(now)]
+                if awaited:
+                    self._deadline_spent("waiting for the probe of " + ", ".join(
+                        f"{ep.role} {ep.name} (down {now - ep.down_since:.2f}s)" for ep in awaited))
+            raise
 
     def _take_locked(self, readonly: bool, among: tuple | None = None) -> Any:
         """Lock held. An idle connection, a Reservation for a new one, or None if all are full.
@@ -431,7 +442,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             return min(self._readable, key=lambda ep: ep.in_use)
         return self._primary or self._endpoints[0]
 
-    def _open(self, res: Reservation, deadline: float = INFINITY) -> PooledConnection | None:
+    def _open(self, res: Reservation, deadline: float = INFINITY,
+              hosted: bool = False) -> PooledConnection | None:
         """Connect in a slot _take reserved. None if the endpoint failed (and was ejected).
 
         The attempt is bounded by connect_timeout and by the caller's deadline, whichever comes
@@ -440,7 +452,9 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         would overshoot that share by more than PRECHECK_SLACK, a non-blocking probe reaches the
         server first, within it exactly (_precheck). A connect cut short by the caller's
         deadline (a share smaller than both a probe's grace and connect_timeout) is evidence of
-        nothing, as for a ping: the caller gets PoolTimeout, and the endpoint stays up.
+        nothing, as for a ping: the caller gets PoolTimeout, and the endpoint stays up. So is
+        any connect the deadline cut short if the caller only ``hosted`` it (process mode's
+        min_size connects run on requests): it must not fail the request that hosts it.
 
         Only a failed connect, or a statement setting the connection up that got no answer
         within query_timeout, is evidence against the server. Any other error from the user's
@@ -470,11 +484,13 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 raise  # not the server's fault: a bad option, ^C
             spent = monotonic() - started
             share = limit - (served - started)  # the server's, or the lookup's if it failed
-            if spent >= limit and share < min(ep.grace, opts.connect_timeout) \
+            if spent >= limit and (share < min(ep.grace, opts.connect_timeout)
+                                   or hosted and limit < opts.connect_timeout) \
                     and connect_failure(describe_error(exc)) == "down":
                 self._deadline_spent(  # the caller's time ran out first: proof of nothing
                     f"connecting to {ep.role} {ep.name} ({limit:.3f}s were left"
-                    f"{f', {share:.3f}s after the name lookup' if share < limit else ''})")
+                    f"{f', {share:.3f}s after the name lookup' if share < limit else ''})",
+                    count=not hosted)
             with self._lock:
                 ep.connect_errors += 1
             self._connect_failed(ep, exc, fast=ep.at_once(spent))

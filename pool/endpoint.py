@@ -372,13 +372,15 @@ class Endpoint:
         probe = self.probe
         if probe is None:
             return self.retry_at <= now and self.worth_waiting(now)
-        return probe.awaited and not self.probe_overdue(probe, now)
+        return probe.awaited and self.probe_left(probe) > 0
 
-    def probe_overdue(self, probe: Any, now: float) -> bool:
-        """Has the server left this probe unanswered for its grace (Probe.silence: time the
-        prober was off the CPU does not count), or has it run PROBE_GRACE_MAX however slowly it
-        was attended? Then nobody waits for it any longer."""
-        return probe.silence >= self.grace or now - probe.started >= PROBE_GRACE_MAX
+    def probe_left(self, probe: Any) -> float:
+        """How much longer a request may wait for this probe; none left, and nobody waits for
+        it any longer (it is overdue). The server's silence spends the grace (Probe.silence:
+        time the prober was off the CPU does not count), and the time it was attended spends
+        PROBE_GRACE_MAX however slowly the server answers (Probe.waited: not the clock, since a
+        process-mode worker attends its probe only on requests, within their own timeouts)."""
+        return min(self.grace - probe.silence, PROBE_GRACE_MAX - probe.waited)
 
     @property
     def shown_state(self) -> str:

@@ -309,11 +309,12 @@ class Health:
                                      if e is not ep or self.options.read_fallback) else EndpointUnavailable
         return cls(f"cannot serve reads: {why} [{states}]")
 
-    def _deadline_spent(self: "Pool", what: str) -> NoReturn:
+    def _deadline_spent(self: "Pool", what: str, count: bool = True) -> NoReturn:
         """The checkout's deadline passed while it was ``what`` (a ping, a connect): too soon to
-        be evidence against the server, so no ejection, only PoolTimeout."""
+        be evidence against the server, so no ejection, only PoolTimeout. ``count``: a checkout
+        timed out (not so for a min_size connect, which the request only hosted)."""
         with self._lock:
-            self._timeouts += 1
+            self._timeouts += count
             raise self._timeout_error(False, None,
                                       head=f"the checkout's deadline passed while {what}")
 

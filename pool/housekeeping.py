@@ -114,7 +114,7 @@ class Housekeeping:
                 probe.leased = leased
             status = probe.step(now)
             if status == PENDING:
-                if ep.suspect and ep.probe_overdue(probe, now):
+                if ep.suspect and ep.probe_left(probe) <= 0:
                     self._probe_unanswered(ep, now)
                 due = min(due, now + PROBE_STEP_INTERVAL)
                 continue
@@ -178,8 +178,10 @@ class Housekeeping:
 
         A connect that fails ejects its endpoint (evidence) and filling skips it; any other
         error (the user's configure(), say) is logged, and filling waits, doubling the delay.
-        In process mode a connect ends at the request's deadline (``_until``); with less left
-        than a login takes (Endpoint.grace), it waits for the next request.
+        In process mode a connect ends at the request's deadline (``_until``), and only a whole
+        connect_timeout unanswered is evidence against the server: the request merely hosts the
+        connect, and must not fail for it. Cut short, or with less time left than two logins
+        take, filling waits a second (a request a second at most pays for a slow server).
         """
         if now < self._fill_retry_at:
             return False
@@ -189,13 +191,16 @@ class Housekeeping:
                 with self._lock:
                     if ep.state is not UP or ep.size >= self.options.min_size:
                         break
-                    if budget == 0 or self._until - monotonic() < ep.grace:
+                    if budget == 0:
                         return False
-                    res = ep.reserve()
+                    short = self._until - monotonic() < 2 * ep.login_s
+                    if not short:
+                        res = ep.reserve()
                 try:
-                    rec = self._open(res, self._until)
-                except PoolTimeout:  # cut short by the request's deadline: proof of nothing
-                    return False
+                    rec = None if short else \
+                        self._open(res, self._until, hosted=True)
+                except PoolTimeout:  # the request's deadline: proof of nothing
+                    short = True
                 except Exception as exc:
                     first, cap = FILL_BACKOFF
                     delay = min(cap, first * 2 ** self._fill_failures)
@@ -203,6 +208,9 @@ class Housekeeping:
                     self._fill_retry_at = now + delay
                     log.error("opening a min_size connection to %s %s failed (%s); retrying in "
                               "%.0fs", ep.role, ep.name, self._redact(describe_error(exc)), delay)
+                    return False
+                if short:
+                    self._fill_retry_at = now + HOUSEKEEPING_INTERVAL
                     return False
                 if rec is None:
                     break

@@ -220,24 +220,29 @@ class ProcessPool(Pool):
 
     def _probe_on_demand(self, now: float, deadline: float) -> None:
         """With no thread, nothing probes between requests. So a request that needs a down
-        endpoint starts its due probe and gives it its grace (until its own deadline at most):
-        if the server is fine (a lost session was a false alarm) or back (the worker sat idle
-        through the outage), that request succeeds instead of failing fast. A probe older than
-        connect_timeout proves nothing (nobody was waiting on it: this worker had no requests)
-        and is started afresh."""
+        endpoint starts its due probe and gives it what is left of its grace (Endpoint.probe_left),
+        until its own deadline at most: if the server is fine (a lost session was a false alarm)
+        or back (the worker sat idle through the outage), that request succeeds instead of
+        failing fast. A probe cut short by a request's deadline goes on in the next request. One
+        left unattended for longer than connect_timeout proves nothing (nobody was waiting on
+        it: this worker had no requests; its connect may sit in TCP's backoff after a black
+        hole) and is started afresh."""
         for ep in self._endpoints:
             probe = ep.probe
-            if probe is not None and now - probe.started > self.options.connect_timeout:
+            if probe is not None and now - probe.stepped > self.options.connect_timeout:
                 probe.cancel()
                 ep.probe = None
                 ep.retry_at = now
         self._probing = True
         try:
             self._housekeep_now(now, deadline)  # starts due probes, steps running ones
-            young = [ep for ep in self._endpoints if ep.awaiting_probe(now) and ep.probe is not None]
-            if young:
-                wait_for([ep.probe for ep in young], monotonic, until=min(deadline, max(
-                    min(ep.probe.due(ep.grace), ep.probe.started + PROBE_GRACE_MAX) for ep in young)))
+            while True:
+                t = monotonic()
+                young = [ep for ep in self._endpoints if ep.awaiting_probe(t) and ep.probe is not None]
+                if not young or t >= deadline:
+                    return
+                wait_for([ep.probe for ep in young], monotonic,
+                         until=min(deadline, t + max(ep.probe_left(ep.probe) for ep in young)))
                 self._housekeep_now(monotonic(), deadline)  # re-admits those that answered
         finally:
             self._probing = False

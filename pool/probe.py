@@ -41,7 +41,7 @@ PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the 
 
 class Probe:
     __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
-                 "awaited", "leased", "connecting", "_conn", "_wants", "_query", "_cur", "_dsn",
+                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn",
                  "_resolution")
 
     def __init__(self, dsn: str, now: float, timeout: float,
@@ -62,7 +62,6 @@ class Probe:
         self._query = query
         self._wants = ext.POLL_WRITE
         self._dsn = dsn
-        self.connecting = now  # when the connect started (after the host name lookup)
         self._resolution: Resolution | None = None
         if params is None:
             self._resolution = Resolution(dsn, now, timeout)
@@ -80,7 +79,6 @@ class Probe:
             self._resolution = None
         elif params is None:  # (close() cancelled it from another thread meanwhile)
             return
-        self.connecting = now
         try:
             conn = psycopg2.connect(self._dsn, async_=True,
                                     **(params if resolution is None else resolution.params()))
@@ -159,13 +157,6 @@ class Probe:
     def fileno_and_events(self) -> tuple[int, bool]:
         """The socket and whether the probe waits to read (True) or to write (False)."""
         return self._conn.fileno(), self._wants == ext.POLL_READ
-
-    def due(self, grace: float) -> float:
-        """When a server that is fine has answered: ``grace`` after the connect started, which
-        waits for the host name lookup first (resolve.py: at most STALE_AFTER if the name has
-        an earlier answer)."""
-        resolution = self._resolution
-        return (self.connecting if resolution is None else resolution.settles_by()) + grace
 
     @property
     def reason(self) -> str | None:

@@ -133,11 +133,6 @@ class Resolution:
             until = min(until - self.bound / 2, lookup.started + STALE_AFTER)
         return until
 
-    def settles_by(self) -> float:
-        """When the attempt goes on at the latest (now, if it may already)."""
-        lookup = self._lookup
-        return self.started if lookup is None or lookup.done.is_set() else self._until(lookup)
-
     def settled(self, now: float) -> bool:
         """May the attempt go on: the lookup answered, or it has been waited for long enough?"""
         lookup = self._lookup

@@ -174,12 +174,12 @@ def job_cancel_cut_off(pool: Any, now: float) -> float:
                 asked = time.monotonic()
                 cut = list(ep.orphans)
             errand = ep.errand = _cancel_request(pool, ep, asked, cut)
-            if not pool._probes_in_background:
-                # Process mode steps it on requests, which may come further apart than the
-                # server's authentication_timeout: it would close the login half done. The
-                # request that starts it gives it a probe's grace (a login and a statement),
-                # within its own deadline.
-                wait_for([errand], time.monotonic, min(asked + ep.grace, pool._until))
+        if not pool._probes_in_background:
+            # Process mode steps it on requests, which may come further apart than the server's
+            # authentication_timeout: it would close the login half done. The requests give it
+            # a probe's grace in all (a login and a statement), each within its own deadline.
+            wait_for([errand], time.monotonic,
+                     min(time.monotonic() + ep.grace - errand.waited, pool._until))
         if errand.step(now) == PENDING:
             due = min(due, now + ERRAND_STEP)
             continue

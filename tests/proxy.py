@@ -9,6 +9,8 @@
     proxy.lose_flows()                  # a firewall or NAT that forgot its state: live connections
                                         # stay open but carry nothing any more; new ones work
     proxy.forward()                     # back to normal
+    proxy.delay = 0.01                  # every chunk waits this long each way (a far server:
+                                        # slow logins, a round trip of at least 2 * delay)
     proxy.close()
 
 A black hole is the nasty case for a pool: connect() succeeds and then nothing comes back, so
@@ -20,12 +22,14 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 
 
 class Proxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.mode = "forward"
+        self.delay = 0.0
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
         self._lost: set[socket.socket] = set()  # client sides whose flows carry nothing
@@ -140,6 +144,8 @@ class Proxy:
                     data = s.recv(65536)
                     if not data:
                         raise OSError("closed")
+                    if self.delay:
+                        time.sleep(self.delay)
                     (b if s is a else a).sendall(data)
         except (OSError, ValueError):
             for s in socks:
