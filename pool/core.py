@@ -484,7 +484,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 raise  # not the server's fault: a bad option, ^C
             spent = monotonic() - started
             share = limit - (served - started)  # the server's, or the lookup's if it failed
-            if spent >= limit and (share < min(ep.grace, opts.connect_timeout)
+            if spent >= limit and (ep.cut_short(share, opts.connect_timeout)
                                    or hosted and limit < opts.connect_timeout) \
                     and connect_failure(describe_error(exc)) == "down":
                 self._deadline_spent(  # the caller's time ran out first: proof of nothing
@@ -559,7 +559,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._discard(rec)
         if not rec.raw.timed_out:  # an error: the session is gone, as if the server closed it
             self._eject(ep, "a ping found the session lost", probe_now=True, share=False)
-        elif budget >= min(ep.grace, opts.connect_timeout):
+        elif not ep.cut_short(budget, opts.connect_timeout):
             # No answer within the pool's own deadline, or the time a login on a server that is
             # fine takes (Endpoint.grace): evidence
             self._missed_deadline(ep, rec.raw, "a ping")
@@ -585,7 +585,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         if rec.ping(max(0.001, budget)):
             rec.generation = generation
             return True
-        if rec.raw.timed_out and budget < ep.grace:
+        if rec.raw.timed_out and ep.cut_short(budget, None):
             self._discard(rec)
             self._deadline_spent(f"pinging a connection to {ep.role} {ep.name} kept through an "
                                  f"outage or a suspicion")
@@ -759,11 +759,7 @@ class Checkout:
         else:
             rec = pool._checkout_after(self._after, self._timeout)
         if self._special or rec.maybe_autocommit or self._readonly and rec.endpoint.role == PRIMARY:
-            try:
-                pool._lend(rec, self._readonly, self._query_timeout)
-            except BaseException as exc:
-                pool._checkin_slow(rec, exc)
-                raise
+            pool._lend(rec, self._readonly, self._query_timeout, self._timeout)
         self._rec = rec
         return rec.raw
 

@@ -356,6 +356,12 @@ class Endpoint:
     def grace(self) -> float:
         return min(PROBE_GRACE_MAX, max(PROBE_GRACE, 4 * self.login_s))
 
+    def cut_short(self, limit: float, own: float | None) -> bool:
+        """Was a wait on this server bounded by ``limit`` cut short by a caller's deadline
+        (``limit`` under the pool's ``own`` bound for it) sooner than a server that is fine
+        answers (a probe's grace)? Then its silence is evidence of nothing."""
+        return limit < self.grace and (own is None or limit < own)
+
     def logged_in(self, seconds: float) -> None:
         """A login (connect or probe) took ``seconds``: remember it, smoothed."""
         self.login_s = seconds if not self.login_s else 0.8 * self.login_s + 0.2 * seconds

@@ -27,7 +27,8 @@ from .connection import (RAN, READ_ONLY_SET, SETTING, WIPED, PooledConnection, d
                          is_disconnect)
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError, QueryTimeout
-from .session import get_autocommit, make_read_only, own_statement, reset_server, set_autocommit
+from .session import (get_autocommit, make_read_only, own_statement, reset_server,
+                      set_autocommit, within)
 
 log = logging.getLogger("pool")
 
@@ -225,20 +226,41 @@ class Returns:
                 self._eject(ep, f"connection lost: {self._redact(describe_error(cause))}",
                             probe_now=True, share=False)
 
-    def _lend(self, rec: PooledConnection, readonly: bool, query_timeout: Any) -> Any:
+    def _lend(self, rec: PooledConnection, readonly: bool, query_timeout: Any,
+              timeout: float | None = None) -> Any:
         """Prepare a connection for a ``with`` block: autocommit off (a block is one transaction),
         its own statement deadline if it has one. A read-only block on the primary (the
         fallback) makes the whole session read-only, so that switching psycopg2's settings
-        (autocommit, readonly) inside the block cannot make it write."""
+        (autocommit, readonly) inside the block cannot make it write. On failure the connection
+        goes back by the slow path (or is dropped) before the error reaches the caller.
+
+        That SET is part of the checkout: bounded by its ``timeout`` too (a stalled primary held
+        a read with timeout=0.1 for query_timeout). Unanswered within it, the primary is ejected
+        as for a ping; cut short sooner than a probe's grace, it proves nothing (PoolTimeout)."""
         raw = rec.raw
-        if rec.maybe_autocommit:  # fetchone & co leave it on (statements.py); a block is a
-            if raw.autocommit:    # transaction
-                set_autocommit(raw, False)
-            rec.maybe_autocommit = False
-        if readonly and rec.endpoint.role == PRIMARY:
-            raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
-            raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
-            make_read_only(raw)  # (if the SET fails, the return path sets autocommit back)
+        ep = rec.endpoint
+        own = limit = raw.query_timeout
+        try:
+            if rec.maybe_autocommit:  # fetchone & co leave it on (statements.py); a block is a
+                if raw.autocommit:    # transaction
+                    set_autocommit(raw, False)
+                rec.maybe_autocommit = False
+            if readonly and ep.role == PRIMARY:
+                raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
+                raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
+                with within(raw, self.options.timeout if timeout is None else timeout) as limit:
+                    make_read_only(raw)  # (if the SET fails, the return path sets autocommit back)
+        except BaseException as exc:
+            if not raw.timed_out:
+                self._checkin_slow(rec, exc)
+                raise
+            if ep.cut_short(limit, own):  # the caller's time ran out first
+                self._discard(rec)
+                self._deadline_spent(f"making a session of {ep.role} {ep.name} read-only")
+            self._checkin_slow(rec, exc)  # evidence: ejected
+            raise EndpointUnavailable(
+                f"{ep.role} {ep.name}: no answer within {limit:g}s to the pool's read-only SET for "
+                f"a read that fell back to it; probing it", ep.name) from exc
         if query_timeout is not _DEFAULT:  # the block's own, from here on (not for the SET above)
             raw.query_timeout = query_timeout
             raw.dirty |= SETTING  # restored on return

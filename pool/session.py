@@ -29,9 +29,10 @@ therefore sees a clean session and may add to it (and must leave the connection 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from time import monotonic
-from typing import Any
+from typing import Any, Iterator
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -70,6 +71,19 @@ def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | No
         return cur.fetchall() if fetch else None
     finally:
         cur.close()
+
+
+@contextlib.contextmanager
+def within(raw: Any, limit: float) -> Iterator[float]:
+    """The pool's own statements on ``raw`` bounded by ``limit`` (what is left of a checkout's
+    timeout) as well as by its query_timeout; yields the bound that applies."""
+    saved = raw.query_timeout
+    if saved is None or limit < saved:
+        raw.query_timeout = max(0.001, limit)
+    try:
+        yield raw.query_timeout
+    finally:
+        raw.query_timeout = saved
 
 
 def timed_call(raw: Any, method: Any, *args: Any, **kwargs: Any) -> Any:

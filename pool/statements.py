@@ -26,7 +26,7 @@ from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
 from .errors import EndpointUnavailable, PoolError
-from .session import own_statement, set_autocommit, set_readonly
+from .session import own_statement, set_autocommit, set_readonly, within
 
 if TYPE_CHECKING:
     from .core import Pool
@@ -151,16 +151,21 @@ class Statements:
                     if monotonic() >= end:
                         break
                     rec = self._checkout(True, max(0.0, end - monotonic()))
+                limit = end - monotonic()  # (the checkout's: see _replay_position)
                 try:
                     if judged(rec.endpoint):
-                        replay, _ = self._replay_position(rec)
+                        replay, _ = self._replay_position(rec, limit)
                     else:  # no primary to compare it with (else _askable left it out)
-                        replay, floor = self._replay_position(rec, vouch=True)
+                        replay, floor = self._replay_position(rec, limit, vouch=True)
                         if timeline is not None and (floor or 0) < timeline:
                             replay = -1  # of an older history than the token: says nothing
                     asked[rec.endpoint] = replay
                 except BaseException as exc:
                     held, rec = rec, None
+                    ep = held.endpoint
+                    if held.raw.timed_out and ep.cut_short(limit, self.options.query_timeout):
+                        self._discard(held)  # the caller's time ran out first: proof of nothing
+                        self._deadline_spent(f"asking replica {ep.name} its replay position")
                     self._checkin_slow(held, exc, True)
                     if not is_disconnect(exc, held.raw):
                         raise
@@ -267,19 +272,23 @@ class Statements:
         return self._judged(ep) or not self._writable
 
     @staticmethod
-    def _replay_position(rec: PooledConnection, vouch: bool = False) -> tuple[int, int | None]:
+    def _replay_position(rec: PooledConnection, limit: float,
+                         vouch: bool = False) -> tuple[int, int | None]:
         """The replica's replay position, asked (one round trip, timed, on a plain cursor). With
         ``vouch``, also the timeline it is on at least (its control file's: the last restartpoint
         and the minimum recovery point lag behind, never ahead); None where those functions are
-        not allowed (they are by default)."""
+        not allowed (they are by default). The question is part of a checkout: bounded by what
+        is left of its timeout (``limit``) as well as by query_timeout."""
         raw = rec.raw
         if not raw.autocommit:  # left on: whoever uses the connection next sets what it needs
             rec.maybe_autocommit = True
             set_autocommit(raw, True)
-        try:
-            ((text, floor),) = own_statement(raw, _VOUCH_SQL if vouch else _REPLAY_SQL, fetch=True)
-        except psycopg2.errors.InsufficientPrivilege:
-            ((text, floor),) = own_statement(raw, _REPLAY_SQL, fetch=True)
+        with within(raw, limit):
+            try:
+                ((text, floor),) = own_statement(raw, _VOUCH_SQL if vouch else _REPLAY_SQL,
+                                                 fetch=True)
+            except psycopg2.errors.InsufficientPrivilege:
+                ((text, floor),) = own_statement(raw, _REPLAY_SQL, fetch=True)
         replay = lag.parse_lsn(text) or 0  # (NULL: not a replica any more; never enough)
         ep = rec.endpoint
         if replay > (ep.replay_lsn or 0):

@@ -1162,3 +1162,58 @@ def test_process_mode_a_cancel_requests_login_is_bounded_by_the_requests_timeout
         other.close()
     finally:
         p.close()
+
+
+def test_a_read_after_a_token_is_held_no_longer_than_its_timeout_by_a_stalled_replica(db, mode):
+    """A read after a token asks a replica its replay position inside the checkout. Against a
+    stalled replica (still up in the pool's eyes) that round trip waited query_timeout, 3 s
+    here (30 s by default), for a caller with timeout=0.2 (found by a red-team run)."""
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode, query_timeout=3)
+    try:
+        wait_until(lambda: p.fetchone(READ, readonly=True) and p._endpoints[1].judged,
+                   timeout=10, interval=0.05, what="the replica judged by its monitor")
+        p.execute(INSERT, (unique_name(),))
+        token = p.write_token()
+        with stalled(db, "replica1"):
+            def read():
+                with p.connection(readonly=True, timeout=0.2, after=token):
+                    pass
+            seconds, _, error = timed(read)
+            assert seconds < 0.2 + 0.2, (seconds, error)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("timeout", [0.6, 0.02])
+def test_a_read_only_loan_on_the_primary_is_held_no_longer_than_its_timeout(db, mode, timeout):
+    """A read that falls back to the primary makes its session read-only with a SET inside the
+    checkout. Against a stalled primary (still up in the pool's eyes) that round trip waited
+    query_timeout, 3 s here (30 s by default), for a caller with timeout=0.1 (found by a
+    red-team run). Now the checkout's timeout bounds it: that long unanswered (0.6 s, more
+    than any probe grace) ejects the primary, as for a ping; a few milliseconds (0.02 s, less
+    than any) prove nothing."""
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode, query_timeout=3)
+    try:
+        db.kill("replica1")
+        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
+                   and state(p, 1) == "down", timeout=10, interval=0.05,
+                   what="reads on the primary, the replica down")
+        with p.connection() as conn:  # a session used just now: lent without a ping
+            conn.cursor().execute("SELECT 1")
+        ejections = p.stats(housekeep=False)["ejections"]  # (the replica's)
+        with stalled(db, "primary"):
+            def read():
+                with p.connection(readonly=True, timeout=timeout):
+                    pass
+            seconds, _, error = timed(read)
+            assert seconds < timeout + 0.2, (seconds, error)
+            if timeout > pool.endpoint.PROBE_GRACE_MAX:
+                assert isinstance(error, pool.EndpointUnavailable), error
+                assert "read-only SET" in str(error) and state(p, 0) == "down", error
+            else:
+                assert isinstance(error, pool.PoolTimeout), error
+                assert state(p, 0) == "up"
+                assert p.stats(housekeep=False)["ejections"] == ejections
+        assert p.stats(housekeep=False)["in_use"] == 0
+    finally:
+        p.close()
