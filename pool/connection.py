@@ -250,7 +250,8 @@ class PooledConnection:
     """A server connection plus the facts the pool checks on every checkout, all O(1)."""
 
     __slots__ = ("raw", "endpoint", "key", "generation", "pid", "expires", "last_used",
-                 "readonly", "baseline", "cursor", "maybe_autocommit", "_poller", "__weakref__")
+                 "readonly", "baseline", "cursor", "maybe_autocommit", "lent_by", "_poller",
+                 "__weakref__")
 
     def __init__(self, raw: PoolConnection, endpoint: Any, baseline: Baseline, now: float,
                  max_lifetime: float) -> None:
@@ -270,9 +271,18 @@ class PooledConnection:
         # True to begin with, and after the reset= hook: configure() or the hook may have
         # switched it on (a borrower's own switch marks the loan, and the reset undoes it).
         self.maybe_autocommit = True
+        self.lent_by = (0.0, 0.0)  # see deadline()
         # Registered once: checking for a server-side close is then a single poll() syscall.
         self._poller = select.poll()
         self._poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
+
+    def deadline(self, timeout: float) -> float:
+        """The deadline of the checkout that lent it, given that checkout's ``timeout``: a fast
+        checkout started at ``last_used``; one that waited, connected, pinged or asked a replica
+        left its deadline in ``lent_by`` (last_used then, deadline), so the hot path stores
+        nothing more."""
+        then, deadline = self.lent_by
+        return deadline if then == self.last_used else self.last_used + timeout
 
     def new_cursor(self) -> Any:
         self.cursor = base_cursor(self.raw)

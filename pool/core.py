@@ -344,8 +344,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                     and now - rec.last_used <= self._check_after and now < rec.expires):
                 grant, rec = rec, None  # from here on _checkout_slow owns it, and cleans up
                 rec = self._checkout_slow(readonly, timeout, grant, now)
+                deadline = now + (self.options.timeout if timeout is None else timeout)
                 now = monotonic()  # after any wait, connect or ping: fetchone & co time their
                 #                    statement from last_used (statements.py)
+                rec.lent_by = (now, deadline)  # (for _lend: PooledConnection.deadline)
             rec.last_used = now  # idle time counts from the checkout: errs towards checking more
             ep = rec.endpoint
             ep.checkouts += 1
@@ -450,11 +452,14 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         first. The host name is looked up first, once for the whole attempt (resolve.py); what
         is left of the bound is the server's share. libpq counts whole seconds: when its count
         would overshoot that share by more than PRECHECK_SLACK, a non-blocking probe reaches the
-        server first, within it exactly (_precheck). A connect cut short by the caller's
+        server first, within it exactly (_precheck); with less of the caller's time left after
+        it than it took, the caller gets PoolTimeout (the second login would overrun). A connect cut short by the caller's
         deadline (a share smaller than both a probe's grace and connect_timeout) is evidence of
         nothing, as for a ping: the caller gets PoolTimeout, and the endpoint stays up. So is
         any connect the deadline cut short if the caller only ``hosted`` it (process mode's
-        min_size connects run on requests): it must not fail the request that hosts it.
+        min_size connects run on requests): it must not fail the request that hosts it. One
+        the caller's deadline ended later than that makes the endpoint suspect (a slow login
+        as likely as an outage); only connect_timeout unanswered, or a failure, is proof.
 
         Only a failed connect, or a statement setting the connection up that got no answer
         within query_timeout, is evidence against the server. Any other error from the user's
@@ -474,6 +479,12 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             seconds = libpq_seconds(rest)
             if seconds - rest > PRECHECK_SLACK:
                 self._precheck(ep, rest, params)
+                login = monotonic()
+                if limit < opts.connect_timeout and started + limit - login < login - served:
+                    # Less of the caller's time left than the precheck's login took: the real
+                    # one would overrun it by libpq's whole seconds. The server answered.
+                    self._deadline_spent(f"connecting to {ep.role} {ep.name}, which answered "
+                                         f"in {login - served:.3f}s", count=not hosted)
             login = monotonic()
             raw = connect(ep.dsn, ep.name, opts.query_timeout, params,
                           None if seconds == opts.libpq_connect_timeout else seconds)
@@ -493,7 +504,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                     count=not hosted)
             with self._lock:
                 ep.connect_errors += 1
-            self._connect_failed(ep, exc, fast=ep.at_once(spent))
+            if spent >= limit and limit < opts.connect_timeout \
+                    and connect_failure(describe_error(exc)) == "down":
+                # Unanswered within the caller's time, not connect_timeout: a login slower than
+                # that caller could wait (logins slowed by load) as likely as an outage. A
+                # suspicion, as for a missed statement deadline, which the probe decides.
+                self._eject(ep, f"connect failed, in the {limit:.2f}s its caller had left: "
+                                f"{self._redact(describe_error(exc))}", probe_now=True, keep=True)
+            else:
+                self._connect_failed(ep, exc, fast=ep.at_once(spent))
             return None
         try:
             res.raw = raw  # watched from now on: configure() and the baseline may wait for it
@@ -759,7 +778,8 @@ class Checkout:
         else:
             rec = pool._checkout_after(self._after, self._timeout)
         if self._special or rec.maybe_autocommit or self._readonly and rec.endpoint.role == PRIMARY:
-            pool._lend(rec, self._readonly, self._query_timeout, self._timeout)
+            pool._lend(rec, self._readonly, self._query_timeout,
+                       pool.options.timeout if self._timeout is None else self._timeout)
         self._rec = rec
         return rec.raw
 

@@ -71,7 +71,8 @@ REFUSED_BACKOFF_CAP = 5.0  # a refusal needs a person to fix it: don't fill the 
 # started: a login on a LAN takes about 5 ms, so a server that is fine (a lost session was a false
 # alarm) or back answers within it; one that does not is treated as down and requests fail fast.
 # It grows with the logins this endpoint was seen to take (a loaded machine, a far server), up to
-# PROBE_GRACE_MAX, so a false alarm stays one even when logins are slow.
+# PROBE_GRACE_MAX, so a false alarm stays one even when logins are slow (and is that until one
+# was seen).
 PROBE_GRACE = 0.05
 PROBE_GRACE_MAX = 0.5
 QUIET = 1.0  # nobody saw the endpoint down for this long: a probe may well find it back
@@ -354,6 +355,10 @@ class Endpoint:
 
     @property
     def grace(self) -> float:
+        """Four logins as seen here; before any (an outage found on the board, or there at
+        start), the most: a far server's logins must not look like an outage to a new worker."""
+        if not self.login_s:
+            return PROBE_GRACE_MAX
         return min(PROBE_GRACE_MAX, max(PROBE_GRACE, 4 * self.login_s))
 
     def cut_short(self, limit: float, own: float | None) -> bool:

@@ -223,13 +223,16 @@ class ProcessPool(Pool):
         endpoint starts its due probe and gives it what is left of its grace (Endpoint.probe_left),
         until its own deadline at most: if the server is fine (a lost session was a false alarm)
         or back (the worker sat idle through the outage), that request succeeds instead of
-        failing fast. A probe cut short by a request's deadline goes on in the next request. One
-        left unattended for longer than connect_timeout proves nothing (nobody was waiting on
-        it: this worker had no requests; its connect may sit in TCP's backoff after a black
-        hole) and is started afresh."""
+        failing fast. A probe cut short by a request's deadline goes on in the next request.
+        One older than connect_timeout proves nothing if it was left unattended that long
+        (this worker had no requests) or nobody waits for it any more (overdue: its connect may
+        sit in TCP's backoff after a black hole, stepped a little on every request): it is
+        started afresh."""
+        ct = self.options.connect_timeout
         for ep in self._endpoints:
             probe = ep.probe
-            if probe is not None and now - probe.stepped > self.options.connect_timeout:
+            if probe is not None and (now - probe.stepped > ct or now - probe.started > ct
+                                      and ep.probe_left(probe) <= 0):
                 probe.cancel()
                 ep.probe = None
                 ep.retry_at = now

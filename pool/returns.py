@@ -16,6 +16,7 @@ leaves it to the slot's weak reference (endpoint.py).
 from __future__ import annotations
 
 import logging
+from time import monotonic
 from typing import Any
 
 import psycopg2
@@ -227,16 +228,17 @@ class Returns:
                             probe_now=True, share=False)
 
     def _lend(self, rec: PooledConnection, readonly: bool, query_timeout: Any,
-              timeout: float | None = None) -> Any:
+              timeout: float) -> Any:
         """Prepare a connection for a ``with`` block: autocommit off (a block is one transaction),
         its own statement deadline if it has one. A read-only block on the primary (the
         fallback) makes the whole session read-only, so that switching psycopg2's settings
         (autocommit, readonly) inside the block cannot make it write. On failure the connection
         goes back by the slow path (or is dropped) before the error reaches the caller.
 
-        That SET is part of the checkout: bounded by its ``timeout`` too (a stalled primary held
-        a read with timeout=0.1 for query_timeout). Unanswered within it, the primary is ejected
-        as for a ping; cut short sooner than a probe's grace, it proves nothing (PoolTimeout)."""
+        That SET is part of the checkout: bounded by what is left of its ``timeout`` too (a
+        stalled primary held a read with timeout=0.1 for query_timeout). Unanswered within it,
+        the primary is ejected as for a ping; cut short sooner than a probe's grace, it proves
+        nothing (PoolTimeout). A session lost meanwhile says so (EndpointUnavailable)."""
         raw = rec.raw
         ep = rec.endpoint
         own = limit = raw.query_timeout
@@ -248,19 +250,20 @@ class Returns:
             if readonly and ep.role == PRIMARY:
                 raw.dirty |= READ_ONLY_SET  # the SET below is undone on return
                 raw.read_only_loan = True  # and psycopg2's read-only flag stays on (connection.py)
-                with within(raw, self.options.timeout if timeout is None else timeout) as limit:
+                with within(raw, rec.deadline(timeout) - monotonic()) as limit:
                     make_read_only(raw)  # (if the SET fails, the return path sets autocommit back)
         except BaseException as exc:
-            if not raw.timed_out:
-                self._checkin_slow(rec, exc)
+            if not isinstance(exc, Exception) or not is_disconnect(exc, raw):
+                self._checkin_slow(rec, exc)  # (an interrupt, say, is the caller's to see)
                 raise
-            if ep.cut_short(limit, own):  # the caller's time ran out first
+            if raw.timed_out and ep.cut_short(limit, own):  # the caller's time ran out first
                 self._discard(rec)
                 self._deadline_spent(f"making a session of {ep.role} {ep.name} read-only")
-            self._checkin_slow(rec, exc)  # evidence: ejected
+            self._checkin_slow(rec, exc)  # evidence: ejected, or probed at once
+            what = f"no answer within {limit:g}s to" if raw.timed_out else "the session was lost in"
             raise EndpointUnavailable(
-                f"{ep.role} {ep.name}: no answer within {limit:g}s to the pool's read-only SET for "
-                f"a read that fell back to it; probing it", ep.name) from exc
+                f"{ep.role} {ep.name}: {what} the pool's read-only SET for a read that fell back "
+                f"to it; probing it ({self._redact(describe_error(exc))})", ep.name) from exc
         if query_timeout is not _DEFAULT:  # the block's own, from here on (not for the SET above)
             raw.query_timeout = query_timeout
             raw.dirty |= SETTING  # restored on return

@@ -118,9 +118,15 @@ class Statements:
         a replica is asked its timeline too, and counts if it is the token's or a later one. A
         token from a newer timeline than the primary's waits first for the pool to see that
         promotion (``_await_timeline``): its replicas and its primary are of an older history."""
-        lsn, timeline = token
         start = monotonic()
         end = start + (self.options.timeout if timeout is None else timeout)
+        rec = self._seek_after(token, start, end)
+        rec.lent_by = (rec.last_used, end)  # (for _lend: PooledConnection.deadline)
+        return rec
+
+    def _seek_after(self: "Pool", token: tuple, start: float, end: float) -> PooledConnection:
+        """_checkout_after's search, started at ``start``, with a deadline at ``end``."""
+        lsn, timeline = token
         if timeline is not None and self._monitoring:
             self._await_timeline(lsn, timeline, start, end)
         fallback = self.options.read_fallback
@@ -130,15 +136,15 @@ class Statements:
         else:
             judged = self._judged
         if fallback and self._writable and self._readable and not any(map(judged, self._readable)):
-            try:
-                return self._checkout(False, timeout)  # no replica compared with this primary yet
+            try:  # no replica compared with this primary yet
+                return self._checkout(False, max(0.0, end - monotonic()))
             except EndpointUnavailable:
                 if self._writable:
                     raise  # (else it was down after all: the replicas are asked, below)
         roomy = tuple(ep for ep in self._readable if self._askable(ep)
                       and (ep.idle or ep.size < ep.max_size))  # a preference, not a wait
         known = tuple(ep for ep in roomy if judged(ep) and (ep.replay_lsn or 0) >= lsn)
-        rec = self._checkout(True, timeout, known or roomy or None)
+        rec = self._checkout(True, max(0.0, end - monotonic()), known or roomy or None)
         ep = rec.endpoint
         if ep.role == PRIMARY or judged(ep) and (ep.replay_lsn or 0) >= lsn:
             return rec
@@ -163,12 +169,13 @@ class Statements:
                 except BaseException as exc:
                     held, rec = rec, None
                     ep = held.endpoint
+                    if not isinstance(exc, Exception) or not is_disconnect(exc, held.raw):
+                        self._checkin_slow(held, exc, True)  # (an interrupt: the caller's)
+                        raise
                     if held.raw.timed_out and ep.cut_short(limit, self.options.query_timeout):
                         self._discard(held)  # the caller's time ran out first: proof of nothing
                         self._deadline_spent(f"asking replica {ep.name} its replay position")
                     self._checkin_slow(held, exc, True)
-                    if not is_disconnect(exc, held.raw):
-                        raise
                     if fallback:
                         break
                     continue

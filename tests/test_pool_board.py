@@ -123,7 +123,9 @@ def test_a_worker_started_during_an_outage_takes_it_from_the_board(db, board_pat
     """gunicorn replaces a worker (max_requests, a crash) while the primary is stalled and
     another worker has already found it down: the new worker neither probes the stalled server
     at start nor waits on it, so it starts, and fails its writes, as fast as in a healthy
-    cluster; and it writes again once the server is."""
+    cluster; and it writes again once the server is. One exception: having seen no login of
+    its own, a new worker gives the probe of a suspicion it finds the longest grace (slow logins
+    must not look like an outage to it), so its first write may wait that once."""
     if form == "declared":
         spec = dict(primary=db.dsn("primary"), replicas=[db.dsn("replica1")])
     else:
@@ -141,7 +143,9 @@ def test_a_worker_started_during_an_outage_takes_it_from_the_board(db, board_pat
             assert all(b < 1.0 for b in born), born  # connect_timeout is 2 s: nobody paid it
             writes = [fresh.ask(i, "write") for i in (0, 1, 0, 1)]
             assert all(not r["ok"] for r in writes), writes
-            assert all(r["seconds"] < 0.2 for r in writes), [r["seconds"] for r in writes]
+            seconds = [r["seconds"] for r in writes]
+            assert max(seconds[:2]) < pool.endpoint.PROBE_GRACE_MAX + 0.1, seconds
+            assert max(seconds[2:]) < 0.2, seconds  # (the stall is confirmed: fast from here)
             assert all(fresh.ask(i, "read")["ok"] for i in range(2))  # reads carry on
         for i in range(2):
             wait_until(lambda i=i: fresh.ask(i, "write")["ok"], timeout=10, interval=0.05,

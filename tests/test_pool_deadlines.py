@@ -1217,3 +1217,173 @@ def test_a_read_only_loan_on_the_primary_is_held_no_longer_than_its_timeout(db, 
         assert p.stats(housekeep=False)["in_use"] == 0
     finally:
         p.close()
+
+
+def test_process_mode_a_probe_stuck_in_a_black_hole_is_started_afresh(db):
+    """A probe started into a black hole sits in TCP's backoff. Process mode steps it a little
+    on every request, so it was never "unattended" and never started afresh: once the network
+    was back, a worker with sparse requests took the server back only after the probe's own
+    deadline crept past, a tenth of a second a request (28 s, found by a red-team run). One
+    older than connect_timeout that nobody waits for any more is started afresh."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode="process", query_timeout=1,
+                  connect_timeout=1, timeout=0.1)
+    try:
+        p.execute("SELECT 1")
+        proxy.blackhole()
+        proxy.cut()  # sessions dropped, new connections black-holed
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            assert timed(lambda: p.fetchone("SELECT 1"))[2] is not None
+            time.sleep(0.4)
+        proxy.forward()
+        errors = [timed(lambda: p.fetchone("SELECT 1"))[2]]
+        time.sleep(0.4)
+        errors.append(timed(lambda: p.fetchone("SELECT 1"))[2])
+        assert errors[-1] is None, errors
+    finally:
+        p.close()
+        proxy.close()
+
+
+def test_a_read_only_loan_gets_what_is_left_of_the_timeout_for_its_set(db, mode):
+    """The read-only SET of a read that falls back to the primary got the checkout's whole
+    timeout again, after the checkout had spent part of it on a ping: with round trips of 0.4 s
+    and timeout=0.6, the checkout took 0.8 s (found by a red-team run). It gets what is left."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), replicas=[db.dsn("replica1")], mode=mode,
+                  ping_after=0.2, query_timeout=5)
+    try:
+        db.kill("replica1")
+        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
+                   and state(p, 1) == "down", timeout=10, interval=0.05,
+                   what="reads on the primary, the replica down")
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+        proxy.delay = 0.2  # a round trip of 0.4 s from here on
+        time.sleep(0.3)  # idle past ping_after: the checkout pings, then the SET
+        def read():
+            with p.connection(readonly=True, timeout=0.6):
+                pass
+        seconds, _, error = timed(read)
+        assert seconds < 0.6 + 0.1, (seconds, error)
+        assert isinstance(error, pool.PoolError), error
+        assert p.stats(housekeep=False)["in_use"] == 0
+    finally:
+        p.close()
+        proxy.close()
+
+
+class _Alarm(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("where", ["read-only SET", "replay question"])
+def test_an_interrupt_in_a_round_trip_the_deadline_cut_off_reaches_the_caller(db, mode, where):
+    """A signal handler's exception (a request timeout, ^C) that lands while the pool's
+    read-only SET or replay question waits on a stalled server runs when the watchdog cuts
+    the call off. The pool took it for the server's silence: the caller got
+    EndpointUnavailable, or, for a read after a token, a connection to the primary as if
+    nothing had happened (found by a red-team run). The caller gets its own exception."""
+    def alarm(signum, frame):
+        raise _Alarm()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode,
+                  query_timeout=5, max_lag=None)
+    try:
+        if where == "read-only SET":
+            db.kill("replica1")
+            wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
+                       and state(p, 1) == "down", timeout=10, interval=0.05,
+                       what="reads on the primary, the replica down")
+            with p.connection() as conn:
+                conn.cursor().execute("SELECT 1")
+            node, after, timeout = "primary", None, 0.1
+        else:
+            p.execute(INSERT, (unique_name(),))
+            p.fetchone(READ, readonly=True)  # an idle connection to the replica
+            admin_sql(db, "replica1", "SELECT pg_wal_replay_pause()")
+            p.execute(INSERT, (unique_name(),))
+            node, after, timeout = "replica1", p.write_token(), 0.2
+        with stalled(db, node):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            try:
+                with pytest.raises(_Alarm):
+                    with p.connection(readonly=True, timeout=timeout, after=after):
+                        pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        assert p.stats(housekeep=False)["in_use"] == 0
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        if where != "read-only SET":
+            admin_sql(db, "replica1", "SELECT pg_wal_replay_resume()")
+        p.close()
+
+
+def test_a_session_lost_in_the_read_only_set_says_so(db, mode):
+    """A read that falls back to the primary on a session the server ended a moment ago (idle
+    less than check_after: not looked at) got psycopg2's raw OperationalError from the pool's
+    read-only SET (found by a red-team run). It gets EndpointUnavailable, naming the primary."""
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode)
+    try:
+        db.kill("replica1")
+        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
+                   and state(p, 1) == "down", timeout=10, interval=0.05,
+                   what="reads on the primary, the replica down")
+        with p.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+        terminate_app_sessions(db, "primary")
+        with pytest.raises(pool.EndpointUnavailable, match="read-only SET"):
+            with p.connection(readonly=True):
+                pass
+        assert p.fetchone(READ, readonly=True) is not None  # the probe takes it back
+    finally:
+        p.close()
+
+
+def test_a_precheck_that_leaves_too_little_time_for_the_login_ends_the_checkout(db, mode):
+    """A connect bounded by the caller's timeout to a fraction of a second first reaches the
+    server with a precheck, then logs in for real under libpq's whole seconds. With logins of
+    0.4 s and timeout=0.6 the second login overran it: 0.82 s (found by a red-team run). With
+    less time left than the precheck took, the caller gets PoolTimeout at once; the server,
+    which answered, stays up."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=3)
+    try:
+        proxy.delay = 0.05  # logins of about 0.4 s
+        seconds, _, error = timed(lambda: p.connection(timeout=0.6).__enter__())
+        assert isinstance(error, pool.PoolTimeout), error
+        assert seconds < 0.6 + 0.1, seconds
+        assert state(p, 0) == "up" and p.stats(housekeep=False)["ejections"] == 0
+    finally:
+        p.close()
+        proxy.close()
+
+
+def test_a_new_worker_does_not_take_slow_logins_for_an_outage(db):
+    """Logins got slow (0.25 s). A caller with timeout=0.1 could not connect, and the primary
+    was marked down for every worker; a new worker, with no login of its own to go by, gave its
+    probe the least grace, 50 ms, confirmed the outage and failed every write while the server
+    was fine, for as long as it ran (found by a red-team run). A connect ended by the caller's
+    time is now a suspicion, and an endpoint with no login seen gets the most grace."""
+    proxy = Proxy(db.port("primary"))
+    dsn = proxied(db, "primary", proxy)
+    first = pool.Pool(dsn, mode="process")
+    second = None
+    try:
+        first.fetchone("SELECT 1")
+        with first.connection():  # held: the next checkout has to connect
+            proxy.delay = 0.03  # logins of about 0.25 s; a probe (and its question) 0.3 s
+            assert isinstance(timed(lambda: first.connection(timeout=0.1).__enter__())[2],
+                              pool.PoolError)
+        assert first._endpoints[0].suspect
+        second = pool.Pool(dsn, mode="process")  # a new worker: what the board says
+        seconds, row, error = timed(lambda: second.fetchone("SELECT 1"))
+        assert error is None and row == (1,), error
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        proxy.close()

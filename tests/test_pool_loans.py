@@ -157,31 +157,34 @@ def test_an_interrupt_anywhere_in_a_read_after_a_token_loses_no_connection(pool_
                                                                          db):
     """A read with a token asks one replica after another (replica1's replay is paused, so it
     is always behind, and is asked first), handing one connection back before taking the next.
-    Each line event of that function in turn raises, as a request timeout may: afterwards every
-    connection is accounted for, none was returned twice, and the pool serves on."""
-    target = pool.statements.Statements._checkout_after.__code__
+    Each line event of that function (the search, and the call that wraps it) in turn raises,
+    as a request timeout may: afterwards every connection is accounted for, none was returned
+    twice, and the pool serves on."""
     admin_sql(db, "replica1", "SELECT pg_wal_replay_pause()")
     try:
-        for point in range(400):
-            p = pool_factory(mode=mode, max_size=1, max_lag=None, balance="round_robin")
-            for _ in range(2):  # a connection idle on each replica (the read moves only to one)
-                p.fetchone("SELECT 1", readonly=True)
-            p.fetchone(INSERT, (unique_name("irq"),))
-            token = p.write_token()  # known on no replica: the read asks them
-            fired = interrupted_at(point, target,
-                                   lambda: p.fetchone("SELECT 1", readonly=True, after=token))
-            gc.collect()  # an interrupted frame's connection, if it held one, is freed with it
-            s = settled(p)
-            assert s["size"] == s["idle"] and s["in_use"] == 0 and s["connecting"] == 0, (point, s)
-            for ep in p._endpoints:  # no connection went back twice
-                assert len(ep.idle) == len(set(map(id, ep.idle))) <= ep.max_size, point
-            assert p.fetchone("SELECT 1", readonly=True, after=token) == (1,), point
-            p.close()
-            if not fired:
-                break  # past the last line
+        for target, lines in ((pool.statements.Statements._seek_after.__code__, 15),
+                              (pool.statements.Statements._checkout_after.__code__, 3)):
+            for point in range(400):
+                p = pool_factory(mode=mode, max_size=1, max_lag=None, balance="round_robin")
+                for _ in range(2):  # a connection idle on each replica (a read moves to one)
+                    p.fetchone("SELECT 1", readonly=True)
+                p.fetchone(INSERT, (unique_name("irq"),))
+                token = p.write_token()  # known on no replica: the read asks them
+                fired = interrupted_at(point, target,
+                                       lambda: p.fetchone("SELECT 1", readonly=True, after=token))
+                gc.collect()  # an interrupted frame's connection, if it held one, is freed with it
+                s = settled(p)
+                assert s["size"] == s["idle"] and s["in_use"] == 0 and s["connecting"] == 0, \
+                    (target.co_name, point, s)
+                for ep in p._endpoints:  # no connection went back twice
+                    assert len(ep.idle) == len(set(map(id, ep.idle))) <= ep.max_size, point
+                assert p.fetchone("SELECT 1", readonly=True, after=token) == (1,), point
+                p.close()
+                if not fired:
+                    break  # past the last line
+            assert point > lines, target.co_name  # every line was tried
     finally:
         admin_sql(db, "replica1", "SELECT pg_wal_replay_resume()")
-    assert point > 15  # every line was tried
 
 
 @pytest.mark.parametrize("statement", [False, True], ids=["empty", "insert"])
