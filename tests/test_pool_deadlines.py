@@ -1164,6 +1164,17 @@ def test_process_mode_a_cancel_requests_login_is_bounded_by_the_requests_timeout
         p.close()
 
 
+def _reads_on_the_primary(p, db):
+    """replica1 (p's only replica) killed and ejected, reads on the primary, and a session to it
+    used just now (lent without a ping)."""
+    db.kill("replica1")
+    wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
+               and state(p, 1) == "down", timeout=10, interval=0.05,
+               what="reads on the primary, the replica down")
+    with p.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+
+
 def test_a_read_after_a_token_is_held_no_longer_than_its_timeout_by_a_stalled_replica(db, mode):
     """A read after a token asks a replica its replay position inside the checkout. Against a
     stalled replica (still up in the pool's eyes) that round trip waited query_timeout, 3 s
@@ -1194,12 +1205,7 @@ def test_a_read_only_loan_on_the_primary_is_held_no_longer_than_its_timeout(db, 
     than any) prove nothing."""
     p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode, query_timeout=3)
     try:
-        db.kill("replica1")
-        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
-                   and state(p, 1) == "down", timeout=10, interval=0.05,
-                   what="reads on the primary, the replica down")
-        with p.connection() as conn:  # a session used just now: lent without a ping
-            conn.cursor().execute("SELECT 1")
+        _reads_on_the_primary(p, db)
         ejections = p.stats(housekeep=False)["ejections"]  # (the replica's)
         with stalled(db, "primary"):
             def read():
@@ -1254,12 +1260,7 @@ def test_a_read_only_loan_gets_what_is_left_of_the_timeout_for_its_set(db, mode)
     p = pool.Pool(proxied(db, "primary", proxy), replicas=[db.dsn("replica1")], mode=mode,
                   ping_after=0.2, query_timeout=5)
     try:
-        db.kill("replica1")
-        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
-                   and state(p, 1) == "down", timeout=10, interval=0.05,
-                   what="reads on the primary, the replica down")
-        with p.connection() as conn:
-            conn.cursor().execute("SELECT 1")
+        _reads_on_the_primary(p, db)
         proxy.delay = 0.2  # a round trip of 0.4 s from here on
         time.sleep(0.3)  # idle past ping_after: the checkout pings, then the SET
         def read():
@@ -1293,12 +1294,7 @@ def test_an_interrupt_in_a_round_trip_the_deadline_cut_off_reaches_the_caller(db
                   query_timeout=5, max_lag=None)
     try:
         if where == "read-only SET":
-            db.kill("replica1")
-            wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
-                       and state(p, 1) == "down", timeout=10, interval=0.05,
-                       what="reads on the primary, the replica down")
-            with p.connection() as conn:
-                conn.cursor().execute("SELECT 1")
+            _reads_on_the_primary(p, db)
             node, after, timeout = "primary", None, 0.1
         else:
             p.execute(INSERT, (unique_name(),))
@@ -1328,12 +1324,7 @@ def test_a_session_lost_in_the_read_only_set_says_so(db, mode):
     read-only SET (found by a red-team run). It gets EndpointUnavailable, naming the primary."""
     p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode)
     try:
-        db.kill("replica1")
-        wait_until(lambda: timed(lambda: p.fetchone(READ, readonly=True))[2] is None
-                   and state(p, 1) == "down", timeout=10, interval=0.05,
-                   what="reads on the primary, the replica down")
-        with p.connection() as conn:
-            conn.cursor().execute("SELECT 1")
+        _reads_on_the_primary(p, db)
         terminate_app_sessions(db, "primary")
         with pytest.raises(pool.EndpointUnavailable, match="read-only SET"):
             with p.connection(readonly=True):
