@@ -453,9 +453,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         is left of the bound is the server's share. libpq counts whole seconds: when its count
         would overshoot that share by more than PRECHECK_SLACK, a non-blocking probe reaches the
         server first, within it exactly (_precheck); with less of the caller's time left after
-        it than it took, the caller gets PoolTimeout (the second login would overrun). A connect cut short by the caller's
-        deadline (a share smaller than both a probe's grace and connect_timeout) is evidence of
-        nothing, as for a ping: the caller gets PoolTimeout, and the endpoint stays up. So is
+        it than it took, the caller gets PoolTimeout (the second login would overrun). A connect
+        cut short by the caller's deadline (a share smaller than both a probe's grace and
+        connect_timeout) is evidence of nothing, as for a ping: the caller gets PoolTimeout, and
+        the endpoint stays up. So is
         any connect the deadline cut short if the caller only ``hosted`` it (process mode's
         min_size connects run on requests): it must not fail the request that hosts it. One
         the caller's deadline ended later than that makes the endpoint suspect (a slow login

@@ -241,7 +241,8 @@ class ProcessPool(Pool):
             self._housekeep_now(now, deadline)  # starts due probes, steps running ones
             while True:
                 t = monotonic()
-                young = [ep for ep in self._endpoints if ep.awaiting_probe(t) and ep.probe is not None]
+                young = [ep for ep in self._endpoints
+                         if ep.awaiting_probe(t) and ep.probe is not None]
                 if not young or t >= deadline:
                     return
                 wait_for([ep.probe for ep in young], monotonic,
