@@ -1181,8 +1181,12 @@ def test_a_read_after_a_token_is_held_no_longer_than_its_timeout_by_a_stalled_re
     here (30 s by default), for a caller with timeout=0.2 (found by a red-team run)."""
     p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1")], mode=mode, query_timeout=3)
     try:
-        wait_until(lambda: p.fetchone(READ, readonly=True) and p._endpoints[1].judged,
-                   timeout=10, interval=0.05, what="the replica judged by its monitor")
+        def judged():  # (a replica counts once it received more since the primary was found)
+            p.execute(INSERT, (unique_name(),))
+            p.fetchone(READ, readonly=True)  # (process mode: the monitors advance on requests)
+            return p._endpoints[1].judged
+
+        wait_until(judged, timeout=10, interval=0.05, what="the replica judged by its monitor")
         p.execute(INSERT, (unique_name(),))
         token = p.write_token()
         with stalled(db, "replica1"):
