@@ -343,8 +343,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if not (rec.__class__ is PooledConnection and rec.generation == rec.endpoint.generation
                     and now - rec.last_used <= self._check_after and now < rec.expires):
                 grant, rec = rec, None  # from here on _checkout_slow owns it, and cleans up
-                rec = self._checkout_slow(readonly, timeout, grant, now)
                 deadline = now + (self.options.timeout if timeout is None else timeout)
+                rec = self._checkout_slow(readonly, deadline, grant, now)
                 now = monotonic()  # after any wait, connect or ping: fetchone & co time their
                 #                    statement from last_used (statements.py)
                 rec.lent_by = (now, deadline)  # (for _lend: PooledConnection.deadline)
@@ -359,11 +359,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             self._abandon_wait()  # a place in line an interrupt left behind (threaded mode)
             raise
 
-    def _checkout_slow(self, readonly: bool, timeout: float | None, grant: Any,
+    def _checkout_slow(self, readonly: bool, deadline: float, grant: Any,
                        now: float) -> PooledConnection:
         """Wait if need be, connect in a reserved slot, or vet an idle connection; loop until a
         connection is ready, an error says why none can be, or the deadline passes."""
-        deadline = now + (self.options.timeout if timeout is None else timeout)
         while True:
             if grant is None or grant.__class__ is not PooledConnection \
                     and grant.__class__ is not Reservation:  # None, or already queued (threaded)
@@ -456,11 +455,11 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         it than it took, the caller gets PoolTimeout (the second login would overrun). A connect
         cut short by the caller's deadline (a share smaller than both a probe's grace and
         connect_timeout) is evidence of nothing, as for a ping: the caller gets PoolTimeout, and
-        the endpoint stays up. So is
-        any connect the deadline cut short if the caller only ``hosted`` it (process mode's
-        min_size connects run on requests): it must not fail the request that hosts it. One
-        the caller's deadline ended later than that makes the endpoint suspect (a slow login
-        as likely as an outage); only connect_timeout unanswered, or a failure, is proof.
+        the endpoint stays up. So is any connect the deadline cut short if the caller only
+        ``hosted`` it (process mode's min_size connects run on requests): it must not fail the
+        request that hosts it. One the caller's deadline ended later than that makes the
+        endpoint suspect (a slow login as likely as an outage); only connect_timeout
+        unanswered, or a failure, is proof.
 
         Only a failed connect, or a statement setting the connection up that got no answer
         within query_timeout, is evidence against the server. Any other error from the user's
@@ -496,17 +495,16 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 raise  # not the server's fault: a bad option, ^C
             spent = monotonic() - started
             share = limit - (served - started)  # the server's, or the lookup's if it failed
-            if spent >= limit and (ep.cut_short(share, opts.connect_timeout)
-                                   or hosted and limit < opts.connect_timeout) \
-                    and connect_failure(describe_error(exc)) == "down":
+            unanswered = spent >= limit and connect_failure(describe_error(exc)) == "down"
+            if unanswered and (ep.cut_short(share, opts.connect_timeout)
+                               or hosted and limit < opts.connect_timeout):
                 self._deadline_spent(  # the caller's time ran out first: proof of nothing
                     f"connecting to {ep.role} {ep.name} ({limit:.3f}s were left"
                     f"{f', {share:.3f}s after the name lookup' if share < limit else ''})",
                     count=not hosted)
             with self._lock:
                 ep.connect_errors += 1
-            if spent >= limit and limit < opts.connect_timeout \
-                    and connect_failure(describe_error(exc)) == "down":
+            if unanswered and limit < opts.connect_timeout:
                 # Unanswered within the caller's time, not connect_timeout: a login slower than
                 # that caller could wait (logins slowed by load) as likely as an outage. A
                 # suspicion, as for a missed statement deadline, which the probe decides.

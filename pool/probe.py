@@ -41,8 +41,7 @@ PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the 
 
 class Probe:
     __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
-                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn",
-                 "_resolution")
+                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn", "_resolution")
 
     def __init__(self, dsn: str, now: float, timeout: float,
                  query: str | Callable[[], str] | None = None,
