@@ -151,8 +151,10 @@ class Watchdog:
         finally:
             sock.close()
         self.kills += 1
-        log.warning("%s: statement ran past query_timeout=%gs with no answer; connection shut down",
-                    raw.label, limit)
+        # INFO, not WARNING: the bound may be a caller's short timeout (a ping or a SET cut off
+        # for it proves nothing); the pool logs the outage, if it is one, where it judges it.
+        log.info("%s: statement ran past its deadline of %.3gs with no answer; connection shut down",
+                 raw.label, limit)
 
 
 WATCHDOG = Watchdog()

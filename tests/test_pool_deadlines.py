@@ -658,6 +658,42 @@ def test_a_ping_cut_short_by_the_callers_deadline_is_no_outage(db, mode):
         proxy.close()
 
 
+def test_a_round_trip_cut_short_by_the_callers_deadline_logs_no_warning(db, mode, caplog):
+    """The watchdog logged a WARNING for every round trip it cut off, a ping or the read-only
+    SET that a caller's short timeout bounded among them: noise for each such checkout, though
+    nothing was wrong with the server. The warning is the pool's, where it judges an outage:
+    one for a ping that spent the pool's own bound, none for a caller's deadline spent."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=1, ping_after=0.2)
+    try:
+        p.fetchone("SELECT 1")
+        time.sleep(0.3)  # idle past ping_after: the next checkout pings it
+        proxy.freeze()
+        with caplog.at_level(logging.INFO, logger="pool"):
+            for _ in range(3):
+                with pytest.raises(pool.PoolTimeout, match="pinging an idle connection"):
+                    with p.connection(timeout=0.03):
+                        pass
+                proxy.forward()
+                p.fetchone("SELECT 1")  # (a new session: the one cut off is closed)
+                time.sleep(0.3)
+                proxy.freeze()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == [], warnings
+        cut = [r for r in caplog.records if "no answer" in r.getMessage()]
+        assert len(cut) == 3, [r.getMessage() for r in caplog.records]  # (at INFO, each)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pool"):
+            with pytest.raises(pool.EndpointUnavailable):
+                with p.connection(timeout=3):  # the ping gets all of connect_timeout: evidence
+                    pass
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "primary" in warnings[0] and "ping" in warnings[0], warnings
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_a_connect_is_bounded_by_the_checkout_timeout_too(db, mode):
     """A checkout that had to connect waited libpq's connect_timeout whatever its own timeout
     said: 3 s against a stalled server for a caller with timeout=0.5. The connect now gets what
