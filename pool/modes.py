@@ -30,7 +30,7 @@ from .core import _DEFAULT, _STATUS_READY, INFINITY, ISSUED, Checkout, Pool
 from .endpoint import PROBE_GRACE, PROBE_GRACE_MAX, UP, Reservation
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .housekeeping import log_failure
-from .probe import OK, PENDING, wait_any, wait_for
+from .probe import wait_any, wait_for
 
 log = logging.getLogger("pool")
 monotonic = time.monotonic
@@ -224,17 +224,15 @@ class ProcessPool(Pool):
         until its own deadline at most: if the server is fine (a lost session was a false alarm)
         or back (the worker sat idle through the outage), that request succeeds instead of
         failing fast. A probe cut short by a request's deadline goes on in the next request.
-        One left unattended longer than connect_timeout (this worker had no requests), or older
-        than that with nobody waiting for it any more (overdue), is started afresh unless the
-        server has answered it within connect_timeout: a silent one may sit in TCP's backoff
-        after a black hole, or on a connection a stall or a firewall swallowed, while a far
-        server's login, slower than a request waits, goes on a step each request until done."""
+        One older than connect_timeout proves nothing if it was left unattended that long
+        (this worker had no requests) or nobody waits for it any more (overdue: its connect may
+        sit in TCP's backoff after a black hole, stepped a little on every request): it is
+        started afresh."""
         ct = self.options.connect_timeout
         for ep in self._endpoints:
             probe = ep.probe
             if probe is not None and (now - probe.stepped > ct or now - probe.started > ct
-                                      and ep.probe_left(probe) <= 0) \
-                    and not self._still_answering(probe, now, ct):
+                                      and ep.probe_left(probe) <= 0):
                 probe.cancel()
                 ep.probe = None
                 ep.retry_at = now
@@ -253,14 +251,6 @@ class ProcessPool(Pool):
         finally:
             self._probing = False
             self._release_probe_leases()
-
-    @staticmethod
-    def _still_answering(probe: Any, now: float, ct: float) -> bool:
-        """Step an old probe once: is it done, or has the server answered it within ``ct``? A
-        failure now is no verdict: a login left half done between requests for long may have
-        been ended by the server's authentication_timeout, not by an outage."""
-        status = probe.step(now)
-        return status == OK or status == PENDING and now - probe.heard <= ct
 
     def _wake_housekeeper(self) -> None:
         self._hk_due = self._due = 0.0  # run at the next checkout

@@ -20,9 +20,6 @@ silence, not by the clock (``silence``). The housekeeping thread steps a pending
 prober was off the CPU (request threads holding the GIL, a loaded machine) and the gap counts as
 ``PROMPT`` only: a server that answered must not fail the request that waits for it. A gap after
 which nothing has arrived counts in full, so a stalled server still spends the grace on time.
-``heard`` is when a step last found the server's answer (or the TCP handshake's) waiting: a probe
-that spans requests in process mode is worth going on with while the server keeps answering it,
-however slowly, and not once it has gone silent (modes.py).
 """
 
 from __future__ import annotations
@@ -43,16 +40,15 @@ PROMPT = 0.02  # a step later than this (two housekeeping steps) that finds the 
 
 
 class Probe:
-    __slots__ = ("started", "timeout", "waited", "silence", "stepped", "heard", "status", "error",
-                 "rows", "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn",
-                 "_resolution")
+    __slots__ = ("started", "timeout", "waited", "silence", "stepped", "status", "error", "rows",
+                 "awaited", "leased", "_conn", "_wants", "_query", "_cur", "_dsn", "_resolution")
 
     def __init__(self, dsn: str, now: float, timeout: float,
                  query: str | Callable[[], str] | None = None,
                  params: dict[str, str] | None = None) -> None:
         """``query``, if any, is sent once connected (a callable: built then, not now).
         ``params``: the host's addresses if the caller looked them up already (resolve.py)."""
-        self.started = self.stepped = self.heard = now
+        self.started = self.stepped = now
         self.timeout = timeout
         self.waited = self.silence = 0.0  # seconds, towards the deadline and towards the grace
         self.status = PENDING
@@ -97,10 +93,8 @@ class Probe:
         gap = max(0.0, now - self.stepped)
         self.waited += min(gap, ATTENDED)
         if self._resolution is None:  # (a name server's silence is not the server's)
-            spoke = self.status == PENDING and self._ready(self._wants)
-            if spoke:
-                self.heard = now
-            self.silence += PROMPT if spoke and gap > PROMPT else gap
+            late = gap > PROMPT and self.status == PENDING and self._ready(self._wants)
+            self.silence += PROMPT if late else gap
         self.stepped = now
         while self.status == PENDING:
             conn = self._conn  # close() may cancel the probe from another thread meanwhile
@@ -128,8 +122,6 @@ class Probe:
             elif not self._ready(state):
                 self._wants = state
                 break
-            else:
-                self.heard = now
         return self.status
 
     def _next_phase(self, conn: Any) -> bool:
@@ -214,7 +206,7 @@ class Monitor(Probe):
         if self._conn is None or self.status == PENDING:
             return False
         self.status, self.error, self.rows, self._cur = PENDING, None, None, None
-        self.started = self.stepped = self.heard = now
+        self.started = self.stepped = now
         self.waited = self.silence = 0.0
         return True
 

@@ -1073,33 +1073,6 @@ def test_process_mode_a_probe_cut_short_by_short_requests_goes_on_in_the_next(db
         proxy.close()
 
 
-def test_process_mode_a_login_slower_than_a_requests_wait_is_finished_across_requests(db):
-    """Process mode steps a probe only on requests, and a request waits for one at most a
-    probe's grace (0.5 s at most). A far server's login, slower than that, has to span requests;
-    with requests further apart than connect_timeout, each one started the probe afresh (left
-    "unattended"), so the server was never taken back: every write failed, for as long as the
-    worker ran. A probe the server keeps answering goes on, a step each request, until done."""
-    proxy = Proxy(db.port("primary"))
-    p = pool.Pool(proxied(db, "primary", proxy), mode="process", connect_timeout=1.5)
-    try:
-        p.fetchone("SELECT 1")
-        proxy.delay = 0.1  # a round trip of at least 0.2 s: a login takes about 0.8 s
-        login = timed(lambda: psycopg2.connect(proxied(db, "primary", proxy)).close())[0]
-        assert pool.endpoint.PROBE_GRACE_MAX < login < 1.5, login
-        proxy.cut()  # the session dropped: the next request ejects the primary and probes it
-        errors = []
-        for _ in range(7):
-            errors.append(timed(lambda: p.fetchone("SELECT 1"))[2])
-            if errors[-1] is None:
-                break
-            time.sleep(1.6)  # (longer than connect_timeout: the probe is left unattended)
-        assert errors[-1] is None, errors
-        assert all(isinstance(e, pool.EndpointUnavailable) for e in errors[:-1]), errors
-    finally:
-        p.close()
-        proxy.close()
-
-
 def test_process_mode_a_min_size_connect_is_bounded_by_the_requests_timeout(db):
     """Process mode opens min_size connections on requests, one per request, before serving it.
     That connect was bounded by connect_timeout only: with a replica stalled, a write with
