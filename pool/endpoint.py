@@ -72,9 +72,12 @@ REFUSED_BACKOFF_CAP = 5.0  # a refusal needs a person to fix it: don't fill the 
 # alarm) or back answers within it; one that does not is treated as down and requests fail fast.
 # It grows with the logins this endpoint was seen to take (a loaded machine, a far server), up to
 # PROBE_GRACE_MAX, so a false alarm stays one even when logins are slow (and is that until one
-# was seen).
+# was seen). Where logins take longer than a third of that (a far server), a request waits for a
+# probe LOGINS_WAITED of them instead (``probe_wait``): a probe is a login, and one that cannot
+# finish within a request's wait never finishes in process mode, whose requests alone attend it.
 PROBE_GRACE = 0.05
 PROBE_GRACE_MAX = 0.5
+LOGINS_WAITED = 1.5
 QUIET = 1.0  # nobody saw the endpoint down for this long: a probe may well find it back
 
 _keys = itertools.count(1)
@@ -389,9 +392,17 @@ class Endpoint:
         """How much longer a request may wait for this probe; none left, and nobody waits for
         it any longer (it is overdue). The server's silence spends the grace (Probe.silence:
         time the prober was off the CPU does not count), and the time it was attended spends
-        PROBE_GRACE_MAX however slowly the server answers (Probe.waited: not the clock, since a
+        ``probe_wait`` however slowly the server answers (Probe.waited: not the clock, since a
         process-mode worker attends its probe only on requests, within their own timeouts)."""
-        return min(self.grace - probe.silence, PROBE_GRACE_MAX - probe.waited)
+        far = LOGINS_WAITED * self.login_s
+        return min(max(self.grace, far) - probe.silence, max(PROBE_GRACE_MAX, far) - probe.waited)
+
+    @property
+    def probe_wait(self) -> float:
+        """The longest a request waits for a probe here: PROBE_GRACE_MAX, or LOGINS_WAITED
+        logins as seen here where that is longer (a far server). Its own deadline, and the
+        probe's (connect_timeout), come first."""
+        return max(PROBE_GRACE_MAX, LOGINS_WAITED * self.login_s)
 
     @property
     def shown_state(self) -> str:

@@ -27,7 +27,7 @@ from .config import MODES, REPLICA
 from .balance import RoundRobin
 from .connection import PooledConnection
 from .core import _DEFAULT, _STATUS_READY, INFINITY, ISSUED, Checkout, Pool
-from .endpoint import PROBE_GRACE, PROBE_GRACE_MAX, UP, Reservation
+from .endpoint import PROBE_GRACE, UP, Reservation
 from .errors import EndpointUnavailable, PoolError, PoolTimeout
 from .housekeeping import log_failure
 from .probe import wait_any, wait_for
@@ -483,11 +483,11 @@ class ThreadedPool(Pool):
 
     def _probe_on_demand(self, now: float, deadline: float) -> None:
         """The housekeeping thread runs the probes; a request that needs a down endpoint waits
-        while a probe is due or younger than its grace, at most PROBE_GRACE_MAX in all and no
-        later than its deadline. Later requests fail at once while a slow probe (a black hole)
-        goes on in the background."""
+        while a probe is due or younger than its grace, at most Endpoint.probe_wait in all and
+        no later than its deadline. Later requests fail at once while a slow probe (a black
+        hole) goes on in the background."""
         self._wake_housekeeper()
-        end = min(now + PROBE_GRACE_MAX, deadline)
+        end = min(now + max(ep.probe_wait for ep in self._endpoints), deadline)
         while True:
             t = monotonic()
             with self._lock:

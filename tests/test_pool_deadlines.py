@@ -1073,6 +1073,40 @@ def test_process_mode_a_probe_cut_short_by_short_requests_goes_on_in_the_next(db
         proxy.close()
 
 
+def test_a_far_server_whose_logins_outlast_a_probe_grace_is_taken_back(db, mode):
+    """A request waited for a probe at most 0.5 s (PROBE_GRACE_MAX), however long logins to
+    its server were seen to take. A far server's login is longer, so a request that found a
+    session lost failed against a server that was fine (threaded mode took it back later, in
+    the background), and a process-mode worker whose requests came further apart than
+    connect_timeout started its probe afresh at each one and never took a server back after
+    an outage. A request now waits for a probe one and a half logins as seen there, when that
+    is longer."""
+    proxy = Proxy(db.port("primary"))
+    proxy.delay = 0.1  # a round trip of at least 0.2 s: a login takes about 0.8 s
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=2)
+    try:
+        p.fetchone("SELECT 1")
+        login = p._endpoints[0].login_s
+        assert pool.endpoint.PROBE_GRACE_MAX < login < 1.3, login
+        proxy.cut()  # one session lost: the request that finds it waits for the probe
+        seconds, row, error = timed(lambda: p.fetchone("SELECT 1"))
+        assert error is None, error
+        assert seconds < 2 * 1.5 * login + 0.5, seconds  # (the probe's wait, then a connect)
+        if mode == "process":
+            proxy.refuse()
+            proxy.cut()  # the server gone: the session lost, new connections refused
+            assert isinstance(timed(lambda: p.fetchone("SELECT 1"))[2],
+                              pool.EndpointUnavailable)
+            time.sleep(2.2)  # (longer than connect_timeout: the probe is left unattended)
+            proxy.forward()  # back
+            seconds, row, error = timed(lambda: p.fetchone("SELECT 1"))
+            assert error is None, error
+            assert seconds < 2 * 1.5 * login + 0.5, seconds
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_process_mode_a_min_size_connect_is_bounded_by_the_requests_timeout(db):
     """Process mode opens min_size connections on requests, one per request, before serving it.
     That connect was bounded by connect_timeout only: with a replica stalled, a write with
