@@ -395,14 +395,15 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         EndpointUnavailable, with the state as it is then, if nothing came back. PoolTimeout if
         the caller's ``deadline`` came first, with the probe still worth waiting for: its
         server may be fine, and is merely slower to answer than the caller could wait."""
-        self._probe_on_demand(monotonic(), deadline)
+        self._probe_on_demand(monotonic(), deadline, readonly)
         try:
             return self._take(readonly)
         except EndpointUnavailable:
             now = monotonic()
             if now >= deadline:
                 with self._lock:
-                    awaited = [ep for ep in self._endpoints if ep.awaiting_probe(now)]
+                    awaited = [ep for ep in self._endpoints
+                               if ep.awaiting_probe(now) and self._could_serve(ep, readonly)]
                 if awaited:
                     self._deadline_spent("waiting for the probe of " + ", ".join(
                         f"{ep.role} {ep.name} (down {now - ep.down_since:.2f}s)" for ep in awaited))
@@ -721,11 +722,16 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
     def _reset_after_fork(self) -> None:
         raise NotImplementedError
 
-    def _probe_on_demand(self, now: float, deadline: float) -> None:
-        """A request found no endpoint up: if a probe is due or just started, give it up to
-        its grace to re-admit its endpoint, and no later than the request's ``deadline``
-        (process mode runs it; threaded mode waits)."""
+    def _probe_on_demand(self, now: float, deadline: float, readonly: bool) -> None:
+        """A request found no endpoint up: if a probe of an endpoint that could serve it is due
+        or just started, give it up to its grace to re-admit its endpoint, and no later than
+        the request's ``deadline`` (process mode runs it; threaded mode waits)."""
         raise NotImplementedError
+
+    def _could_serve(self, ep: Endpoint, readonly: bool) -> bool:
+        """Is a probe of ``ep`` worth a request's wait? A write needs the primary; in the
+        candidate form any node's probe may find it (roles.py). A read may fall back to it."""
+        return readonly or self._discover or ep.role == PRIMARY
 
     def _housekeep_now(self, now: float, deadline: float = INFINITY) -> None:
         """Housekeeping run by a caller (process mode), which may spend on it no later than

@@ -218,7 +218,7 @@ class ProcessPool(Pool):
             if ep.probe is not None:
                 self._end_probe(ep)
 
-    def _probe_on_demand(self, now: float, deadline: float) -> None:
+    def _probe_on_demand(self, now: float, deadline: float, readonly: bool) -> None:
         """With no thread, nothing probes between requests. So a request that needs a down
         endpoint starts its due probe and gives it what is left of its grace (Endpoint.probe_left),
         until its own deadline at most: if the server is fine (a lost session was a false alarm)
@@ -241,8 +241,8 @@ class ProcessPool(Pool):
             self._housekeep_now(now, deadline)  # starts due probes, steps running ones
             while True:
                 t = monotonic()
-                young = [ep for ep in self._endpoints
-                         if ep.awaiting_probe(t) and ep.probe is not None]
+                young = [ep for ep in self._endpoints if ep.awaiting_probe(t)
+                         and ep.probe is not None and self._could_serve(ep, readonly)]
                 if not young or t >= deadline:
                     return
                 wait_for([ep.probe for ep in young], monotonic,
@@ -481,17 +481,18 @@ class ThreadedPool(Pool):
                 target=_filler_main, args=(weakref.ref(self),), name="pool-fill", daemon=True)
         thread.start()
 
-    def _probe_on_demand(self, now: float, deadline: float) -> None:
+    def _probe_on_demand(self, now: float, deadline: float, readonly: bool) -> None:
         """The housekeeping thread runs the probes; a request that needs a down endpoint waits
-        while a probe is due or younger than its grace, at most Endpoint.probe_wait in all and
-        no later than its deadline. Later requests fail at once while a slow probe (a black
-        hole) goes on in the background."""
+        while a probe of one that could serve it is due or younger than its grace, at most
+        that one's Endpoint.probe_wait and no later than its deadline. Later requests fail at
+        once while a slow probe (a black hole) goes on in the background."""
         self._wake_housekeeper()
-        end = min(now + max(ep.probe_wait for ep in self._endpoints), deadline)
+        eps = [ep for ep in self._endpoints if self._could_serve(ep, readonly)]
+        end = min(now + max((ep.probe_wait for ep in eps), default=0.0), deadline)
         while True:
             t = monotonic()
             with self._lock:
-                young = self._grace_pending(t)
+                young = any(ep.awaiting_probe(t) for ep in eps)
             if not young or t >= end:
                 return
             time.sleep(0.001)  # the outcome is one housekeeping step away

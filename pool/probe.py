@@ -89,11 +89,15 @@ class Probe:
             self._finish(self.status, self.error)
 
     def step(self, now: float) -> str:
-        """Advance the handshake (and the query) as far as it goes without waiting."""
+        """Advance the handshake (and the query) as far as it goes without waiting. A finished
+        probe stays as it finished: ``waited`` is then how long its login took (wait_for steps
+        every probe until the slowest is done)."""
+        if self.status != PENDING:
+            return self.status
         gap = max(0.0, now - self.stepped)
         self.waited += min(gap, ATTENDED)
         if self._resolution is None:  # (a name server's silence is not the server's)
-            late = gap > PROMPT and self.status == PENDING and self._ready(self._wants)
+            late = gap > PROMPT and self._ready(self._wants)
             self.silence += PROMPT if late else gap
         self.stepped = now
         while self.status == PENDING:

@@ -1107,6 +1107,52 @@ def test_a_far_server_whose_logins_outlast_a_probe_grace_is_taken_back(db, mode)
         proxy.close()
 
 
+def test_a_far_replica_does_not_lend_its_logins_to_a_near_primary(db, mode):
+    """Each endpoint's login time starts as its start-up probe's. A finished probe went on
+    counting while the others were stepped, so every endpoint started with the slowest one's
+    time: a far replica made a near primary's probe wait 1.5 s, not 0.5 (found by a red-team
+    run)."""
+    proxy = Proxy(db.port("replica1"))
+    proxy.delay = 0.1  # a login takes about 0.8 s there
+    p = pool.Pool(db.dsn("primary"), replicas=[proxied(db, "replica1", proxy)], mode=mode,
+                  connect_timeout=2)
+    try:
+        primary, replica = p._endpoints
+        assert replica.login_s > pool.endpoint.PROBE_GRACE_MAX, replica.login_s
+        assert primary.login_s < 0.2, primary.login_s
+        assert primary.probe_wait == pool.endpoint.PROBE_GRACE_MAX
+    finally:
+        p.close()
+        proxy.close()
+
+
+def test_a_write_does_not_wait_for_a_replicas_probe(db, mode):
+    """A request that found no endpoint up waited for any endpoint's probe, a replica's too,
+    though only the primary can take a write: up to 0.5 s, and 1.5 logins (1.2 s) once far
+    servers' probes got their logins' worth (found by a red-team run)."""
+    primary, replica = Proxy(db.port("primary")), Proxy(db.port("replica1"))
+    replica.delay = 0.1  # a far replica: a login takes about 0.8 s
+    p = pool.Pool(proxied(db, "primary", primary), replicas=[proxied(db, "replica1", replica)],
+                  mode=mode, connect_timeout=2)
+    try:
+        p.fetchone("SELECT 1")
+        p.fetchone(READ, readonly=True)
+        replica.blackhole()
+        replica.cut()  # the replica's session lost, its probe into a black hole
+        assert timed(lambda: p.fetchone(READ, readonly=True))[2] is None  # (on the primary)
+        primary.refuse()
+        primary.cut()  # the primary gone too: refused at once
+        assert isinstance(timed(lambda: p.fetchone("SELECT 1"))[2], pool.EndpointUnavailable)
+        assert p._endpoints[1].awaiting_probe(time.monotonic())  # (the replica's, young)
+        seconds, _, error = timed(lambda: p.fetchone("SELECT 1"))
+        assert isinstance(error, pool.EndpointUnavailable), error
+        assert seconds < 0.25, seconds
+    finally:
+        p.close()
+        primary.close()
+        replica.close()
+
+
 def test_process_mode_a_min_size_connect_is_bounded_by_the_requests_timeout(db):
     """Process mode opens min_size connections on requests, one per request, before serving it.
     That connect was bounded by connect_timeout only: with a replica stalled, a write with
