@@ -1107,6 +1107,28 @@ def test_a_far_server_whose_logins_outlast_a_probe_grace_is_taken_back(db, mode)
         proxy.close()
 
 
+def test_a_slow_statement_on_a_far_server_costs_no_other_session(db, mode):
+    """A statement past its deadline makes its server suspect, and the other sessions are kept
+    until the probe's verdict. A far server's probe (a login of 0.8 s) outlasted the 0.5 s a
+    request waited for it, so the suspicion was always confirmed and every session closed.
+    The probe now gets one and a half logins there."""
+    proxy = Proxy(db.port("primary"))
+    proxy.delay = 0.1  # a login takes about 0.8 s
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=2, query_timeout=1)
+    try:
+        _sessions(p, 3)
+        connects = p.stats()["connects"]
+        with pytest.raises(pool.QueryTimeout):
+            p.fetchone("SELECT pg_sleep(2)")
+        assert p.fetchone("SELECT 1") == (1,)  # (waits for the probe, then a kept session)
+        _sessions(p, 2)  # the two other sessions, kept
+        assert p.stats()["connects"] == connects, "sessions kept through the suspicion closed"
+        assert state(p, 0) == "up"
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_a_far_replica_does_not_lend_its_logins_to_a_near_primary(db, mode):
     """Each endpoint's login time starts as its start-up probe's. A finished probe went on
     counting while the others were stepped, so every endpoint started with the slowest one's
