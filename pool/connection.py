@@ -49,6 +49,8 @@ _REFUSALS = ("password authentication failed", "no pg_hba.conf entry", "pg_hba.c
              "does not exist", "is not permitted to log in", "permission denied for database",
              "no password supplied", "authentication failed", "SCRAM", "certificate")
 _STANDBY = ("session is read-only", "server is in hot standby mode")
+_SERVER_READ_ONLY = ("SELECT pg_is_in_recovery() OR reset_val::bool FROM pg_settings "
+                     "WHERE name = 'default_transaction_read_only'")
 
 
 def _armed(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -219,6 +221,17 @@ class PoolConnection(ext.connection):
         ((wrote,),) = own_statement(self, "SELECT pg_current_xact_id_if_assigned() IS NOT NULL",
                                     fetch=True)
         return wrote
+
+    def server_read_only(self) -> bool:
+        """Is the server read-only for this session's user, whatever the session itself SET: in
+        recovery, or read-only by its configuration (file, database or role: what RESET would
+        give)? One round trip, in autocommit; the connection must be idle."""
+        set_autocommit(self, True)
+        try:
+            ((read_only,),) = own_statement(self, _SERVER_READ_ONLY, fetch=True)
+        finally:
+            set_autocommit(self, False)
+        return read_only
 
     def read_only_error(self) -> PoolError:
         return PoolError(f"{self.label}: this connection was lent with readonly=True; it cannot "

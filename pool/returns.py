@@ -67,9 +67,8 @@ class Returns:
         if rec.pid != self._pid:  # lent before a fork(): the parent's, and not counted here
             rec.abandon()
             return
-        if exc is not None and not readonly and getattr(exc, "pgcode", None) == "25006" \
-                and rec.endpoint is self._primary:  # read_only_sql_transaction: demoted
-            self._demoted(rec.endpoint, "refused a write: the server is read-only (demoted?)")
+        refused = exc is not None and not readonly and getattr(exc, "pgcode", None) == "25006" \
+            and rec.endpoint is self._primary  # read_only_sql_transaction (see _refused_write)
         try:
             error = self._end_transaction(rec, exc, readonly)  # under the block's query_timeout
         except BaseException:
@@ -79,6 +78,9 @@ class Returns:
             raw.query_timeout = self.options.query_timeout  # the pool's, for what the pool sends
             if raw.closed or raw.info.transaction_status != _TX_IDLE:
                 raise _Broken
+            if refused:
+                self._refused_write(rec)
+                raise _Broken  # a SET of the borrower's may be why it refused: a fresh session
             dirty, raw.dirty = raw.dirty, 0
             if dirty & SETTING and get_autocommit(raw):  # the borrower's own autocommit: what a
                 dirty |= RAN  # cursor made from psycopg2's class ran under it left no trace
@@ -114,6 +116,17 @@ class Returns:
                 self._discard(rec)  # the pool was closed meanwhile
         if error is not None:
             raise error
+
+    def _refused_write(self, rec: PooledConnection) -> None:
+        """A write on the primary was refused with SQLSTATE 25006 (read_only_sql_transaction):
+        the node was demoted (in recovery now, or read-only by its configuration), or the
+        borrower asked for a read-only transaction (``set_session(readonly=True)``, ``SET
+        TRANSACTION READ ONLY``, a session ``SET``). The server, asked on that session, tells
+        which: one round trip, on this path only. Only a demotion is news for every caller
+        (and every process); taken for one, a borrower's own read-only transaction had each such
+        loan close every session to the primary."""
+        if rec.raw.server_read_only():
+            self._demoted(rec.endpoint, "refused a write: the server is read-only (demoted?)")
 
     def _end_transaction(self, rec: PooledConnection, exc: BaseException | None,
                          readonly: bool) -> BaseException | None:

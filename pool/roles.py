@@ -13,8 +13,9 @@ answer into a role:
   until it comes back as a replica. On a tie the current primary stays.
 
 Besides the monitor, the primary is looked for again when it is ejected and when a write is
-refused with SQLSTATE 25006 (``read_only_sql_transaction``: the node was demoted); its pooled
-sessions connect with ``target_session_attrs=read-write``, so a demoted node also refuses new ones.
+refused with SQLSTATE 25006 (``read_only_sql_transaction``) and the node, asked, says it is
+read-only (not the borrower's own read-only transaction: returns.py); its pooled sessions
+connect with ``target_session_attrs=read-write``, so a demoted node also refuses new ones.
 A node whose role changes gets a new generation: its pooled sessions were opened for the other
 role and are never lent again.
 

@@ -185,6 +185,46 @@ def test_a_primary_that_refuses_writes_is_treated_as_demoted(db, mode, form, rea
         p.close()
 
 
+@pytest.mark.parametrize("how", ["set_session", "sql_in_block", "session_sql_in_a_helper"])
+def test_a_borrowers_own_read_only_transaction_does_not_eject_the_primary(db, mode, how, caplog):
+    """SQLSTATE 25006 on a write can be the borrower's doing (a read-only transaction it asked
+    for), not a demotion: the primary stays up for everyone, its other sessions stay open, and
+    only the session that refused is replaced (a session-level SET may be why it refused). It
+    was ejected as demoted: under a stream of such loans, 31 ejections and 222 connects in 3 s."""
+    p = pool.Pool(db.dsn("primary"), replicas=[db.dsn("replica1"), db.dsn("replica2")],
+                  mode=mode, connect_timeout=1)
+    try:
+        with p.connection() as a, p.connection() as b:  # two idle sessions on the primary
+            a.cursor().execute("SELECT 1")
+            b.cursor().execute("SELECT 1")
+        before = p.stats()["endpoints"][0]
+        caplog.set_level(logging.INFO, logger="pool")
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            if how == "session_sql_in_a_helper":  # (helpers leave the session as it is)
+                p.execute("SET default_transaction_read_only = on")
+                p.fetchone(INSERT, (unique_name(),))
+            else:
+                with p.connection() as conn:
+                    if how == "set_session":
+                        conn.set_session(readonly=True)
+                    else:
+                        conn.cursor().execute("SET TRANSACTION READ ONLY")
+                    conn.cursor().execute(INSERT, (unique_name(),))
+        primary = p.stats()["endpoints"][0]
+        assert primary["state"] == "up", primary
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        for _ in range(4):  # on the session kept, then on the one in its place
+            assert p.fetchone(INSERT, (unique_name(),)) is not None
+            with p.connection() as conn:
+                cur = conn.cursor()
+                cur.execute(INSERT, (unique_name(),))
+        after = p.stats()["endpoints"][0]
+        assert after["discards"] == before["discards"] + 1  # the one that refused, and no other
+        assert after["connects"] <= before["connects"] + 1
+    finally:
+        p.close()
+
+
 def test_candidates_with_no_primary_up_serve_reads_and_find_it_when_it_starts(db, mode):
     db.kill("primary")
     try:
