@@ -158,15 +158,22 @@ class PoolConnection(ext.connection):
     deferrable = _marking("deferrable")
     cursor_factory = _marking("cursor_factory")
 
+    # Both mark the loan: a cursor made from psycopg2's class directly (RealDictCursor(conn))
+    # may have run anything, and once its transaction is ended neither psycopg2 nor the server
+    # shows a trace of it. (psycopg2's `with conn:` ends it through these too.)
     @_armed
     def commit(self) -> None:
         if self.read_only_loan and self.info.transaction_status == _TX_INTRANS \
                 and self.wrote():  # SQL made the transaction read-write
             raise PoolError(f"{self.label}: this connection was lent with readonly=True and its "
                             f"transaction wrote (made read-write by SQL); not committed")
+        self.dirty |= RAN
         super().commit()
 
-    rollback = _armed(ext.connection.rollback)
+    @_armed
+    def rollback(self) -> None:
+        self.dirty |= RAN
+        super().rollback()
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN

@@ -86,7 +86,6 @@ class Returns:
                 dirty |= RAN  # cursor made from psycopg2's class ran under it left no trace
             raw.read_only_loan = False
             rec.baseline.restore_client(raw)
-            _empty(raw, "notices")
             if dirty & WIPED and not self.options.reset_session:
                 raise _Broken  # the session the user kept state in is gone: a fresh one
             if dirty & RAN and self.options.reset_session:
@@ -100,6 +99,7 @@ class Returns:
                 rec.maybe_autocommit = True  # the hook may have switched it on: a block looks
                 if raw.info.transaction_status != _TX_IDLE:
                     raise _Broken
+            _empty(raw, "notices")  # the block's, and what the reset said under its settings
             raw.dirty = 0
             if rec.endpoint.stale(rec):
                 raise _Broken  # made before its endpoint's last failure

@@ -60,6 +60,7 @@ _set_factory = _BASE.cursor_factory.__set__
 _set_encoding = _BASE.set_client_encoding
 _set_session = _BASE.set_session
 base_cursor = _BASE.cursor
+commit = _BASE.commit
 
 
 def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | None:

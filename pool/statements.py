@@ -26,7 +26,7 @@ from . import lag
 from .config import PRIMARY
 from .connection import PooledConnection, describe_error, is_disconnect
 from .errors import EndpointUnavailable, PoolError
-from .session import own_statement, set_autocommit, set_readonly, within
+from .session import commit, own_statement, set_autocommit, set_readonly, within
 
 if TYPE_CHECKING:
     from .core import Pool
@@ -74,7 +74,7 @@ class Statements:
                 if cur.rowcount > 100:  # don't keep a large result alive on an idle connection
                     rec.drop_cursor()
                 if fallback:
-                    raw.commit()
+                    commit(raw)  # psycopg2's: ours marks the loan (still timed: busy_since)
                     set_readonly(raw, None)
                 raw.busy_since = 0.0
             except BaseException as exc:

@@ -395,7 +395,23 @@ LEAKS = {
     "notices_deque": Leak(None, lambda c: len(c.notices), 0, lambda c: (
         setattr(c, "notices", collections.deque(maxlen=5)),
         c.cursor().execute("DO $$BEGIN RAISE NOTICE 'left behind'; END$$"))),
+    # what the reset itself says, under the borrower's client_min_messages (a red-team run)
+    "notices_of_the_reset": Leak("SET client_min_messages = debug5", lambda c: list(c.notices), []),
+    # a cursor made from psycopg2's class, its transaction then ended by the connection: psycopg2
+    # and the server both idle again (a red-team run; for `with conn:` too)
+    "direct_cursor_commit": Leak(None, "SHOW search_path", '"$user", public', lambda c: (
+        ext.cursor(c).execute("SET search_path = pg_catalog"), c.commit())),
+    "direct_cursor_rollback": Leak(None, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                                   "'advisory' AND pid = pg_backend_pid()", 0, lambda c: (
+        ext.cursor(c).execute("SELECT pg_advisory_lock(4242)"), c.rollback())),
+    "direct_cursor_with_conn": Leak(None, "SHOW search_path", '"$user", public',
+                                    lambda c: _within(c, "SET search_path = pg_catalog")),
 }
+
+
+def _within(conn, sql):
+    with conn:  # psycopg2's own: commits at the end
+        ext.cursor(conn).execute(sql)
 
 
 def _sql(conn, sql):
