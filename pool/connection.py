@@ -39,8 +39,9 @@ _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 # What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
 # can the server-side session have changed); the pool made a read-only fallback session read-only;
 # psycopg2's reset() ran DISCARD ALL, taking configure()'s settings and whatever state the
-# borrower kept with reset_session=False (such a connection is replaced, not reset).
-SETTING, RAN, READ_ONLY_SET, WIPED = 1, 2, 4, 8
+# borrower kept with reset_session=False (such a connection is replaced, not reset); the borrower
+# closed it with a transaction open (whose work is then lost: the block is told).
+SETTING, RAN, READ_ONLY_SET, WIPED, CLOSED_IN_TX = 1, 2, 4, 8, 16
 
 # libpq reports a login failure as text only (psycopg2 gives connection errors no SQLSTATE), so
 # refusals are told from outages by libpq's and the server's English messages. A server with
@@ -246,6 +247,8 @@ class PoolConnection(ext.connection):
 
     def close(self) -> None:
         self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
+        if not self.closed and self.info.transaction_status == _TX_INTRANS:
+            self.dirty |= CLOSED_IN_TX
         super().close()
 
     @_armed

@@ -24,8 +24,8 @@ import psycopg2.extensions as ext
 
 from .config import DEFAULT as _DEFAULT
 from .config import PRIMARY
-from .connection import (RAN, READ_ONLY_SET, SETTING, WIPED, PooledConnection, describe_error,
-                         is_disconnect)
+from .connection import (CLOSED_IN_TX, RAN, READ_ONLY_SET, SETTING, WIPED, PooledConnection,
+                         describe_error, is_disconnect)
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError, QueryTimeout
 from .session import (get_autocommit, make_read_only, own_statement, reset_server,
@@ -144,6 +144,9 @@ class Returns:
                 return EndpointUnavailable(
                     f"{ep.role} {ep.name}: the connection was lost inside the block; work not "
                     f"yet committed was lost", ep.name)
+            if raw.dirty & CLOSED_IN_TX and exc is None and not readonly:
+                return PoolError(f"{raw.label}: the block closed the connection with its "
+                                 f"transaction open; that work was not committed")
             return None
         if raw.two_phase:  # psycopg2 refuses commit() and rollback() there
             return self._end_two_phase(raw, exc)
@@ -155,8 +158,9 @@ class Returns:
         try:
             if exc is not None or tx == _TX_INERROR:
                 if exc is None:
-                    error = PoolError("the transaction had failed inside the block (an error was "
-                                      "caught and ignored), so it was rolled back, not committed")
+                    error = PoolError(f"{raw.label}: the transaction had failed inside the block "
+                                      f"(an error was caught and ignored), so it was rolled back, "
+                                      f"not committed")
                 self._finish(raw, ours, "ROLLBACK")
             elif readonly:
                 if rec.endpoint.role == PRIMARY:  # only a primary could have taken a write
@@ -187,8 +191,9 @@ class Returns:
             return e if exc is None else None  # never hide the caller's own exception
         if prepared or exc is not None:
             return None
-        return PoolError("the block left a two-phase transaction open (tpc_begin() with no "
-                         "tpc_commit() or tpc_rollback()); it was rolled back, not committed")
+        return PoolError(f"{raw.label}: the block left a two-phase transaction open (tpc_begin() "
+                         f"with no tpc_commit() or tpc_rollback()); it was rolled back, not "
+                         f"committed")
 
     @staticmethod
     def _finish(raw: Any, ours: bool, command: str) -> None:
@@ -203,8 +208,9 @@ class Returns:
         write, by SQL of its own (BEGIN READ WRITE, SET transaction_read_only)? One round trip,
         on the fallback only; the write is rolled back and the caller told."""
         if raw.wrote():
-            return PoolError("a readonly=True block wrote on the primary (it made its transaction "
-                             "read-write); the transaction was rolled back, not committed")
+            return PoolError(f"{raw.label}: a readonly=True block wrote on the primary (it made "
+                             f"its transaction read-write); the transaction was rolled back, not "
+                             f"committed")
         return None
 
     def _give_back(self, rec: Any) -> None:

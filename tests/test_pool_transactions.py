@@ -50,7 +50,8 @@ def test_a_swallowed_database_error_is_not_committed(make_pool, db):
     """Catching an error inside the block leaves an aborted transaction: the pool says so."""
     p = make_pool()
     name = unique_name()
-    with pytest.raises(pool.PoolError, match="rolled back"):
+    primary = p.stats()["endpoints"][0]["name"]
+    with pytest.raises(pool.PoolError, match=f"^{primary}: .*rolled back"):  # (it said no where)
         with p.connection() as conn:
             cur = conn.cursor()
             cur.execute(INSERT, (name,))
@@ -59,6 +60,30 @@ def test_a_swallowed_database_error_is_not_committed(make_pool, db):
             except psycopg2.errors.DivisionByZero:
                 pass
     assert count_items(db, "primary", name) == 0
+    assert p.fetchone("SELECT 1") == (1,)
+
+
+def test_a_block_that_closes_its_connection_mid_transaction_is_told_its_work_was_lost(make_pool,
+                                                                                      db):
+    """psycopg2's close() drops an open transaction. Leaving such a block normally cannot commit
+    it, so it says so instead of reporting success (found by a red-team run: it said nothing).
+    Closing with nothing open, or in a read-only block, loses nothing."""
+    p = make_pool()
+    name = unique_name()
+    primary = p.stats()["endpoints"][0]["name"]
+    with pytest.raises(pool.PoolError, match=f"^{primary}: .*closed the connection.*not committed"):
+        with p.connection() as conn:
+            conn.cursor().execute(INSERT, (name,))
+            conn.close()
+    assert count_items(db, "primary", name) == 0
+    with p.connection() as conn:
+        conn.cursor().execute(INSERT, (name,))
+        conn.commit()
+        conn.close()
+    with p.connection(readonly=True) as conn:
+        conn.cursor().execute("SELECT 1")
+        conn.close()
+    assert count_items(db, "primary", name) == 1
     assert p.fetchone("SELECT 1") == (1,)
 
 
@@ -90,7 +115,8 @@ def test_a_two_phase_transaction_left_open_is_rolled_back_and_the_connection_kep
                   configure=lambda c: c.cursor().execute("SET application_name = 'tpc'"))
     name = unique_name()
     expected = RuntimeError if how == "block raised" else pool.PoolError
-    with pytest.raises(expected, match="boom" if how == "block raised" else "two-phase"):
+    primary = p.stats()["endpoints"][0]["name"]
+    with pytest.raises(expected, match="boom" if how == "block raised" else f"^{primary}: .*two-phase"):
         with p.connection() as conn:
             pid = conn.get_backend_pid()
             conn.tpc_begin(_xid(conn, name))
