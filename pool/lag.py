@@ -127,6 +127,8 @@ class LagTracker:
         self.seen_at = 0.0
 
     def primary_at(self, now: float, lsn: int) -> None:
+        if now <= self.seen_at:
+            return  # older than what is known (the board's, after this process's own monitor's)
         self.seen_at = now
         samples = self.samples
         if samples and samples[-1][1] == lsn:
@@ -147,6 +149,17 @@ class LagTracker:
             if lsn > replay:
                 return max(0.0, now - t), latest - replay
         return 0.0, latest - replay  # unreachable: the latest sample is beyond replay
+
+
+def primary_answered(pool: Any, primary: Any, when: float, lsn: int) -> None:
+    """Lock held. The primary was at ``lsn`` at ``when``, as this process's monitor or, on
+    the board, another process's saw it: what each replica's lag is measured against here. (A
+    process may monitor a replica and not the primary: one monitor per server per host.) A new
+    primary's positions compare with nothing before them."""
+    if pool._lag_source is not primary:
+        pool._lag.reset()
+        pool._lag_source = primary
+    pool._lag.primary_at(when, lsn)
 
 
 def replica_answered(ep: Any, asked: float, when: float, reach: int, floor: int | None) -> None:

@@ -125,11 +125,9 @@ def apply_status(pool: "Pool", ep: "Endpoint", status: tuple | None, now: float,
         ep.status_at = asked
         said = roles.observe(pool, ep, in_recovery, timeline)
         if ep is pool._primary and not in_recovery and lsn is not None:
-            if pool._lag_source is not ep:  # a new primary: old positions compare with nothing
+            if pool._lag_source is not ep:  # a new primary: no replica is judged on its history
                 lag.forget_judgements(pool)
-                pool._lag.reset()
-                pool._lag_source = ep
-            pool._lag.primary_at(now, lsn)
+            lag.primary_answered(pool, ep, now, lsn)
             said += lag.check_diverged(pool, ep, asked, lsn)
         elif in_recovery:
             ep.replay_lsn = lsn

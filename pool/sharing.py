@@ -151,8 +151,10 @@ class Sharing:
         #                                                          roles: only its timeline)
         if now - entry.lag_at < boards.STATUS_FRESH and ep.monitor is None:
             if entry.recovery == 2 and ep is self._primary:
-                # Its position: judge the replicas' answers from before it was asked (lag.py)
+                # Its position: the replicas' lag is measured against it, and their answers from
+                # before it was asked judged by it (lag.py), here too
                 if entry.replay:
+                    lag.primary_answered(self, ep, entry.lag_at, entry.replay)
                     said += lag.check_diverged(self, ep, entry.asked, entry.replay)
                 return doomed
             ep.replay_lsn = entry.replay or None

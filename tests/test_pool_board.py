@@ -25,7 +25,7 @@ import pool
 from pool import board as boards
 from conftest import APP_PASSWORD
 from native.cluster import NODES
-from pgutil import fork_replica2, proxied, stalled, throwaway_cluster, wait_until
+from pgutil import admin_sql, fork_replica2, proxied, stalled, throwaway_cluster, wait_until
 from proxy import Proxy
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
@@ -783,3 +783,52 @@ def test_threaded_mode_shares_only_when_asked(db, tmp_path):
         assert p.stats()["shared_state"] == str(tmp_path / "b")
     finally:
         p.close()
+
+
+def test_a_worker_that_monitors_a_replica_but_not_the_primary_still_enforces_max_lag(db, board_path):
+    """One monitor per server per host: here one worker holds the primary's monitor lease and
+    the other the only monitor of replica2 (their pools list different replicas, as two apps on
+    one host may; or a restart moved one lease). The second measured replica2's lag against its
+    own record of the primary's positions, which it never had: lag unknown, never lagging, and
+    shared so with everyone. A replica paused for 8 s kept serving reads with max_lag=1 (found
+    by a red-team run). The primary's positions on the board count now."""
+    base = dict(primary=db.dsn("primary"), mode="process", board=board_path, max_lag=1,
+                timeout=1, query_timeout=3)
+    first = Workers(1, dict(base, replicas=[db.dsn("replica1")]), "spawn")
+    second = None
+    insert = ("fetchone", "INSERT INTO items (name) VALUES (%s) RETURNING id", ("lag",), {})
+    replica2 = f"127.0.0.1:{db.port('replica2')}"
+    primary = f"127.0.0.1:{db.port('primary')}"
+    try:
+        for _ in range(20):  # the first worker takes the primary's (and replica1's) lease
+            assert first.ask(0, "write")["ok"] and first.ask(0, "read")["ok"]
+            time.sleep(0.02)
+        second = Workers(1, dict(base, replicas=[db.dsn("replica1"), db.dsn("replica2")]), "spawn")
+
+        def tick():
+            for w in (first, second):
+                assert w.ask(0, insert)["ok"]
+                assert w.ask(0, "read")["ok"]
+            time.sleep(0.02)
+
+        for _ in range(60):
+            tick()
+        assert primary in first.ask(0, "monitoring")["value"]
+        assert second.ask(0, "monitoring")["value"] == [replica2]  # the case at hand
+        admin_sql(db, "replica2", "SELECT pg_wal_replay_pause()")
+        paused = time.monotonic()
+        served_by_replica2 = []
+        while time.monotonic() - paused < 6:
+            tick()
+            answer = second.ask(0, ("fetchone", "SELECT 1", None, dict(readonly=True)))
+            assert answer["ok"], answer
+            if answer["value"][1] == replica2:
+                served_by_replica2.append(time.monotonic() - paused)
+        state = {e["name"]: e for e in second.ask(0, "stats")["value"]["endpoints"]}[replica2]
+        assert state["state"] == "lagging" and state["lag_s"] > 1, state
+        assert not served_by_replica2 or served_by_replica2[-1] < 4.0, served_by_replica2[-5:]
+    finally:
+        admin_sql(db, "replica2", "SELECT pg_wal_replay_resume()")
+        first.close()
+        if second is not None:
+            second.close()
