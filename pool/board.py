@@ -28,7 +28,8 @@ Who writes what:
   idle process-mode worker cannot hold it forever; the lag and role it measures go on the board.
 
 Safe by construction: slots are read with a sequence lock (a reader retries while a write is
-half done); a down entry nobody refreshed for ``EXPIRY`` seconds is ignored, so a leftover file
+half done; one left half done by a writer killed inside it is started over by the next process
+that takes the write lock: ``Board._torn``); a down entry nobody refreshed for ``EXPIRY`` seconds is ignored, so a leftover file
 cannot keep a server down (and any probe's result overwrites it); a slot nobody wrote for
 ``EVICT_AFTER`` goes to a newcomer when the board is full (servers come and go: every
 redeploy on new ports), and a process whose slot was taken that way finds its server by key,
@@ -322,8 +323,8 @@ class Board:
         mine = set(self._leases)
         for j in range(SLOTS):
             at = self._slot_at(j)
-            if self.map[at + 8:at + 24] == b"\0" * 16:
-                best = j
+            if self.map[at + 8:at + 24] == b"\0" * 16 or self._torn(j):
+                best = j  # (a torn slot's key may be torn too: nobody would ever find it)
                 break
             updated = _SLOT.unpack_from(self.map, at)[_UPDATED]
             if (updated < oldest and now - updated >= EVICT_AFTER and j not in mine
@@ -345,6 +346,19 @@ class Board:
     @staticmethod
     def _slot_at(i: int) -> int:
         return HEADER_SIZE + i * SLOT_SIZE
+
+    def _torn(self, i: int) -> bool:
+        """Only with the write lock held: is slot i left half written? Every write of a slot is
+        made with that lock held, from its odd sequence number to the even one that ends it,
+        and the kernel frees the lock of a process that dies. So whoever holds the lock and
+        finds a sequence number odd knows that no write is in progress: its writer was killed
+        (or interrupted by a signal handler's exception) inside one, and no reader will ever
+        take the slot (it waits for an even number). No timeout or pid is needed to tell it
+        from a slow writer: a writer that is alive but stopped inside a write keeps the lock,
+        so its slot is never taken from it. The slot's fields may be half old and half new (a
+        monitor lease that never ends, a time that is not a number): a writer that takes it
+        over keeps only its key and starts the rest over (``_write``)."""
+        return bool(self.map[self._slot_at(i)] & 1)
 
     def read(self, slot: Slot) -> Entry | None:
         """The slot as one consistent snapshot (a sequence lock: retry while a write is half
@@ -390,6 +404,8 @@ class Board:
         raw = bytearray(self.map[at:at + SLOT_SIZE])
         if blank:
             raw[8:] = bytes(SLOT_SIZE - 8)
+        elif raw[0] & 1:  # torn by a writer that never finished (_torn): keep only its key
+            raw[24:] = bytes(SLOT_SIZE - 24)
         values = list(_SLOT.unpack_from(raw))
         error = fields.pop("error", None)
         for name, value in fields.items():
@@ -463,8 +479,8 @@ class Board:
         """The monitor lease of a server's slot for this process: free, expired or already
         ours. A server without a slot (a full board) is monitored here."""
         entry = self.read(slot)
-        if entry is None:
-            return slot.index is None
+        if entry is None:  # no room for it (monitored here), or a slot no reader takes
+            return slot.index is None or bool(self._exclusively(self._claim_monitor, slot, now))
         mine = entry.monitor_pid == self.pid
         if not mine and entry.monitor_until > now:
             return False
@@ -474,7 +490,15 @@ class Board:
 
     def _claim_monitor(self, slot: Slot, now: float) -> bool:
         entry = self.read(slot)
-        if entry is None or entry.monitor_pid not in (0, self.pid) and entry.monitor_until > now:
+        if entry is None:
+            # Its key is there but no reader takes it: torn by a writer that died inside a
+            # write (_torn), or garbage. Nobody else would ever monitor it: start it over.
+            if slot.index is None:
+                return False
+            self._write(slot.index, blank=True, key=slot.key, monitor_pid=self.pid,
+                        monitor_until=now + MONITOR_LEASE)
+            return True
+        if entry.monitor_pid not in (0, self.pid) and entry.monitor_until > now:
             return False
         self._write(slot.index, monitor_pid=self.pid, monitor_until=now + MONITOR_LEASE)
         return True

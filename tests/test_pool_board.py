@@ -654,6 +654,74 @@ def test_a_write_lock_left_held_costs_one_wait_not_one_per_write(board_path):
     assert b.read(slot).failures == 42
 
 
+def _exit_at_once() -> None:
+    pass
+
+
+def test_a_slot_left_mid_write_by_a_killed_process_is_monitored_again(db, board_path):
+    """A process SIGKILLed inside a board write leaves the slot's sequence odd ("a write is in
+    progress") for good: readers skipped the slot, and nobody took its monitor lease again, so
+    no process on the host watched that server's lag or role any more (found by a red-team run;
+    1 kill in 30 lands there). The slot is left here as such a kill leaves it: odd, and half of
+    its fields new (a monitor lease that runs for ages, held by a pid that is gone). A worker
+    takes it over within a monitor round or two, and what is read from it then is sane."""
+    spec = dict(primary=db.dsn("primary"), replicas=[db.dsn("replica1")], mode="process",
+                board=board_path, max_lag=10)  # lag is watched: a monitor per server
+    w = Workers(2, spec, "spawn")
+    try:
+        b = boards.Board(board_path)
+        ident = pool.config.endpoint_config(db.dsn("replica1"), "replica", "r",
+                                            pool.config.Options()).identity
+        slot = b.slot_for(ident)
+        pids = {proc.pid for proc in w.procs}
+        replica = f"127.0.0.1:{db.port('replica1')}"
+
+        def monitored(since: float) -> bool:
+            for i in range(2):
+                assert w.ask(i, "read")["ok"]
+            entry = b.read(slot)
+            return entry is not None and entry.lag_at > since and entry.monitor_pid in pids
+        wait_until(lambda: monitored(0.0), timeout=10, interval=0.05, what="a monitor round")
+        gone = multiprocessing.get_context("fork").Process(target=_exit_at_once)
+        gone.start()
+        gone.join(5)
+        at = boards.HEADER_SIZE + slot.index * boards.SLOT_SIZE
+        values = list(boards._SLOT.unpack_from(b.map, at))
+        values[0] |= 1  # the killed writer's "write in progress", never ended
+        values[boards._FIELDS.index("monitor_pid")] = gone.pid
+        values[boards._FIELDS.index("monitor_until")] = boards.monotonic() + 1e6
+        boards._SLOT.pack_into(b.map, at, *values)
+        assert b.read(slot) is None  # half written: no reader takes it
+        torn = boards.monotonic()
+        took = wait_until(lambda: monitored(torn), timeout=2 * boards.MONITOR_LEASE + 2,
+                          interval=0.05, what="a worker monitoring the server again")
+        entry = b.read(slot)
+        assert entry.monitor_until < boards.monotonic() + boards.MONITOR_LEASE + 1, took
+        assert any(replica in w.ask(i, "monitoring")["value"] for i in range(2))
+    finally:
+        w.close()
+
+
+def test_a_write_to_a_slot_left_mid_write_starts_it_over(board_path):
+    """The next write to a slot a killed writer left half written (odd, a time that is not a
+    number, a lease that never ends) keeps none of those torn fields."""
+    b = boards.Board(board_path)
+    slot = b.slot_for("host=x port=1 dbname=d user=u")
+    b.write(slot, state=boards.UP, failures=3)
+    at = boards.HEADER_SIZE + slot.index * boards.SLOT_SIZE
+    values = list(boards._SLOT.unpack_from(b.map, at))
+    values[0] |= 1
+    values[boards._FIELDS.index("changed")] = float("nan")
+    values[boards._FIELDS.index("monitor_until")] = boards.monotonic() + 1e6
+    boards._SLOT.pack_into(b.map, at, *values)
+    other = boards.Board(board_path)  # another process
+    assert other.read(other.slot_for("host=x port=1 dbname=d user=u")) is None
+    b.write(slot, state=boards.DOWN, error="down")
+    entry = other.read(other.slot_for("host=x port=1 dbname=d user=u"))
+    assert entry is not None and entry.seq > values[0] and entry.state == boards.DOWN
+    assert entry.changed == 0.0 and entry.monitor_until == 0.0 and entry.failures == 0
+    assert entry.error == "down"
+
 def test_a_stale_down_entry_cannot_keep_an_endpoint_down(db, board_path):
     """A leftover file from crashed processes says the primary is down."""
     b = boards.Board(board_path)
