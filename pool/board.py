@@ -190,13 +190,14 @@ def _boot_id() -> bytes:
 
 def default_path(name: str) -> str:
     """Where the board called ``name`` lives: a path as given, else in ``$POOL_BOARD_DIR``, else
-    under /dev/shm (memory) or the temp directory; one file per user and name."""
+    under /dev/shm (memory) or the temp directory; one file per user, name and layout (two
+    versions of the library never map one file: board._rebuild)."""
     if os.sep in name:
         return name
     base = os.environ.get("POOL_BOARD_DIR") or (
         "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64] or "default"
-    return os.path.join(base, f"pool-board-{os.getuid()}-{safe}")
+    return os.path.join(base, f"pool-board-{os.getuid()}-{safe}-v{MAGIC[-1]}")
 
 
 class Board:
@@ -260,16 +261,23 @@ class Board:
         return _HEADER.pack(MAGIC, SLOTS, SLOT_SIZE, PROCS, PROC_SIZE, FILE_SIZE, _boot_id())
 
     def _valid(self, fd: int) -> bool:
-        if os.fstat(fd).st_size != FILE_SIZE:
+        if os.fstat(fd).st_size < FILE_SIZE:  # (longer: another layout's once, never shrunk)
             return False
         return os.pread(fd, _HEADER.size, 0) == self._expected_header()
 
     def _rebuild(self, fd: int) -> None:
-        """A new, truncated, corrupt or other-boot file: start it over (the init lock is held)."""
-        if os.fstat(fd).st_size:
+        """A new, short, corrupt or other-boot file: start it over (the init lock is held), in
+        place and never shorter. A process that has the file mapped dies of SIGBUS when it
+        touches a page past the file's end, and it may be one of another layout (a path given
+        to two versions of the library; default paths carry the layout's version) or of this
+        one (a corrupt header). (A file an operator truncates by hand under them cannot be
+        guarded against.)"""
+        size = os.fstat(fd).st_size
+        if size:
             log.warning("pool: rebuilding the shared health board %s (stale or corrupt)", self.path)
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, FILE_SIZE)
+        if size < FILE_SIZE:
+            os.ftruncate(fd, FILE_SIZE)  # (grown: a mapping of fewer pages is unaffected)
+        os.pwrite(fd, bytes(FILE_SIZE), 0)
         os.pwrite(fd, self._expected_header(), 0)
 
     def after_fork_in_child(self) -> None:

@@ -764,6 +764,52 @@ def test_a_corrupt_board_is_rebuilt(db, board_path, damage, caplog):
         p.close()
 
 
+def test_a_board_rebuilt_under_live_workers_kills_none_of_them(db, board_path, monkeypatch):
+    """A process of another version of the library (another layout: here a smaller file) given
+    the same path opens the board the workers have mapped, finds it is not its own, and
+    rebuilds it. The rebuild truncated the file, and a worker that then touched a page past the
+    new end died of SIGBUS (found by a red-team run). A rebuild is now made in place, never
+    shorter; the workers go on, and share the board again once this version has rebuilt it."""
+    spec = dict(primary=db.dsn("primary"), replicas=[db.dsn("replica1")], mode="process",
+                board=board_path)
+    w = Workers(2, spec, "spawn")
+    fresh = None
+    try:
+        for i in range(2):
+            assert w.ask(i, "write")["ok"]
+        with monkeypatch.context() as m:  # the other version, in this process
+            m.setattr(boards, "MAGIC", b"POOLBRD\x02")
+            m.setattr(boards, "PROCS", 0)
+            m.setattr(boards, "FILE_SIZE", boards.HEADER_SIZE + boards.SLOTS * boards.SLOT_SIZE)
+            boards.Board(board_path)
+        assert os.path.getsize(board_path) == boards.FILE_SIZE
+        end = time.monotonic() + 2.5  # each worker publishes its summary once a second
+        while time.monotonic() < end:
+            for i in range(2):
+                r = w.ask(i, "write")  # (a worker that died does not answer: EOFError)
+                assert r["ok"], r
+            time.sleep(0.05)
+        assert all(proc.is_alive() for proc in w.procs)
+        fresh = Workers(1, spec, "spawn")  # a worker of this version rebuilds the file for itself
+        assert fresh.ask(0, "write")["ok"]
+        pids = {fresh.procs[0].pid, *(proc.pid for proc in w.procs)}
+
+        def shared() -> bool:
+            for i in range(2):
+                assert w.ask(i, "write")["ok"]
+            return pids <= {x["pid"] for x in w.ask(0, "host")["value"]["workers"]}
+        wait_until(shared, timeout=5, interval=0.1, what="the workers sharing the rebuilt board")
+    finally:
+        w.close()
+        if fresh is not None:
+            fresh.close()
+
+
+def test_the_default_board_is_named_after_its_layout():
+    """Two versions of the library with different layouts never map one default file."""
+    assert boards.default_path("default").endswith(f"-default-v{boards.MAGIC[-1]}")
+
+
 def test_a_board_that_cannot_be_created_means_per_process_state_and_one_warning(db, caplog):
     where = "/proc/pool-board-cannot-exist"
     with caplog.at_level(logging.WARNING, logger="pool"):
