@@ -161,6 +161,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
         self._fast_until = 0.0  # every node asked every lag.RECHECK until then
         self._floor_ok = True  # may the monitor read the replicas' control files (monitor.py)
         self._surveyed_at = -1.0  # when every node was last asked out of turn (Pool._survey)
+        self._all_answered_at = -1.0  # ...by a survey every node answered
         self._monitoring = self._discover or opts.max_lag is not None
         self._route_locked()
         self._balance = make_balancer(opts.balance)

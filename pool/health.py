@@ -212,6 +212,13 @@ class Health:
                 monitor.apply_status(self, ep, monitor.status_of(probe.rows), monotonic(),
                                      probe.started)
             probe.cancel()
+        if all(probe.status == OK for probe in probes):
+            self._all_answered_at = now
+
+    def _newest_timeline(self: "Pool") -> int:
+        """The newest timeline any node has said it is on: a primary's, or the one a replica's
+        control file names (lag.py)."""
+        return max((max(ep.timeline or 0, ep.floor or 0) for ep in self._endpoints), default=0)
 
     def _start_probe(self: "Pool", ep: Endpoint, now: float) -> Probe:
         """A probe of a down endpoint, starting now. Whether a request should wait for it is

@@ -228,7 +228,8 @@ class Statements:
         find: every node is asked at once (``_survey``: the monitor that would see it may be
         another process's, idle), then role discovery and the monitors go on as usual. With no
         primary known, the nodes are asked once; if none is found, the replicas vouch for
-        themselves (``_checkout_after``)."""
+        themselves (``_checkout_after``). A survey that every node answered, none on the
+        token's timeline, means there is no such promotion: ValueError, as for a bad token."""
         pause, surveyed = lag.AFTER_POLL, False
         while True:
             primary = self._primary
@@ -237,6 +238,12 @@ class Statements:
                 return
             self._survey(end)
             surveyed = True
+            if self._all_answered_at >= start and self._newest_timeline() < timeline:
+                # Every node answered, after the token was made, and none is on its timeline: no
+                # promotion to wait for. A forged token held the caller for its timeout.
+                raise ValueError(f"after= token is from timeline {timeline}, which no server has "
+                                 f"(every node answered; the newest timeline is "
+                                 f"{self._newest_timeline()}): not a token of these servers")
             if known is None:
                 continue
             now = monotonic()

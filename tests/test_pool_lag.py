@@ -440,6 +440,32 @@ def test_a_bad_token_is_a_value_error_that_does_not_echo_it(make_pool):
     assert "DROP" not in str(info.value)
 
 
+@pytest.mark.parametrize("form", ["declared", "candidates"])
+def test_a_token_from_a_timeline_no_server_has_is_a_value_error_at_once(pool_factory, db, mode,
+                                                                        form):
+    """A token from a newer timeline than the primary's makes the pool look for the promotion
+    it has not seen, within the timeout. When every node answers and none is on that timeline,
+    there is none to find: a forged token (or one from another cluster) held a worker for its
+    whole timeout, then read as an outage (a new user's trial: 40 such requests made an
+    ordinary one wait 9 s). Now it is the caller's bad token, within a survey's time."""
+    if form == "candidates":
+        p = pool.Pool(nodes=[db.dsn(n) for n in ("primary", "replica1", "replica2")], mode=mode,
+                      timeout=3)
+    else:
+        p = pool_factory(mode=mode, timeout=3)
+    token = p.write_token()
+    assert p.fetchone(READ, readonly=True, after=token) is not None
+    timeline = int(token.split(":")[0], 16)
+    for forged in (f"{timeline + 1:X}:0/1", "999:0/1"):
+        for _ in range(3):  # (the next ones within the surveys' throttle too)
+            seconds, _, error = timed(lambda: p.fetchone(READ, readonly=True, after=forged))
+            assert isinstance(error, ValueError) and "no server" in str(error), error
+            assert seconds < 1.0, seconds
+    assert p.fetchone(READ, readonly=True, after=token) is not None
+    if form == "candidates":
+        p.close()
+
+
 def test_healthy_replicas_under_a_stream_of_writes_are_never_taken_for_diverged(
         make_pool, db, monkeypatch, caplog):
     """A replica is flagged diverged (lag.py) when its answer is above an answer the primary
