@@ -256,3 +256,78 @@ def test_nginx_runs_unprivileged(proxy) -> None:
                        if line.startswith("Uid:")).split()[1])
         assert uid != 0, f"nginx process {pid} runs as root"
     assert (proxy["home"] / "run" / "nginx.pid").read_text().strip() == str(proxy["pid"])
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library would send most of these) and read one answer:
+    (status, headers with lower-case names, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        assert sep, f"no complete answer to {data[:80]!r}: {buf[:300]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "-1"))
+        while len(body) < length or length < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        sock.close()
+
+
+def assert_json_error(answer: tuple[int, dict[str, str], bytes], status: int | tuple[int, ...], what) -> dict:
+    got, headers, body = answer
+    assert got in ((status,) if isinstance(status, int) else status), (what, got, headers, body[:300])
+    assert headers.get("content-type") == "application/json", (what, headers, body[:300])
+    data = json.loads(body)
+    assert set(data) == {"error"} and isinstance(data["error"], str), (what, data)
+    return data
+
+
+H = b"\r\nHost: a\r\n\r\n"
+# Requests nginx rejects before it has a URI, or with a URI it cannot use: each used to get an
+# HTML 500 ("empty URI in redirect to named location") instead of a JSON 4xx.
+MALFORMED = {
+    "NUL escaped in the path": (b"GET /items/%00 HTTP/1.1" + H, 400),
+    "escaped dot-dot above the root": (b"GET /%2e%2e/etc/passwd HTTP/1.1" + H, 400),
+    "dot-dot above the root": (b"GET /../../etc/passwd HTTP/1.1" + H, 400),
+    "a 9,000-character path": (b"GET /" + b"a" * 9000 + b" HTTP/1.1" + H, 414),
+    "lower-case method": (b"get /items/1 HTTP/1.1" + H, 400),
+    "a space in the path": (b"GET /items/ 1 HTTP/1.1" + H, 400),
+    "CONNECT": (b"CONNECT evil:443 HTTP/1.1" + H, (400, 405)),
+    "OPTIONS *": (b"OPTIONS * HTTP/1.1" + H, 400),
+    "a raw NUL in the path": (b"GET /it\x00ems/1 HTTP/1.1" + H, 400),
+    "the HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (400, 505)),
+    "not HTTP at all": (b"HELLO THERE FRIEND\r\n\r\n", 400),
+    "TRACE": (b"TRACE / HTTP/1.1" + H, 405),
+    "an unsupported HTTP version": (b"GET / HTTP/9.9" + H, 505),
+    "Transfer-Encoding: gzip": (b"POST /items HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    "a header over 8k": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_requests_get_a_json_4xx_from_nginx(proxy, case) -> None:
+    data, status = MALFORMED[case]
+    before = len(proxy["recorder"].requests)
+    for mode in ("threaded", "nopool"):  # nopool: no upstream at all, still nginx's JSON
+        assert_json_error(raw_exchange(proxy["ports"][mode], data), status, (case, mode))
+    assert len(proxy["recorder"].requests) == before, "a malformed request reached the upstream"
+    assert "empty URI in redirect" not in (proxy["home"] / "error.log").read_text()
+
+
+def test_nginx_s_error_locations_are_not_reachable_as_pages(proxy) -> None:
+    """The internal locations that render nginx's errors answer a client like any unknown path
+    nginx serves itself: a JSON 404, never an HTML page."""
+    for path in ("/_nginx_error/400", "/_nginx_error/502"):
+        assert_json_error(raw_exchange(proxy["ports"]["threaded"], f"GET {path} HTTP/1.1".encode() + H), 404, path)
