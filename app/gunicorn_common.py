@@ -113,13 +113,65 @@ forwarder_headers = ""
 control_socket_disable = True
 
 
-def post_worker_init(worker: Any) -> None:
-    """Send the app's and the pool's log records to gunicorn's error log, in its format.
+# gunicorn's own answers to requests it refuses before the app sees them (a raw non-ASCII byte
+# in the path, a control character in a header value, ...; gunicorn 27 refuses more than 23, and
+# nginx passes these on) are HTML pages that echo the request line. These are JSON like the app's
+# errors, in the same words as nginx's (compose/nginx/json-errors.conf), and echo nothing.
+GUNICORN_ERRORS = {
+    400: "bad request",
+    403: "forbidden",
+    414: "the request line is too large",
+    417: "expectation failed",
+    431: "a request header is too large",
+    500: "internal error",
+    501: "this transfer coding is not supported",
+}
 
-    Without this they would reach Python's last-resort handler (warnings only, no timestamp),
-    and the pool's INFO lines about failovers would be lost.
+
+def json_error_page(status: int, reason: str) -> bytes:
+    """The whole response gunicorn writes for an error of its own (it then closes)."""
+    import json
+    from http import HTTPStatus
+
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = reason if reason.isascii() and reason.isprintable() else ""
+    message = GUNICORN_ERRORS.get(status) or (phrase.lower() if phrase else "error")
+    body = json.dumps({"error": message}, separators=(",", ":")).encode("ascii") + b"\n"
+    head = (f"HTTP/1.1 {status} {phrase}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def use_json_error_pages() -> bool:
+    """Replace gunicorn.util.write_error, which every worker class calls for these (gunicorn 22
+    to 27: handle_error in gunicorn/workers/base.py), by one that writes json_error_page().
+    False if this gunicorn has no such function to replace."""
+    from gunicorn import util
+
+    if not callable(getattr(util, "write_error", None)) or not callable(getattr(util, "write_nonblock", None)):
+        return False
+
+    def write_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+        util.write_nonblock(sock, json_error_page(int(status_int), str(reason)))
+
+    util.write_error = write_error
+    return True
+
+
+def post_worker_init(worker: Any) -> None:
+    """Send the app's and the pool's log records to gunicorn's error log, in its format, and
+    answer gunicorn's own errors in JSON (use_json_error_pages).
+
+    Without the first, they would reach Python's last-resort handler (warnings only, no
+    timestamp), and the pool's INFO lines about failovers would be lost.
     """
     import logging
+
+    if not use_json_error_pages():
+        worker.log.warning("this gunicorn has no util.write_error to replace: its own error answers "
+                           "stay HTML (app/gunicorn_common.py, use_json_error_pages)")
 
     for name in ("app", "pool"):
         logger = logging.getLogger(name)

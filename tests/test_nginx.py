@@ -1,6 +1,7 @@
 """The stacks' nginx configuration (compose/nginx/), run by the real nginx in front of a
 recording upstream: what reaches gunicorn and what does not, keep-alive on both sides, request
-buffering, the slow-client deadline, the per-client limit and nginx's own JSON errors.
+buffering, the slow-client deadline, the per-client limit and nginx's own JSON errors; then in
+front of the app's real gunicorn configs, whose own error answers must be JSON too.
 
 Rendered by the same render.sh the container and the native stack use, with short timeouts and
 small limits so each behaviour shows in a second. nginx runs unprivileged (as `nobody` when the
@@ -13,8 +14,10 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -68,29 +71,29 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = _serve
 
 
-@pytest.fixture(scope="module")
-def proxy():
-    """nginx on three free ports: threaded and process in front of the recorder, nopool in
-    front of a port nothing listens on."""
+def start_nginx(upstreams: dict[str, str]) -> dict:
+    """nginx with the stacks' configuration on three free ports, in front of `upstreams`
+    ({"threaded": "127.0.0.1:port", "process": ..., "nopool": ...}); stop it with stop_nginx."""
     nginx = find_nginx()
     if nginx is None:
         require("nginx is not installed (apt-get install nginx)")
-    recorder = Recorder()
-    threading.Thread(target=recorder.serve_forever, daemon=True).start()
     # mkdtemp, not tmp_path: an unprivileged nginx cannot enter /tmp/pytest-of-root (0700).
     home = Path(tempfile.mkdtemp(prefix="nginx-test-", dir="/tmp"))
     os.chmod(home, 0o755)
     run = home / "run"
     run.mkdir()
     shutil.copy(NGINX_FILES / "json-errors.conf", home)
-    threaded, process, nopool, dead = Cluster.free_ports(4)
+    taken = {int(u.rpartition(":")[2]) for u in upstreams.values() if not u.startswith("unix:")}
+    while True:  # not a port an upstream was given
+        threaded, process, nopool = Cluster.free_ports(3)
+        if not taken & {threaded, process, nopool}:
+            break
     env = {"PATH": os.environ["PATH"], "NGINX_RUN_DIR": str(run), "NGINX_ERROR_LOG": str(home / "error.log"),
            "NGINX_ACCESS_LOG": str(home / "access.log"),
            "NGINX_LISTEN_THREADED": f"127.0.0.1:{threaded}", "NGINX_LISTEN_PROCESS": f"127.0.0.1:{process}",
            "NGINX_LISTEN_NOPOOL": f"127.0.0.1:{nopool}",
-           "NGINX_UPSTREAM_THREADED": f"127.0.0.1:{recorder.server_port}",
-           "NGINX_UPSTREAM_PROCESS": f"127.0.0.1:{recorder.server_port}",
-           "NGINX_UPSTREAM_NOPOOL": f"127.0.0.1:{dead}",
+           "NGINX_UPSTREAM_THREADED": upstreams["threaded"], "NGINX_UPSTREAM_PROCESS": upstreams["process"],
+           "NGINX_UPSTREAM_NOPOOL": upstreams["nopool"],
            "NGINX_CLIENT_HEADER_TIMEOUT": "1s", "NGINX_MAX_CONN_PER_CLIENT": "2", "NGINX_MAX_BODY": "1k",
            "NGINX_WORKER_PROCESSES": "1"}
     subprocess.run(["sh", str(NGINX_FILES / "render.sh"), str(NGINX_FILES / "nginx.conf.template"),
@@ -110,14 +113,33 @@ def proxy():
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
                 pytest.fail(f"nginx did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.05)
     ports = {"threaded": threaded, "process": process, "nopool": nopool}
-    yield {"ports": ports, "recorder": recorder, "pid": proc.pid, "home": home}
-    proc.terminate()
-    proc.wait(10)
-    recorder.shutdown()
-    shutil.rmtree(home, ignore_errors=True)
+    return {"ports": ports, "pid": proc.pid, "proc": proc, "home": home}
+
+
+def stop_nginx(started: dict) -> None:
+    started["proc"].terminate()
+    started["proc"].wait(10)
+    shutil.rmtree(started["home"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    """nginx on three free ports: threaded and process in front of the recorder, nopool in
+    front of a port nothing listens on."""
+    recorder = Recorder()
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    (dead,) = Cluster.free_ports(1)
+    try:
+        started = start_nginx({"threaded": f"127.0.0.1:{recorder.server_port}",
+                                "process": f"127.0.0.1:{recorder.server_port}", "nopool": f"127.0.0.1:{dead}"})
+        yield {**started, "recorder": recorder}
+        stop_nginx(started)
+    finally:
+        recorder.shutdown()
 
 
 def request(port: int, method: str = "GET", path: str = "/x", body: bytes | None = None,
@@ -331,3 +353,96 @@ def test_nginx_s_error_locations_are_not_reachable_as_pages(proxy) -> None:
     nginx serves itself: a JSON 404, never an HTML page."""
     for path in ("/_nginx_error/400", "/_nginx_error/502"):
         assert_json_error(raw_exchange(proxy["ports"]["threaded"], f"GET {path} HTTP/1.1".encode() + H), 404, path)
+
+
+# --- in front of the real gunicorn -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gunicorn_proxy():
+    """The app's gunicorn configs (gthread and sync, this interpreter's gunicorn) with a database
+    that is not there, nginx in front of them: what gunicorn rejects never reaches the app, and
+    the app answers its 4xx without a query."""
+    try:
+        import gunicorn  # noqa: F401  (only: is it there?)
+    except ImportError:
+        require("gunicorn is not installed (pip install -r requirements-app.txt)")
+    logdir = Path(tempfile.mkdtemp(prefix="nginx-gunicorn-"))
+    threaded, process, dead = Cluster.free_ports(3)
+    running = {}
+    started = None
+    try:
+        for mode, port in (("threaded", threaded), ("process", process)):
+            env = dict(os.environ, APP_BIND=f"127.0.0.1:{port}", APP_WORKERS="1", APP_THREADS="2",
+                       APP_ACCESS_LOG="off", PYTHONPATH=str(ROOT),
+                       POOL_PRIMARY=f"host=127.0.0.1 port={dead} dbname=app user=app")
+            env.pop("APP_POOL_MODE", None)
+            with open(logdir / f"{mode}.log", "wb") as out:
+                running[mode] = subprocess.Popen(
+                    [sys.executable, "-m", "gunicorn", "-c", f"app/gunicorn_{mode}.py", "app.wsgi:application"],
+                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        direct = {"threaded": threaded, "process": process}
+        for mode, port in direct.items():
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if request(port, path="/nope")[0].status == 404:
+                        break
+                except OSError:
+                    pass
+                if running[mode].poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"gunicorn ({mode}) is not serving: {(logdir / f'{mode}.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+        started = start_nginx({"threaded": f"127.0.0.1:{threaded}", "process": f"127.0.0.1:{process}",
+                               "nopool": f"127.0.0.1:{dead}"})
+        yield {**started, "direct": direct, "logdir": logdir}
+    finally:
+        if started:
+            stop_nginx(started)
+        for proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in running.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+# Requests nginx passes on and gunicorn (27 above all; Debian's 23 lets some through to the app)
+# refuses: its answer used to be an HTML page echoing the request line.
+GUNICORN_REJECTS = {
+    "a raw UTF-8 character in the path": (b"GET /\xc3\xadtems/1 HTTP/1.1" + H, 400),
+    "a raw 0xff byte in the path": (b"GET /\xffitems/1 HTTP/1.1" + H, 400),
+    "a control character in a header value": (b"GET /items/1 HTTP/1.1\r\nHost: a\r\nX-A: a\x01b\r\n\r\n", 400),
+    "a 5,000-character path": (b"GET /" + b"a" * 5000 + b" HTTP/1.1" + H, (400, 414)),  # under nginx's 8k
+}
+
+
+@pytest.mark.parametrize("case", GUNICORN_REJECTS)
+def test_what_gunicorn_rejects_is_a_json_4xx_without_an_echo(gunicorn_proxy, case) -> None:
+    data, expected = GUNICORN_REJECTS[case]
+    for mode in ("threaded", "process"):
+        for where, port in (("nginx", gunicorn_proxy["ports"][mode]), ("gunicorn", gunicorn_proxy["direct"][mode])):
+            status, headers, body = raw_exchange(port, data)
+            if status == 404:  # Debian's gunicorn passes some on: the app's JSON 404 for the path
+                expected = 404
+            error = assert_json_error((status, headers, body), expected, (case, mode, where))["error"]
+            assert error in ("bad request", "the request line is too large", "no such resource"), error
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("GET", "/nope", None, 404, "no such resource"),
+    ("GET", "/items/abc", None, 400, None),
+    ("POST", "/items", b"x", 415, "Content-Type must be application/json"),
+    ("DELETE", "/items/1", None, 405, "method not allowed"),
+])
+def test_the_app_s_own_errors_pass_through_nginx_unchanged(gunicorn_proxy, method, path, body, status,
+                                                           message) -> None:
+    answers = []
+    for port in (gunicorn_proxy["ports"]["threaded"], gunicorn_proxy["direct"]["threaded"]):
+        resp, data, conn = request(port, method, path, body, {"Content-Type": "text/plain"} if body else None)
+        conn.close()
+        assert resp.status == status and resp.getheader("Content-Type") == "application/json", (path, resp.status, data)
+        answers.append(json.loads(data))
+    assert answers[0] == answers[1], answers  # the app's own words, through nginx
+    assert message is None or answers[0] == {"error": message}
