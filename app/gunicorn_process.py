@@ -25,4 +25,7 @@ worker_class = "sync"
 threads = 1  # sync with threads > 1 would silently become gthread
 workers = env_int("APP_PROCESS_WORKERS", env_int("APP_WORKERS", 2) * env_int("APP_THREADS", 8))
 os.environ.setdefault("POOL_MAX_SIZE", "2")
+# Its workers share a health board (process mode's default), one of the app's own: another app
+# on the host (the native stack's threaded one) keeps its, so each reports only its workers.
+os.environ.setdefault("POOL_SHARED_STATE", "app-process")
 proc_name = "app-" + os.environ["APP_POOL_MODE"]

@@ -21,6 +21,7 @@ require_single_threaded_for_process_mode(threads)
 os.environ.setdefault("POOL_MAX_SIZE", str(threads))
 # Several worker processes per host: they share one health board (pool/board.py), so an outage
 # one worker found is not found again by the others (threaded mode leaves it off by default).
+# The app's own board: another app on the host (the native stack's per-process one) keeps its.
 if workers > 1:
-    os.environ.setdefault("POOL_SHARED_STATE", "on")
+    os.environ.setdefault("POOL_SHARED_STATE", "app-threaded")
 proc_name = "app-" + os.environ["APP_POOL_MODE"]

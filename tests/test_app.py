@@ -793,6 +793,11 @@ def test_stats_all_reports_every_worker_of_the_per_process_app(servers: dict[str
     threaded = servers["threaded"].request("GET", "/stats?all=1").json
     # off by default in threaded mode, but app/gunicorn_threaded.py turns it on for 2+ workers
     assert threaded["scope"] == "host" and threaded["shared_state"] is True
+    # ...on a board of its own: two apps on one host (the native stack) reported each other's
+    # workers as their own, and learnt outages from each other (found by a new user's trial)
+    assert {w["mode"] for w in host["workers"]} == {"process"}, host["workers"]
+    assert {w["mode"] for w in threaded["workers"]} == {"threaded"}, threaded["workers"]
+    assert threaded["board"] != host["board"]
     assert "scope" not in servers["nopool"].request("GET", "/stats?all=1").json
 
 
