@@ -4,12 +4,17 @@
 #               pulled, or built with debootstrap where no registry answers: compose/baseimage.py).
 # STACK=local:  the same topology as processes on this machine (`python -m native`: the local
 #               PostgreSQL binaries and the app under gunicorn from .venv), same ports.
-# Default: docker if a Docker engine and Compose v2 answer, else local. Only probed when a
-# stack target is asked for, so other targets never wait for the Docker daemon.
+# Default: local if the native stack runs (a node's postmaster.pid names a live process), else
+# docker if a Docker engine and Compose v2 answer, else local: after `make up STACK=local`, the
+# other targets need no STACK. Only probed when a stack target is asked for, so other targets
+# never wait for the Docker daemon.
+NATIVE_BASEDIR ?= $(ROOT)/.stack/native
 STACK_GOALS := up down ps logs kill-replica start-replica kill-primary start-primary psql clean \
                replication-status promote rejoin lag-replica stall resume
 ifneq ($(filter $(STACK_GOALS),$(MAKECMDGOALS)),)
-STACK ?= $(shell docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 && echo docker || echo local)
+NATIVE_RUNS := $(shell for f in $(NATIVE_BASEDIR)/*/postmaster.pid; do \
+                 [ -f "$$f" ] && kill -0 "$$(head -n 1 "$$f")" 2>/dev/null && echo yes && break; done)
+STACK ?= $(if $(NATIVE_RUNS),local,$(shell docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 && echo docker || echo local))
 STACK := $(STACK)
 ifeq ($(filter $(STACK),docker local),)
 $(error STACK must be docker or local, not '$(STACK)')
@@ -18,7 +23,6 @@ endif
 
 COMPOSE := docker compose -f $(ROOT)/docker-compose.yml
 NATIVE := cd $(ROOT) && $(VPY) -m native
-NATIVE_BASEDIR ?= $(ROOT)/.stack/native
 # stackctl.py is standard library only: the venv's python if there is one, else python3.
 STACK_PY = $(if $(wildcard $(VPY)),$(VPY),$(PYTHON))
 STACKCTL = $(STACK_PY) $(ROOT)/compose/stackctl.py

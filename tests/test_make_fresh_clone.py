@@ -8,6 +8,7 @@ a stack `make up` started, so the venv is there by then, and are not listed.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,3 +45,24 @@ def test_target_creates_the_venv_before_running_its_python(fresh_copy: Path, tar
     assert runs, f"make -n {target} never runs the venv's python:\n{proc.stdout}"
     assert creates and creates[0] < runs[0], (
         f"make {target} runs {venv_python} before creating the venv:\n{proc.stdout}")
+
+
+def test_stack_targets_act_on_the_native_stack_when_it_is_the_one_running(fresh_copy: Path,
+                                                                         tmp_path: Path) -> None:
+    """After `make up STACK=local`, a plain `make kill-replica` acted on the Docker stack (not
+    running) whenever a Docker engine answered: STACK had to be repeated on every command (a
+    new user's trial). A running native stack (a node's live postmaster.pid) is the default."""
+    base = tmp_path / "native"
+    (base / "primary").mkdir(parents=True)
+    (base / "primary" / "postmaster.pid").write_text(f"{os.getpid()}\n/somewhere\n")
+    for basedir, native in ((base, True), (tmp_path / "nothing-here", False)):
+        proc = subprocess.run(["make", "-n", "--no-print-directory", "kill-replica",
+                               f"NATIVE_BASEDIR={basedir}"], cwd=fresh_copy, capture_output=True,
+                              text=True, timeout=60, env={k: v for k, v in os.environ.items()
+                                                          if k != "STACK"})
+        assert proc.returncode == 0, proc.stderr
+        if native:
+            assert "-m native kill replica1" in proc.stdout, proc.stdout
+        elif shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True,
+                                                       timeout=30).returncode == 0:
+            assert "-m native" not in proc.stdout, proc.stdout
