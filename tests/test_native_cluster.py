@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from native.cluster import REPLICAS, Cluster, ClusterError, find_bindir  # noqa: E402
 from stackutil import check_database_privileges  # noqa: E402
 from topology import OpError, format_status  # noqa: E402
+from topology.ops import lsn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +322,46 @@ def test_failover_first_fetches_what_the_other_replica_received(cluster):
     assert upstream_port(cluster, "replica2") == str(cluster.port("replica1"))
     assert "pg_rewind" not in cluster.logfile("replica2").read_text()[-3000:]
     assert base_backups(cluster) == backups
+    cluster.restore_initial()
+    assert_initial_topology(cluster)
+
+
+def receive_replay(cluster, node):
+    """(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) of a standby as integers (None: NULL)."""
+    receive, replay = cluster.psql(node, "SELECT coalesce(pg_last_wal_receive_lsn()::text, ''), "
+                                         "coalesce(pg_last_wal_replay_lsn()::text, '')").split("|")
+    return lsn(receive), lsn(replay)
+
+
+def test_failover_onto_a_restarted_replica_of_an_idle_primary(cluster):
+    """A restarted standby's WAL receiver asks for WAL from the start of the segment it is in and
+    reports that start as received (pg_last_wal_receive_lsn()) until WAL past what it replayed
+    arrives: on an idle primary, never. `make kill-replica; make start-replica; make kill-primary;
+    make promote REPLICA=replica1` then found replica1 "1 MB behind" replica2 although it had
+    replayed all replica2 had, and cascading could not move the number either (replica2 has
+    nothing newer): 30 s later the promotion gave up. Built here without the race (nothing can
+    reach replica1 after its restart: the primary is already down)."""
+    names = [f"before-idle-failover-{uuid.uuid4()}" for _ in range(5)]
+    insert_items(cluster, names)
+    cluster.wait_replayed(timeout=10)
+    cluster.kill("primary")
+    cluster.kill("replica1")
+    cluster.start_node("replica1")
+    deadline = time.monotonic() + 10
+    while receive_replay(cluster, "replica1")[0] is None:  # until recovery asks to stream
+        assert time.monotonic() < deadline, "replica1 never requested streaming"
+        time.sleep(0.05)
+    receive, replay = receive_replay(cluster, "replica1")
+    assert receive < replay == receive_replay(cluster, "replica2")[0], \
+        "not the state under test: replica1 must report less received than replayed"
+
+    t0 = time.monotonic()
+    cluster.promote("replica1")
+    assert time.monotonic() - t0 < 15
+    assert cluster.psql("replica1", "SELECT pg_is_in_recovery()") == "f"
+    cluster.wait_streaming(timeout=10, nodes=["replica2"])
+    for node in ("replica1", "replica2"):
+        assert fetch(cluster, node, "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(5,)]
     cluster.restore_initial()
     assert_initial_topology(cluster)
 

@@ -331,7 +331,12 @@ class ReplicaSet(abc.ABC):
         WAL than it (the primary is gone, so such WAL exists nowhere else), until it has it all.
         A standby can feed another (cascading replication); no slot is needed for the moment."""
         def received(node):
-            return lsn(self.sql(node, "SELECT pg_last_wal_receive_lsn()")) or 0
+            # The WAL a standby has: what it received, or what it replayed if that is further.
+            # After a restart, a standby reports as received the start of the WAL segment its
+            # replay is in, until its WAL receiver gets WAL past the replay position: from an
+            # idle or dead primary, or from a peer with nothing newer, never.
+            return lsn(self.sql(node, "SELECT GREATEST(pg_last_wal_receive_lsn(), "
+                                      "pg_last_wal_replay_lsn())")) or 0
         mine = received(target)
         best, best_pos = None, mine
         for node in others:
