@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from native.cluster import REPLICAS, Cluster, ClusterError, find_bindir  # noqa: E402
 from stackutil import check_database_privileges  # noqa: E402
 from topology import OpError, format_status  # noqa: E402
-from topology.ops import lsn  # noqa: E402
+from topology.ops import literal, lsn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +364,31 @@ def test_failover_onto_a_restarted_replica_of_an_idle_primary(cluster):
         assert fetch(cluster, node, "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(5,)]
     cluster.restore_initial()
     assert_initial_topology(cluster)
+
+
+def test_failover_that_cannot_catch_up_leaves_the_replica_as_it_was(cluster):
+    """When the missing WAL cannot be fetched from the other replica, the promotion gives up and
+    puts the chosen replica back on its upstream and slot, so starting the primary (`make up`)
+    restores the initial topology instead of leaving it streaming from the other replica."""
+    before = {s: cluster.psql("replica1", f"SHOW {s}") for s in ("primary_conninfo", "primary_slot_name")}
+    names = _only_replica2_receives(cluster, count=5)
+    cluster.kill("primary")
+    cluster.psql("replica1", f"ALTER SYSTEM SET primary_conninfo = {literal(before['primary_conninfo'])}; "
+                             "SELECT pg_reload_conf()")
+    assert receive_replay(cluster, "replica1")[0] < receive_replay(cluster, "replica2")[0]
+    rs = cluster.replica_set()
+    rs.catch_up_timeout = 2
+    rs.upstream_conninfo = lambda node, primary: "host=127.0.0.1 port=1 connect_timeout=1"  # unreachable
+    with pytest.raises(OpError, match="did not get replica2's WAL"):
+        rs.promote("replica1")
+    assert {s: cluster.psql("replica1", f"SHOW {s}") for s in before} == before
+    assert cluster.psql("replica1", "SELECT pg_is_in_recovery()") == "t"
+    assert cluster.topology().initial
+
+    cluster.restore_initial()  # what `make up` does: starts the primary, waits for both replicas
+    assert_initial_topology(cluster)
+    cluster.wait_replayed(timeout=10)
+    assert fetch(cluster, "replica1", "SELECT count(*) FROM items WHERE name = ANY(%s)", (names,)) == [(5,)]
 
 
 def test_follow_rewinds_a_replica_that_got_ahead(cluster):

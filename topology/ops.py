@@ -110,6 +110,7 @@ class ReplicaSet(abc.ABC):
     """The database nodes of one stack. Subclasses implement the primitives."""
 
     kind = "?"
+    catch_up_timeout = 30.0  # seconds promote() waits for a replica to fetch WAL from the other
 
     def __init__(self, say: Callable[[str], None] | None = None,
                  on_event: Callable[[str, float], None] | None = None) -> None:
@@ -211,6 +212,17 @@ class ReplicaSet(abc.ABC):
                 return lsn(replay)
             time.sleep(0.05)
 
+    def upstream(self, node: str) -> tuple[str, str]:
+        """(primary_conninfo, primary_slot_name) of a running node."""
+        conninfo, _, slot = self.sql(node, "SELECT current_setting('primary_conninfo') || '|' || "
+                                           "current_setting('primary_slot_name')").rpartition("|")
+        return conninfo, slot
+
+    def set_upstream(self, node: str, conninfo: str, slot: str) -> None:
+        """Re-point a running standby (ALTER SYSTEM + reload: its WAL receiver restarts)."""
+        self.sql(node, f"ALTER SYSTEM SET primary_conninfo = {literal(conninfo)}; "
+                       f"ALTER SYSTEM SET primary_slot_name = {literal(slot)}; SELECT pg_reload_conf()")
+
     def create_slots(self, on: str, nodes) -> None:
         """A physical slot per node on ``on`` (a primary or a standby about to be promoted),
         reserving WAL from now; existing slots are kept."""
@@ -294,6 +306,7 @@ class ReplicaSet(abc.ABC):
             raise OpError(f"{target} is not in recovery although the topology says {old} is the "
                           f"primary: two primaries? Check `make replication-status`")
         switchover = self.running(old)
+        upstream = self.upstream(target)  # catch_up() re-points it: put back if the promotion fails
         self.event("promote")
         self.set_rewind(old, True)  # fenced from here on: any start of it now goes through pg_rewind
         if switchover:
@@ -316,6 +329,12 @@ class ReplicaSet(abc.ABC):
             # Best effort, step by step; if it fails, the old primary stays fenced (safe: it
             # then refuses to start as a primary, and `make promote` can be run again).
             if self.in_recovery_or_down(target):
+                try:  # back on its primary and slot, so starting that primary (make up) restores it all
+                    if self.upstream(target) != upstream:
+                        self.set_upstream(target, *upstream)
+                        self.say(f"promotion failed: {target}'s primary_conninfo and slot put back")
+                except BaseException as exc:  # noqa: BLE001 - report the original error
+                    self.say(f"could not put back {target}'s primary_conninfo and slot: {exc}")
                 try:
                     self.set_rewind(old, False)
                     if switchover:
@@ -353,13 +372,12 @@ class ReplicaSet(abc.ABC):
         self.say(f"{target} has {fmt_bytes(best_pos - mine)} less WAL than {best}: "
                  f"fetching it from {best} first (cascading replication), so that no write "
                  f"{best} acknowledged is lost")
-        self.sql(target, f"ALTER SYSTEM SET primary_conninfo = {literal(self.upstream_conninfo(target, best))}; "
-                         "ALTER SYSTEM SET primary_slot_name = ''; SELECT pg_reload_conf()")
+        self.set_upstream(target, self.upstream_conninfo(target, best), "")
         t0 = time.monotonic()
         if self.poll(lambda: None if received(target) >= best_pos else f"{target} to receive "
-                     f"{best}'s WAL", timeout=30, interval=0.05):
-            raise OpError(f"{target} did not get {best}'s WAL within 30s; not promoting it "
-                          f"(promote {best} instead: make promote REPLICA={best})")
+                     f"{best}'s WAL", timeout=self.catch_up_timeout, interval=0.05):
+            raise OpError(f"{target} did not get {best}'s WAL within {self.catch_up_timeout:.0f}s; "
+                          f"not promoting it (promote {best} instead: make promote REPLICA={best})")
         self.say(f"{target} has everything {best} had ({time.monotonic() - t0:.1f}s)")
 
     def in_recovery_or_down(self, node: str) -> bool:
