@@ -67,7 +67,7 @@ def test_host_wide_stats_win_over_the_fallback_and_count_every_worker() -> None:
     reports = reports_of("all up", "process")
     reports.add(last_t("all up") + 1, HOST_WIDE)
     states = by_name(reports.states(last_t("all up") + 1))
-    assert states[REPLICA1].label == "down 3/16" and states[REPLICA1].workers_down == 13
+    assert states[REPLICA1].label == "mixed 3/16" and states[REPLICA1].workers_down == 13
     assert states[PRIMARY].label == "up 16/16" and states[PRIMARY].workers_total == 16
 
 
@@ -111,6 +111,17 @@ def test_ejection_and_readmission_events_from_recorded_states() -> None:
                                 fallback, 103.0, NODE_OF)
     assert [e.text for e in events] == ["app-process: replica1 re-admitted, up in every worker seen (3)"]
     assert model.state_events("app-threaded", back, back, 102.0, NODE_OF) == []
+
+
+def test_a_host_wide_state_the_workers_disagree_on_reads_mixed() -> None:
+    """The state word of a host-wide answer is the answering worker's own: the live view showed
+    "up 15/16" beside a replica one worker had just ejected, and "down 15/16" while fifteen
+    still had it up (found capturing the README's frame). When they disagree it is "mixed"."""
+    [split, agreed] = model.host_states({**HOST_WIDE, "processes": 16, "endpoints": [
+        {"name": REPLICA1, "role": "replica", "state": "up", "workers_up": 15, "workers_down": 1},
+        {"name": PRIMARY, "role": "primary", "state": "up", "workers_up": 16, "workers_down": 0}]})
+    assert (split.state, split.label) == ("mixed", "mixed 15/16")
+    assert (agreed.state, agreed.label) == ("up", "up 16/16")
 
 
 def rows_around_a_replica_kill() -> list[Request]:

@@ -82,10 +82,15 @@ class WorkerReports:
 
 
 def host_states(body: dict) -> list[EndpointState]:
-    """Endpoint states of a host-wide ``/stats?all=1`` answer."""
+    """Endpoint states of a host-wide ``/stats?all=1`` answer. Its ``state`` is the answering
+    worker's own: "mixed" instead while some workers have the endpoint up and others down."""
     total = body.get("processes")
-    return [EndpointState(e["name"], e.get("role", "?"), e.get("state", "?"), int(e.get("workers_up", 0)),
-                          int(e.get("workers_down", 0)), total) for e in body.get("endpoints", [])]
+    out = []
+    for e in body.get("endpoints", []):
+        up, down = int(e.get("workers_up", 0)), int(e.get("workers_down", 0))
+        state = "mixed" if up and down else e.get("state", "?")
+        out.append(EndpointState(e["name"], e.get("role", "?"), state, up, down, total))
+    return out
 
 
 def merge_worker_states(reports: Iterable[Sequence[dict]]) -> list[EndpointState]:
