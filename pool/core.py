@@ -482,9 +482,11 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             if seconds - rest > PRECHECK_SLACK:
                 self._precheck(ep, rest, params)
                 login = monotonic()
-                if limit < opts.connect_timeout and started + limit - login < login - served:
+                if deadline - login < login - served:
                     # Less of the caller's time left than the precheck's login took: the real
-                    # one would overrun it by libpq's whole seconds. The server answered.
+                    # one would overrun it by libpq's whole seconds. The server answered. (The
+                    # caller's deadline, whichever bound the precheck kept: connect_timeout=0.6
+                    # and timeout=0.7 leave 0.1 s after a 0.6 s precheck.)
                     self._deadline_spent(f"connecting to {ep.role} {ep.name}, which answered "
                                          f"in {login - served:.3f}s", count=not hosted)
             login = monotonic()

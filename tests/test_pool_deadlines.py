@@ -1495,6 +1495,24 @@ def test_a_precheck_that_leaves_too_little_time_for_the_login_ends_the_checkout(
         proxy.close()
 
 
+def test_a_precheck_leaves_too_little_time_even_when_connect_timeout_is_the_bound(db, mode):
+    """The same with the caller's timeout just above a sub-second connect_timeout: the guard ran
+    only when the caller's time was the tighter bound, so with connect_timeout=0.6, timeout=0.7
+    and logins of 0.4 s the checkout took both logins, 0.82 s (found by a red-team run). The
+    caller's deadline is checked whichever bound the precheck kept."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), mode=mode, connect_timeout=0.6)
+    try:
+        proxy.delay = 0.05  # logins of about 0.4 s
+        seconds, _, error = timed(lambda: p.connection(timeout=0.7).__enter__())
+        assert isinstance(error, pool.PoolTimeout), (seconds, error)
+        assert seconds < 0.7 + 0.05, seconds
+        assert state(p, 0) == "up" and p.stats(housekeep=False)["ejections"] == 0
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_a_new_worker_does_not_take_slow_logins_for_an_outage(db):
     """Logins got slow (0.25 s). A caller with timeout=0.1 could not connect, and the primary
     was marked down for every worker; a new worker, with no login of its own to go by, gave its
