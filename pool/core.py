@@ -249,12 +249,13 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
         ``scope="host"``: every process sharing this pool's health board (board.py), each with
         its own endpoint states and counters, and per endpoint how many of them see it up.
+        Waits for nothing: a health check must not hang on the server it reports on.
         """
         if scope not in ("process", "host"):
             raise ValueError('scope must be "process" or "host"')
         now = monotonic()
-        if housekeep:
-            self._tick(now)
+        if housekeep:  # (what is due, with no time to spend: process mode's min_size connect and
+            self._tick(now, now)  # a cancel request's wait are left to the next request)
         with self._lock:
             eps = [ep.stats(now) for ep in self._endpoints]
             waiting = self._waiting_count()

@@ -199,7 +199,11 @@ class ProcessPool(Pool):
         self._until = deadline  # the jobs that wait (a min_size connect, a cancel request's
         try:                    # login) stop there, and go on in a later request
             self._hk_due = self._housekeep(now)
-            if self._fill_wanted and not self._job_fill_min_size(now):
+            if not self._fill_wanted:
+                pass
+            elif deadline <= now:  # a caller with no time to host a connect (stats()): the
+                self._hk_due = now  # next request fills, within its own timeout
+            elif not self._job_fill_min_size(now):
                 self._hk_due = min(self._hk_due, max(now, self._fill_retry_at))
             else:
                 self._fill_wanted = False

@@ -1224,6 +1224,29 @@ def test_process_mode_a_min_size_connect_cut_short_by_a_request_is_no_outage(db)
         p.close()
 
 
+def test_stats_does_not_host_a_min_size_connect(db, mode):
+    """Process mode runs due housekeeping on stats() too, and it ran with no deadline: with
+    min_size=2 and the primary's host black-holed after the pool started, the first stats()
+    hosted a min_size connect and took connect_timeout, 2.01 s (found by a red-team run; a
+    health endpoint calls stats()). stats() does no blocking I/O now; the next request fills,
+    within its own timeout."""
+    proxy = Proxy(db.port("primary"))
+    p = pool.Pool(proxied(db, "primary", proxy), replicas=[db.dsn("replica1")], mode=mode,
+                  min_size=2, timeout=0.2, connect_timeout=2)
+    try:
+        proxy.freeze()
+        for _ in range(3):
+            seconds, _, error = timed(p.stats)
+            assert error is None and seconds < 0.05, (seconds, error)
+        proxy.forward()
+        wait_until(lambda: timed(lambda: p.fetchone("SELECT 1"))[2] is None
+                   and p.stats()["endpoints"][0]["size"] >= 2, timeout=10, interval=0.05,
+                   what="min_size reached once the host answers")
+    finally:
+        p.close()
+        proxy.close()
+
+
 def test_process_mode_min_size_is_reached_with_timeouts_shorter_than_a_probe_grace(db):
     """With every request's timeout below a probe's grace (at least 50 ms), filling waited for
     a request with more time left: min_size was never reached, and every checkout ran the
