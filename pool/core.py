@@ -452,10 +452,11 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
 
         The attempt is bounded by connect_timeout and by the caller's deadline, whichever comes
         first. The host name is looked up first, once for the whole attempt (resolve.py); what
-        is left of the bound is the server's share. libpq counts whole seconds: when its count
-        would overshoot that share by more than PRECHECK_SLACK, a non-blocking probe reaches the
-        server first, within it exactly (_precheck); with less of the caller's time left after
-        it than it took, the caller gets PoolTimeout (the second login would overrun). A connect
+        is left of the bound is the server's share. libpq counts whole seconds, for each of the
+        name's addresses in turn: when its count would overshoot that share by more than
+        PRECHECK_SLACK, a non-blocking probe reaches the server first, within it exactly
+        (_precheck); with less of the caller's time left after it than it took, the caller gets
+        PoolTimeout (the second login would overrun). A connect
         cut short by the caller's deadline (a share smaller than both a probe's grace and
         connect_timeout) is evidence of nothing, as for a ping: the caller gets PoolTimeout, and
         the endpoint stays up. So is any connect the deadline cut short if the caller only
@@ -480,7 +481,10 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             served = monotonic()  # the server's share of the attempt starts here
             rest = max(0.001, limit - (served - started))
             seconds = libpq_seconds(rest)
-            if seconds - rest > PRECHECK_SLACK:
+            # libpq gives each address connect_timeout in turn: a name with several (resolve.py)
+            # is bounded by them all, which overshoots even a whole-second bound: precheck it.
+            tries = params["hostaddr"].count(",") + 1 if "hostaddr" in params else 1
+            if seconds * tries - rest > PRECHECK_SLACK:
                 self._precheck(ep, rest, params)
                 login = monotonic()
                 if deadline - login < login - served:

@@ -7,7 +7,8 @@ timeouts (``/etc/resolv.conf``: 5 s an attempt, 2 attempts), the housekeeping th
 mode's requests included. So the pool looks names up itself, on short-lived daemon threads,
 waits for the answer no longer than the attempt's own bound, and hands libpq the addresses
 (``hostaddr``, with ``host`` kept for TLS and ``.pgpass``), all of them, in the resolver's
-order, as libpq would try them.
+order, as libpq would try them (giving each its connect_timeout: the pool bounds the whole
+attempt, core.py's ``Pool._open``).
 
 Every attempt asks, as libpq does: a name that a failover moved is followed, and a name that is
 gone (a stopped container's, in Docker) fails the attempt at once instead of sending it to an

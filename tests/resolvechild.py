@@ -207,6 +207,53 @@ def lost_query(mode: str, dsn: str, dns: int) -> dict:
     return dict(gone_s=gone_s)
 
 
+def two_addresses(mode: str, dsn: str, dns: int) -> dict:
+    """The name has two addresses, 127.0.0.1 and 127.0.0.2, both black-holed (a proxy on each,
+    on the same port). libpq gives each address connect_timeout in turn: the first write took
+    twice connect_timeout, 4.0 s, past its timeout of 3 s (found by a red-team run)."""
+    port = int(os.environ["POOL_TEST_PORT"])
+    first = Proxy(port)
+    second = _Proxy2(port, first.port)
+    name = dsn.split("host=")[1].split()[0]
+    try:
+        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
+            f.write(f"127.0.0.1 {name}\n127.0.0.2 {name}\n")
+        os.kill(dns, signal.SIGHUP)  # (dnsmasq reads its hosts file again)
+        time.sleep(0.05)
+        addresses = sorted({i[4][0] for i in socket.getaddrinfo(name, None, socket.AF_INET)})
+        p = pool.Pool(dsn.replace(f"port={port}", f"port={first.port}"), mode=mode,
+                      connect_timeout=2, timeout=3, shared_state=False)
+        try:
+            state = p.stats()["endpoints"][0]["state"]
+            first.freeze()
+            second.freeze()
+            write_s, _, write_error = timed(lambda: p.fetchone("SELECT 1"))
+        finally:
+            p.close()
+    finally:
+        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
+            f.write(f"127.0.0.1 {name}\n")
+        os.kill(dns, signal.SIGHUP)
+        first.close()
+        second.close()
+    return dict(addresses=addresses, state=state, write_s=write_s, write_error=write_error)
+
+
+class _Proxy2(Proxy):
+    """A test proxy on 127.0.0.2, on the port of another one (on 127.0.0.1)."""
+
+    def __init__(self, target_port: int, port: int) -> None:
+        self._want = port
+        super().__init__(target_port)
+
+    def _listen(self, port: int):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.2", port or self._want))
+        s.listen(128)
+        return s
+
+
 def the_cluster() -> Cluster:
     """The parent's cluster (to stall its primary as Cluster.stall does)."""
     return Cluster(os.environ["POOL_TEST_BASEDIR"], ports=os.environ["POOL_TEST_PORTS"].split(","))

@@ -103,3 +103,15 @@ def test_a_query_lost_on_the_way_holds_the_name_no_longer_than_a_second(nameserv
     lookup unanswered for ASK_AGAIN (1 s) is joined no more: the next attempt asks anew."""
     r = run_scenario(nameserver, db, "lost_query", mode)
     assert 0 <= r["gone_s"] < 2.5, str(r)
+
+
+def test_a_name_with_two_addresses_gets_connect_timeout_for_the_whole_attempt(nameserver, db,
+                                                                            mode):
+    """libpq applies connect_timeout to each address in turn, and the pool hands it every
+    address the name has: with both of two addresses black-holed, the first write took twice
+    connect_timeout=2, 4.0 s, 1.0 s past its timeout=3 (found by a red-team run). The whole
+    attempt is bounded by connect_timeout now."""
+    r = run_scenario(nameserver, db, "two_addresses", mode)
+    assert r["addresses"] == ["127.0.0.1", "127.0.0.2"] and r["state"] == "up", str(r)
+    assert "EndpointUnavailable" in (r["write_error"] or ""), str(r)
+    assert r["write_s"] < 2.0 + 0.1, str(r)
