@@ -331,12 +331,12 @@ class Board:
         mine = set(self._leases)
         for j in range(SLOTS):
             at = self._slot_at(j)
-            if self.map[at + 8:at + 24] == b"\0" * 16 or self._torn(j):
-                best = j  # (a torn slot's key may be torn too: nobody would ever find it)
-                break
+            unleased = j not in mine and not _locked_by_other(self.fd, _LEASE_LOCK + j)
+            if self.map[at + 8:at + 24] == b"\0" * 16 or self._torn(j) and unleased:
+                best = j  # (a torn slot's key may be torn too: nobody would ever find it;
+                break     # but while its probe lease is held, its holder still needs it)
             updated = _SLOT.unpack_from(self.map, at)[_UPDATED]
-            if (updated < oldest and now - updated >= EVICT_AFTER and j not in mine
-                    and not _locked_by_other(self.fd, _LEASE_LOCK + j)):
+            if updated < oldest and now - updated >= EVICT_AFTER and unleased:
                 best, oldest = j, updated
         if best is None:
             if not self._full_said:

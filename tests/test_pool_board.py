@@ -722,6 +722,24 @@ def test_a_write_to_a_slot_left_mid_write_starts_it_over(board_path):
     assert entry.changed == 0.0 and entry.monitor_until == 0.0 and entry.failures == 0
     assert entry.error == "down"
 
+def test_a_slot_left_mid_write_is_not_given_away_while_its_probe_lease_is_held(board_path):
+    """A half-written slot counts as free for a newcomer only if nobody holds its probe lease:
+    given away while held, the holder could never release the lease (its server's slot gone),
+    and nobody could ever take the newcomer's (found by a red-team run)."""
+    b = boards.Board(board_path)
+    a = b.slot_for("host=a port=1 dbname=d user=u")
+    b.write(a, state=boards.DOWN, error="down")
+    assert b.try_lease(a, 1)
+    at = boards.HEADER_SIZE + a.index * boards.SLOT_SIZE
+    struct.pack_into("<Q", b.map, at, struct.unpack_from("<Q", b.map, at)[0] | 1)  # torn
+    other = boards.Board(board_path)  # another process
+    newcomer = other.slot_for("host=b port=1 dbname=d user=u")
+    assert newcomer.index is not None and newcomer.index != a.index
+    assert other.try_lease(newcomer, 2)
+    b.release_lease(a, 1)
+    assert not b._leases
+
+
 def test_a_stale_down_entry_cannot_keep_an_endpoint_down(db, board_path):
     """A leftover file from crashed processes says the primary is down."""
     b = boards.Board(board_path)
