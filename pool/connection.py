@@ -35,6 +35,7 @@ LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don
 # 57P01-57P03 (admin shutdown, crash shutdown, cannot connect now).
 _DISCONNECT_CODES = ("57P01", "57P02", "57P03")
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
+_TX_IDLE = ext.TRANSACTION_STATUS_IDLE
 
 # What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
 # can the server-side session have changed); the pool made a read-only fallback session read-only;
@@ -159,22 +160,27 @@ class PoolConnection(ext.connection):
     deferrable = _marking("deferrable")
     cursor_factory = _marking("cursor_factory")
 
-    # Both mark the loan: a cursor made from psycopg2's class directly (RealDictCursor(conn))
-    # may have run anything, and once its transaction is ended neither psycopg2 nor the server
-    # shows a trace of it. (psycopg2's `with conn:` ends it through these too.)
+    # Both mark a loan whose transaction they end: a cursor made from psycopg2's class directly
+    # (RealDictCursor(conn)) may have run anything in it, and once it is ended neither psycopg2
+    # nor the server shows a trace of it. (psycopg2's `with conn:` ends it through these too.
+    # The pool ends its own with psycopg2's: returns.py.)
     @_armed
     def commit(self) -> None:
         if self.read_only_loan and self.info.transaction_status == _TX_INTRANS \
                 and self.wrote():  # SQL made the transaction read-write
             raise PoolError(f"{self.label}: this connection was lent with readonly=True and its "
                             f"transaction wrote (made read-write by SQL); not committed")
-        self.dirty |= RAN
+        self._mark_if_open()
         super().commit()
 
     @_armed
     def rollback(self) -> None:
-        self.dirty |= RAN
+        self._mark_if_open()
         super().rollback()
+
+    def _mark_if_open(self) -> None:
+        if self.status != ext.STATUS_READY or self.info.transaction_status != _TX_IDLE:
+            self.dirty |= RAN
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         self.dirty |= RAN
@@ -246,9 +252,17 @@ class PoolConnection(ext.connection):
                          f"be made writable (borrow one with readonly=False to write)")
 
     def close(self) -> None:
+        """A borrower's close (the pool closes with psycopg2's own): a transaction it leaves
+        open that wrote is lost, and the block is told (returns.py); one round trip, then."""
         self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
-        if not self.closed and self.info.transaction_status == _TX_INTRANS:
-            self.dirty |= CLOSED_IN_TX
+        if not self.closed and self.info.transaction_status == _TX_INTRANS \
+                and not self.read_only_loan:
+            try:
+                wrote = self.wrote()
+            except (psycopg2.Error, QueryTimeout):
+                wrote = True  # cannot tell: say so rather than report success
+            if wrote:
+                self.dirty |= CLOSED_IN_TX
         super().close()
 
     @_armed
@@ -353,7 +367,7 @@ class PooledConnection:
 
     def close(self) -> None:
         try:
-            self.raw.close()
+            ext.connection.close(self.raw)  # psycopg2's: PoolConnection.close is the borrower's
         except Exception:  # closing a broken connection may fail; it is gone either way
             pass
 

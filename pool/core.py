@@ -533,7 +533,7 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
             raw.dirty = 0
             rec = PooledConnection(raw, ep, baseline, monotonic(), opts.max_lifetime)
         except BaseException as exc:
-            raw.close()
+            ext.connection.close(raw)  # (psycopg2's: PoolConnection.close is a borrower's)
             self._release(res)
             if not raw.timed_out:
                 raise  # configure()'s own error: the caller's to see, not the server's fault
@@ -641,6 +641,9 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 # COMMIT of their own or not, or a BEGIN in a helper's SQL. The slow path ends the
                 # transaction on both sides and, since anything may have run, resets the session.
                 raw.dirty |= RAN
+        elif exc is not None and not raw.closed and (raw.status != _STATUS_READY
+                                                     or raw.get_transaction_status()):
+            raw.dirty |= RAN  # the same, for a block that raised: its rollback ends no lock
         self._checkin_slow(rec, exc, readonly)
 
     def _put_locked(self, rec: PooledConnection) -> bool:

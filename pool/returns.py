@@ -28,8 +28,8 @@ from .connection import (CLOSED_IN_TX, RAN, READ_ONLY_SET, SETTING, WIPED, Poole
                          describe_error, is_disconnect)
 from .endpoint import Reservation
 from .errors import EndpointUnavailable, PoolError, QueryTimeout
-from .session import (get_autocommit, make_read_only, own_statement, reset_server,
-                      set_autocommit, within)
+from .session import (commit, get_autocommit, make_read_only, own_statement, reset_server,
+                      rollback, set_autocommit, timed_call, within)
 
 log = logging.getLogger("pool")
 
@@ -197,8 +197,8 @@ class Returns:
 
     @staticmethod
     def _finish(raw: Any, ours: bool, command: str) -> None:
-        if ours:
-            (raw.commit if command == "COMMIT" else raw.rollback)()
+        if ours:  # (psycopg2's own, timed: the connection's mark the loan for a reset)
+            timed_call(raw, commit if command == "COMMIT" else rollback, raw)
         else:  # a BEGIN psycopg2 never saw (autocommit was on): end it in SQL
             own_statement(raw, command)
 

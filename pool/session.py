@@ -61,6 +61,7 @@ _set_encoding = _BASE.set_client_encoding
 _set_session = _BASE.set_session
 base_cursor = _BASE.cursor
 commit = _BASE.commit
+rollback = _BASE.rollback
 
 
 def own_statement(raw: Any, query: str, fetch: bool = False) -> list[tuple] | None:

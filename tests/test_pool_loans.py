@@ -462,6 +462,26 @@ def test_no_session_state_reaches_the_next_borrower(make_pool, db, kind):
         p.close()
 
 
+def test_a_block_that_raised_after_a_direct_cursor_ran_is_reset(make_pool, db):
+    """A cursor made from psycopg2's class directly takes a session advisory lock, then the
+    block raises: the rollback ends its transaction, not the lock, and the next borrower of
+    the session held it (the pool's rollback had marked such loans, by accident, until a
+    red-team run had it stop marking the helpers' own)."""
+    p = superuser_pool(make_pool, db)
+    try:
+        with pytest.raises(KeyError):
+            with p.connection() as conn:
+                backend = conn.get_backend_pid()
+                ext.cursor(conn).execute("SELECT pg_advisory_lock(4242)")
+                raise KeyError
+        with p.connection() as conn:
+            assert conn.get_backend_pid() == backend
+            assert _sql(conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND pid = pg_backend_pid()") == 0
+    finally:
+        p.close()
+
+
 def test_reset_session_off_keeps_server_state_but_still_restores_psycopg2_settings(make_pool, db):
     p = make_pool(max_size=1, replicas=(), reset_session=False)
     with p.connection() as conn:
@@ -545,12 +565,21 @@ def test_the_reset_costs_no_round_trip_on_helpers_or_empty_blocks(make_pool, db,
     real = pool.session.reset_server
     monkeypatch.setattr("pool.returns.reset_server", lambda raw, b: (calls.append(1), real(raw, b)))
     p = make_pool()
+    fallback = make_pool(replicas=())  # reads on the primary, in BEGIN READ ONLY
     for _ in range(5):
         p.fetchone("SELECT 1")
         p.fetchall("SELECT 1", readonly=True)
         p.execute("SELECT 1")
         with p.connection():
             pass
+        fallback.fetchone("SELECT 1", readonly=True)
+        with pytest.raises(psycopg2.errors.DivisionByZero):  # (its ROLLBACK is the pool's own)
+            fallback.fetchone("SELECT 1/0", readonly=True)
+        with p.connection() as conn:  # ending no transaction: nothing ran
+            conn.commit()
+            conn.rollback()
+            with conn:
+                pass
     assert calls == []  # one statement the pool controls, or nothing at all: nothing to reset
     with p.connection() as conn:
         conn.cursor().execute("SELECT 1")

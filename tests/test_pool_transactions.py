@@ -83,6 +83,9 @@ def test_a_block_that_closes_its_connection_mid_transaction_is_told_its_work_was
     with p.connection(readonly=True) as conn:
         conn.cursor().execute("SELECT 1")
         conn.close()
+    with p.connection() as conn:  # a write loan that only read: nothing lost (a red-team run)
+        conn.cursor().execute("SELECT 1")
+        conn.close()
     assert count_items(db, "primary", name) == 1
     assert p.fetchone("SELECT 1") == (1,)
 
