@@ -26,6 +26,13 @@ from proxy import Proxy
 monotonic = time.monotonic
 
 
+
+def _names(dns: int, text: str) -> None:
+    """The test name server's hosts file, read again (dnsmasq rereads it on SIGHUP)."""
+    with open(os.environ["POOL_TEST_NAMES"], "w") as f:
+        f.write(text)
+    os.kill(dns, signal.SIGHUP)
+
 def timed(fn):
     """pgutil.timed, with the error as text (for the JSON the parent judges)."""
     seconds, result, error = pgutil.timed(fn)
@@ -156,16 +163,12 @@ def name_gone(mode: str, dsn: str, dns: int) -> dict:
                       mode=mode, connect_timeout=2)
         state = p.stats()["endpoints"][0]["state"]  # (its start looked the name up just now)
         proxy.blackhole()
-        with open(os.environ["POOL_TEST_NAMES"], "w"):
-            pass
-        os.kill(dns, signal.SIGHUP)  # (dnsmasq reads its hosts file again)
+        _names(dns, "")
         time.sleep(0.05)
         write_s, _, write_error = timed(lambda: p.fetchone("SELECT 1"))
         p.close()
     finally:
-        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
-            f.write(f"127.0.0.1 {dsn.split('host=')[1].split()[0]}\n")
-        os.kill(dns, signal.SIGHUP)
+        _names(dns, f"127.0.0.1 {dsn.split('host=')[1].split()[0]}\n")
         proxy.close()
     return dict(state=state, write_s=write_s, write_error=write_error)
 
@@ -186,9 +189,7 @@ def lost_query(mode: str, dsn: str, dns: int) -> dict:
                 with contextlib.suppress(BlockingIOError):
                     flood.sendto(b"\0" * 1024, (os.environ["POOL_TEST_DNS_ADDRESS"], 53))
         pool.Pool(dsn, mode=mode, connect_timeout=2).close()  # its lookup's query is lost
-        with open(os.environ["POOL_TEST_NAMES"], "w"):
-            pass  # the name is gone once the name server is back
-        os.kill(dns, signal.SIGHUP)
+        _names(dns, "")  # the name is gone once the name server is back
     finally:
         os.kill(dns, signal.SIGCONT)
     back = monotonic()
@@ -201,9 +202,7 @@ def lost_query(mode: str, dsn: str, dns: int) -> dict:
             gone_s = monotonic() - back
             break
         time.sleep(0.05)
-    with open(os.environ["POOL_TEST_NAMES"], "w") as f:
-        f.write(f"127.0.0.1 {name}\n")
-    os.kill(dns, signal.SIGHUP)
+    _names(dns, f"127.0.0.1 {name}\n")
     return dict(gone_s=gone_s)
 
 
@@ -216,9 +215,7 @@ def two_addresses(mode: str, dsn: str, dns: int) -> dict:
     second = _Proxy2(port, first.port)
     name = dsn.split("host=")[1].split()[0]
     try:
-        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
-            f.write(f"127.0.0.1 {name}\n127.0.0.2 {name}\n")
-        os.kill(dns, signal.SIGHUP)  # (dnsmasq reads its hosts file again)
+        _names(dns, f"127.0.0.1 {name}\n127.0.0.2 {name}\n")
         time.sleep(0.05)
         addresses = sorted({i[4][0] for i in socket.getaddrinfo(name, None, socket.AF_INET)})
         p = pool.Pool(dsn.replace(f"port={port}", f"port={first.port}"), mode=mode,
@@ -231,9 +228,7 @@ def two_addresses(mode: str, dsn: str, dns: int) -> dict:
         finally:
             p.close()
     finally:
-        with open(os.environ["POOL_TEST_NAMES"], "w") as f:
-            f.write(f"127.0.0.1 {name}\n")
-        os.kill(dns, signal.SIGHUP)
+        _names(dns, f"127.0.0.1 {name}\n")
         first.close()
         second.close()
     return dict(addresses=addresses, state=state, write_s=write_s, write_error=write_error)
