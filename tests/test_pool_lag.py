@@ -266,7 +266,7 @@ def test_a_read_with_a_token_asks_the_other_idle_replica_even_with_no_time_to_wa
         for _ in range(6):
             p.fetchone(INSERT, (unique_name("ryw"),))
             token = p.write_token()
-            time.sleep(0.02)  # replica2 has replayed it by now
+            db.wait_replayed(timeout=10, nodes=["replica2"])  # (a fixed 20 ms was not always)
             with p.connection(readonly=True, after=token, timeout=0):
                 served.append(node_of(db, p.last_endpoint))
     assert served == ["replica2"] * 6
@@ -524,6 +524,9 @@ def test_healthy_replicas_under_a_stream_of_writes_are_never_taken_for_diverged(
     name = unique_name("fp")
     (item,) = p.fetchone(INSERT, (name,))
     token = p.write_token()
+    # Replayed there (after the stream, a loaded machine's replicas may take longer than a
+    # token read waits, lag.AFTER_WAIT): what is left to decide is whether they are judged
+    db.wait_replayed(timeout=10)
     assert p.fetchone(SELECT, (item,), readonly=True, after=token) == (name,)
     assert node_of(db, p.last_endpoint) != "primary"  # judged: tokens count on the replicas
 
