@@ -253,14 +253,17 @@ class PoolConnection(ext.connection):
 
     def close(self) -> None:
         """A borrower's close (the pool closes with psycopg2's own): a transaction it leaves
-        open that wrote is lost, and the block is told (returns.py); one round trip, then."""
+        open that wrote is lost, and the block is told (returns.py). One round trip, then, and
+        none on a replica (the server says it is one when the session starts, PostgreSQL 14+)
+        or in a read-only loan on the primary."""
         self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
         if not self.closed and self.info.transaction_status == _TX_INTRANS \
-                and not self.read_only_loan:
+                and not self.read_only_loan \
+                and self.info.parameter_status("in_hot_standby") != "on":
             try:
                 wrote = self.wrote()
             except (psycopg2.Error, QueryTimeout):
-                wrote = True  # cannot tell: say so rather than report success
+                wrote = True  # no answer (a stall: query_timeout): say so, not success
             if wrote:
                 self.dirty |= CLOSED_IN_TX
         super().close()

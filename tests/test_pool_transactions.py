@@ -64,7 +64,8 @@ def test_a_swallowed_database_error_is_not_committed(make_pool, db):
 
 
 def test_a_block_that_closes_its_connection_mid_transaction_is_told_its_work_was_lost(make_pool,
-                                                                                      db):
+                                                                                      db,
+                                                                                      monkeypatch):
     """psycopg2's close() drops an open transaction. Leaving such a block normally cannot commit
     it, so it says so instead of reporting success (found by a red-team run: it said nothing).
     Closing with nothing open, or in a read-only block, loses nothing."""
@@ -80,9 +81,14 @@ def test_a_block_that_closes_its_connection_mid_transaction_is_told_its_work_was
         conn.cursor().execute(INSERT, (name,))
         conn.commit()
         conn.close()
-    with p.connection(readonly=True) as conn:
+    asked = []
+    real = pool.connection.PoolConnection.wrote
+    monkeypatch.setattr(pool.connection.PoolConnection, "wrote",
+                        lambda self: (asked.append(self.label), real(self))[1])
+    with p.connection(readonly=True) as conn:  # on a replica: not even asked (a red-team run)
         conn.cursor().execute("SELECT 1")
         conn.close()
+    assert asked == []
     with p.connection() as conn:  # a write loan that only read: nothing lost (a red-team run)
         conn.cursor().execute("SELECT 1")
         conn.close()
