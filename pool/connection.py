@@ -36,6 +36,7 @@ LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don
 _DISCONNECT_CODES = ("57P01", "57P02", "57P03")
 _TX_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _TX_IDLE = ext.TRANSACTION_STATUS_IDLE
+_TX_INERROR = ext.TRANSACTION_STATUS_INERROR
 
 # What ``dirty`` records about a loan: a psycopg2 setting changed; a cursor was made (only then
 # can the server-side session have changed); the pool made a read-only fallback session read-only;
@@ -257,15 +258,18 @@ class PoolConnection(ext.connection):
         none on a replica (the server says it is one when the session starts, PostgreSQL 14+)
         or in a read-only loan on the primary."""
         self.dirty |= SETTING  # closed inside a block: the pool must look at it on return
-        if not self.closed and self.info.transaction_status == _TX_INTRANS \
-                and not self.read_only_loan \
+        if not self.closed and not self.read_only_loan \
                 and self.info.parameter_status("in_hot_standby") != "on":
-            try:
-                wrote = self.wrote()
-            except (psycopg2.Error, QueryTimeout):
-                wrote = True  # no answer (a stall: query_timeout): say so, not success
-            if wrote:
+            tx = self.info.transaction_status
+            if tx == _TX_INERROR:  # failed: the block swallowed an error (as returns.py says)
                 self.dirty |= CLOSED_IN_TX
+            elif tx == _TX_INTRANS:
+                try:
+                    wrote = self.wrote()
+                except (psycopg2.Error, QueryTimeout):
+                    wrote = True  # no answer (a stall: query_timeout): say so, not success
+                if wrote:
+                    self.dirty |= CLOSED_IN_TX
         super().close()
 
     @_armed

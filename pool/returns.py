@@ -146,8 +146,9 @@ class Returns:
                     f"yet committed was lost", ep.name)
             if raw.dirty & CLOSED_IN_TX and exc is None and not readonly:
                 return PoolError(f"{raw.label}: the block closed the connection with its "
-                                 f"transaction open, which had written (or did not answer "
-                                 f"whether it had); that work was not committed")
+                                 f"transaction open, which had written, had failed (an error "
+                                 f"was caught and ignored) or did not answer whether it had "
+                                 f"written; that work was not committed")
             return None
         if raw.two_phase:  # psycopg2 refuses commit() and rollback() there
             return self._end_two_phase(raw, exc)

@@ -6,6 +6,7 @@ Every test runs in both modes (the `mode` fixture), over the same shared code pa
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import psycopg2
 import psycopg2.errors
@@ -75,6 +76,14 @@ def test_a_block_that_closes_its_connection_mid_transaction_is_told_its_work_was
     with pytest.raises(pool.PoolError, match=f"^{primary}: .*closed the connection.*not committed"):
         with p.connection() as conn:
             conn.cursor().execute(INSERT, (name,))
+            conn.close()
+    assert count_items(db, "primary", name) == 0
+    with pytest.raises(pool.PoolError, match="closed the connection.*not committed"):
+        with p.connection() as conn:  # ...after an error it swallowed (a red-team run)
+            cur = conn.cursor()
+            cur.execute(INSERT, (name,))
+            with contextlib.suppress(psycopg2.errors.DivisionByZero):
+                cur.execute("SELECT 1/0")
             conn.close()
     assert count_items(db, "primary", name) == 0
     with p.connection() as conn:
