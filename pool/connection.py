@@ -171,15 +171,16 @@ class PoolConnection(ext.connection):
                 and self.wrote():  # SQL made the transaction read-write
             raise PoolError(f"{self.label}: this connection was lent with readonly=True and its "
                             f"transaction wrote (made read-write by SQL); not committed")
-        self._mark_if_open()
+        self.mark_if_open()
         super().commit()
 
     @_armed
     def rollback(self) -> None:
-        self._mark_if_open()
+        self.mark_if_open()
         super().rollback()
 
-    def _mark_if_open(self) -> None:
+    def mark_if_open(self) -> None:
+        """A transaction open, by psycopg2's account or the server's: anything may have run."""
         if self.status != ext.STATUS_READY or self.info.transaction_status != _TX_IDLE:
             self.dirty |= RAN
 

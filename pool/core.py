@@ -641,9 +641,8 @@ class Pool(Housekeeping, Sharing, Health, Returns, Statements):
                 # COMMIT of their own or not, or a BEGIN in a helper's SQL. The slow path ends the
                 # transaction on both sides and, since anything may have run, resets the session.
                 raw.dirty |= RAN
-        elif exc is not None and not raw.closed and (raw.status != _STATUS_READY
-                                                     or raw.get_transaction_status()):
-            raw.dirty |= RAN  # the same, for a block that raised: its rollback ends no lock
+        elif exc is not None and not raw.closed:
+            raw.mark_if_open()  # the same, for a block that raised: its rollback ends no lock
         self._checkin_slow(rec, exc, readonly)
 
     def _put_locked(self, rec: PooledConnection) -> bool:

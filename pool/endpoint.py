@@ -395,7 +395,7 @@ class Endpoint:
         ``probe_wait`` however slowly the server answers (Probe.waited: not the clock, since a
         process-mode worker attends its probe only on requests, within their own timeouts)."""
         far = LOGINS_WAITED * self.login_s
-        return min(max(self.grace, far) - probe.silence, max(PROBE_GRACE_MAX, far) - probe.waited)
+        return min(max(self.grace, far) - probe.silence, self.probe_wait - probe.waited)
 
     @property
     def probe_wait(self) -> float:

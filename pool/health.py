@@ -162,10 +162,11 @@ class Health:
             self._reads_to = f"primary ({why})" if self._writable and \
                 self.options.read_fallback else f"nowhere ({why})"
 
-    def _grace_pending(self: "Pool", now: float) -> bool:
-        """Lock held. Is some endpoint down with a probe due or younger than its grace? Then a
-        request (or a waiter) that no endpoint can serve gets that long before it fails."""
-        return any(ep.awaiting_probe(now) for ep in self._endpoints)
+    def _grace_pending(self: "Pool", now: float, eps: Any = None) -> bool:
+        """Lock held. Is some endpoint (of ``eps``, default all) down with a probe due or
+        younger than its grace? Then a request (or a waiter) that no endpoint can serve gets
+        that long before it fails."""
+        return any(ep.awaiting_probe(now) for ep in (self._endpoints if eps is None else eps))
 
     def _probe_all_at_start(self: "Pool") -> None:
         """Probe every endpoint at once and wait (at most connect_timeout) for the answers, so a

@@ -199,14 +199,13 @@ class ProcessPool(Pool):
         self._until = deadline  # the jobs that wait (a min_size connect, a cancel request's
         try:                    # login) stop there, and go on in a later request
             self._hk_due = self._housekeep(now)
-            if not self._fill_wanted:
-                pass
-            elif deadline <= now:  # a caller with no time to host a connect (stats()): the
-                self._hk_due = now  # next request fills, within its own timeout
-            elif not self._job_fill_min_size(now):
-                self._hk_due = min(self._hk_due, max(now, self._fill_retry_at))
-            else:
-                self._fill_wanted = False
+            if self._fill_wanted:
+                if deadline <= now:  # a caller with no time to host a connect (stats()): the
+                    self._hk_due = now  # next request fills, within its own timeout
+                elif not self._job_fill_min_size(now):
+                    self._hk_due = min(self._hk_due, max(now, self._fill_retry_at))
+                else:
+                    self._fill_wanted = False
         finally:
             self._until = INFINITY
         self._due = min(self._due, self._hk_due)
@@ -496,7 +495,7 @@ class ThreadedPool(Pool):
         while True:
             t = monotonic()
             with self._lock:
-                young = any(ep.awaiting_probe(t) for ep in eps)
+                young = self._grace_pending(t, eps)
             if not young or t >= end:
                 return
             time.sleep(0.001)  # the outcome is one housekeeping step away

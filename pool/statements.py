@@ -238,12 +238,13 @@ class Statements:
                 return
             self._survey(end)
             surveyed = True
-            if self._all_answered_at >= start and self._newest_timeline() < timeline:
+            newest = self._newest_timeline() if self._all_answered_at >= start else timeline
+            if newest < timeline:
                 # Every node answered, after the token was made, and none is on its timeline: no
                 # promotion to wait for. A forged token held the caller for its timeout.
                 raise ValueError(f"after= token is from timeline {timeline}, which no server has "
-                                 f"(every node answered; the newest timeline is "
-                                 f"{self._newest_timeline()}): not a token of these servers")
+                                 f"(every node answered; the newest timeline is {newest}): not a "
+                                 f"token of these servers")
             if known is None:
                 continue
             now = monotonic()
